@@ -1,0 +1,219 @@
+"""`tuneforge train|eval|generate|validate|strategies|inspect|export`.
+
+Every user error is printed as one line (`tuneforge: error: ...`, exit code 2), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would hang ~50 s before failing
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def _load(args) -> RunConfig:  # noqa: F821
+    from tuneforge.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if getattr(args, "output", None):
+        config.output = args.output
+    return config
+
+
+def cmd_train(args) -> int:
+    from tuneforge.report import console_summary
+    from tuneforge.run import train_run
+
+    config = _load(args)
+    results = train_run(config, resume=args.resume, overwrite=args.overwrite)
+    print()
+    print(console_summary(results))
+    print(f"\nrun directory: {config.output} (report.md, metrics.jsonl, adapter/)")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from tuneforge.run import validate_run
+
+    config = _load(args)
+    summary = validate_run(config)
+    labels = f", labels: {', '.join(summary['labels'])}" if summary["labels"] else ""
+    print(f"{args.config}: ok ({summary['task_type']}: {summary['train_examples']} train, "
+          f"{summary['eval_examples']} eval examples{labels}; strategies: "
+          f"{', '.join(s.name for s in config.strategies) or 'full (default)'})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from tuneforge.run import inspect_config
+
+    report = inspect_config(_load(args))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"total parameters:     {report['total_params']:,}")
+        print(f"trainable parameters: {report['trainable_params']:,} "
+              f"({100 * report['trainable_params'] / report['total_params']:.3f}%)")
+        for name, count in report["trainable_by_strategy"].items():
+            print(f"  {name}: {count:,}")
+    return 0
+
+
+def cmd_strategies(args) -> int:
+    from tuneforge.strategies import REGISTRY
+
+    for name, entry in sorted(REGISTRY.items()):
+        print(f"{name} ({entry.family}): {entry.summary}")
+        for field_name, field in entry.options.model_fields.items():
+            default = field.default_factory() if field.default_factory else field.default
+            print(f"    {field_name} = {default!r}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Evaluate the untouched model (prompt engineering baseline) or a run's adapter, no training."""
+    from tuneforge.api import load_adapter
+    from tuneforge.models import load_model
+    from tuneforge.run import encode_run_data, evaluate_all, load_run_examples
+
+    config = _load(args)
+    run_data = load_run_examples(config)
+    model, tokenizer, _ = load_model(config.model, run_data.task_type, run_data.labels, config.trust_remote_code)
+    if args.adapter:
+        model = load_adapter(model, args.adapter, tokenizer)
+    encode_run_data(run_data, config, tokenizer)
+    result = evaluate_all(model, tokenizer, run_data, config, "cpu")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for split in ("eval", "retain"):
+        for key, value in result.get(split, {}).items():
+            print(f"{split} {key}: {value:.4g}" if isinstance(value, float) else f"{split} {key}: {value}")
+    for sample in result.get("samples", []):
+        print(f"\nQ: {sample['prompt']}\nA: {sample['output']}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from tuneforge.api import load_adapter
+    from tuneforge.models import load_model
+
+    model_name, adapter = args.model, args.adapter
+    run_dir = Path(args.model)
+    if (run_dir / "config.yaml").is_file() and (run_dir / "adapter").is_dir():
+        import yaml
+
+        model_name = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+        adapter = adapter or str(run_dir / "adapter")
+    model, tokenizer, _ = load_model(model_name)
+    if adapter:
+        model = load_adapter(model, adapter, tokenizer)
+    model.eval()
+    if tokenizer.chat_template and not args.raw:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        encoded = tokenizer(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                temperature=args.temperature or None, pad_token_id=tokenizer.pad_token_id)
+    print(tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+def cmd_export(args) -> int:
+    import yaml
+
+    from tuneforge.api import load_adapter
+    from tuneforge.errors import ConfigError
+    from tuneforge.export import export_merged
+    from tuneforge.models import load_model
+
+    run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
+        raise ConfigError(f"{run_dir}: not a finished run directory (needs config.yaml and adapter/)")
+    model_name = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    model, tokenizer, _ = load_model(model_name)
+    model = load_adapter(model, run_dir / "adapter", tokenizer)
+    check = tokenizer(["The quick brown fox", "Hello"], return_tensors="pt", padding=True)
+    report = export_merged(model, tokenizer, Path(args.merged), dict(check))
+    print(f"merged model written to {args.merged}: {json.dumps(report)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("config", help="YAML config file")
+        command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4")
+        return command
+
+    train = with_config("train", "fine-tune as the config says")
+    train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    train.add_argument("--output", help="run directory (overrides `output:`)")
+    train.set_defaults(run=cmd_train)
+    with_config("validate", "check a config and its data without loading a model").set_defaults(run=cmd_validate)
+    inspect = with_config("inspect", "count total and trainable parameters per strategy")
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(run=cmd_inspect)
+    evaluate = with_config("eval", "evaluate without training (prompt-only baseline, or --adapter)")
+    evaluate.add_argument("--adapter", help="adapter directory to apply first")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(run=cmd_eval)
+    sub.add_parser("strategies", help="list strategies and their options").set_defaults(run=cmd_strategies)
+    generate = sub.add_parser("generate", help="generate text from a model, a model + adapter, or a run")
+    generate.add_argument("model", help="bundled model name, model folder, or run directory")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--adapter")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    generate.set_defaults(run=cmd_generate)
+    export = sub.add_parser("export", help="write a merged model folder from a run")
+    export.add_argument("run", help="run directory")
+    export.add_argument("--merged", required=True, help="output folder for the merged model")
+    export.set_defaults(run=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tuneforge.errors import TuneforgeError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (`train cfg.yaml --resume train.lr=1e-4`)
+    if extra and (not hasattr(args, "overrides") or not all("=" in item and not item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        _quiet_libraries()
+        return args.run(args)
+    except TuneforgeError as exc:
+        print(f"tuneforge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tuneforge: interrupted (checkpoints written so far are kept; resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

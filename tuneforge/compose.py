@@ -1,0 +1,58 @@
+"""Apply a strategy list to a model and decide, in one place, what is trainable."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tuneforge.config import StrategySpec, parse_strategies
+from tuneforge.errors import ModelError
+from tuneforge.strategies import REGISTRY, Strategy, StrategyContext, build_strategy
+
+STRATEGIES_ATTR = "tuneforge_strategies"  # the applied strategies ride on the model for save_adapter
+
+
+def build_strategies(specs: list[StrategySpec] | list[dict] | list[str]) -> list[Strategy]:
+    """Strategy objects from validated specs or from the same single-key dicts as in YAML."""
+    specs = parse_strategies(list(specs))
+    return [build_strategy(spec.name, spec.options) for spec in specs]
+
+
+def apply_strategies(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext) -> nn.Module:
+    """Run every strategy's surgery in list order, then set `requires_grad` once for the union."""
+    for strategy in strategies:
+        model = strategy.setup(model, ctx)
+    setattr_plain(model, STRATEGIES_ATTR, strategies)
+    set_trainable(model, strategies, ctx)
+    return model
+
+
+def has_parametrization(strategies: list[Strategy]) -> bool:
+    return any(REGISTRY[s.name].family == "parametrization" for s in strategies)
+
+
+def trainable_by_strategy(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext) -> dict[str, set[str]]:
+    """Parameter names each strategy trains. With no parametrization listed, full fine-tuning is implied."""
+    wanted = {strategy.name: strategy.trainable(model, ctx) for strategy in strategies}
+    if not has_parametrization(strategies):
+        wanted["full"] = build_strategy("full", REGISTRY["full"].options()).trainable(model, ctx)
+    return wanted
+
+
+def set_trainable(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext) -> set[str]:
+    """The ONE place `requires_grad` is set: true exactly for the union of what strategies ask for."""
+    wanted = set().union(*trainable_by_strategy(model, strategies, ctx).values())
+    if not wanted:
+        listed = ", ".join(s.name for s in strategies) or "none"
+        raise ModelError(f"nothing to train: the strategies ({listed}) select no parameter")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in wanted)
+    return wanted
+
+
+def applied_strategies(model: nn.Module) -> list[Strategy]:
+    return getattr(model, STRATEGIES_ATTR, [])
+
+
+def setattr_plain(model: nn.Module, name: str, value: object) -> None:
+    """Attach a non-module attribute without nn.Module registering anything."""
+    object.__setattr__(model, name, value)

@@ -1,0 +1,299 @@
+"""YAML -> typed run config.
+
+Unknown keys and wrong types are errors naming the file, the line and the field; `key=value` overrides
+from the command line are applied before validation. Strategy options are validated by each strategy's
+own options model (see `tuneforge.strategies`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneforge.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """Base for config sections: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TemplateConfig(StrictModel):
+    """A prompt template: `{field}` placeholders filled from each record (prompt engineering)."""
+
+    prompt: str
+    completion: str | None = None  # defaults to the record's completion/output/answer field
+    few_shot: int = Field(0, ge=0)  # solved examples from the training data prepended to every prompt
+    separator: str = "\n\n"
+
+
+class DataConfig(StrictModel):
+    train: str
+    eval: str | None = None
+    format: Literal["auto", "text", "completion", "alpaca", "chat", "classification"] = "auto"
+    template: TemplateConfig | None = None
+    eval_fraction: float = Field(0.1, gt=0, lt=1)  # held out when no eval file is given
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(200, ge=1)
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _template_shorthand(cls, value: Any) -> Any:
+        return {"prompt": value} if isinstance(value, str) else value
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs when set
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_seq_len: int = Field(256, ge=8)
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int | None = Field(None, ge=1)  # optimizer steps between evals; None: at the end only
+    save_every: int | None = Field(None, ge=1)  # optimizer steps between checkpoints; None: at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    packing: bool = False
+    gradient_checkpointing: bool = False
+
+
+class EvaluationConfig(StrictModel):
+    retain_examples: int = Field(64, ge=1)  # max_seq_len-token chunks of retain text
+    samples: int = Field(3, ge=0)  # greedy generations shown before and after training
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int | None = Field(None, ge=1)  # defaults to train.batch_size
+
+
+class StrategySpec(StrictModel):
+    """One entry of `strategies:`: a registered name and its validated options."""
+
+    name: str
+    options: BaseModel
+
+    def as_dict(self) -> dict[str, dict]:
+        return {self.name: self.options.model_dump(mode="json")}
+
+
+class RunConfig(StrictModel):
+    model: str = "smollm2-135m"
+    data: DataConfig
+    retain: str | None = "builtin:shakespeare"  # original-domain text; null turns retain measurement off
+    strategies: list[StrategySpec] = Field(default_factory=list)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: str = "runs/run"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check_composition(self) -> RunConfig:
+        names = [spec.name for spec in self.strategies]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"strategy listed twice: {', '.join(duplicates)}")
+        return self
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The config as plain YAML-able data, strategies back in their single-key form."""
+        data = self.model_dump(mode="json", exclude={"strategies"})
+        data["strategies"] = [spec.as_dict() for spec in self.strategies]
+        return data
+
+
+def parse_strategies(value: Any) -> list[StrategySpec]:
+    """Turn `[{"lora": {...}}, "full", ...]` into validated `StrategySpec`s.
+
+    Raises `StrategyOptionsError` carrying the path of the bad field, so the caller can name its line.
+    """
+    from tuneforge.strategies import REGISTRY
+
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise StrategyOptionsError((), "must be a list of single-key entries such as `- lora: {rank: 8}`")
+    specs = []
+    for index, item in enumerate(value):
+        if isinstance(item, StrategySpec):
+            specs.append(item)
+            continue
+        if isinstance(item, str):
+            item = {item: {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise StrategyOptionsError((index,), "each entry has exactly one key, the strategy name (e.g. `- lora: {rank: 8}`)")
+        (name, options), = item.items()
+        if name not in REGISTRY:
+            raise StrategyOptionsError((index, name), f"unknown strategy (available: {', '.join(sorted(REGISTRY))})")
+        options_model = REGISTRY[name].options
+        try:
+            specs.append(StrategySpec(name=name, options=options_model.model_validate(options or {})))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            loc = tuple(error["loc"])
+            if error["type"] == "extra_forbidden":
+                message = f"unknown option (allowed: {', '.join(sorted(options_model.model_fields))})"
+            else:
+                got = error.get("input")
+                shown = "" if error["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+                message = error["msg"].removeprefix("Value error, ") + shown
+            raise StrategyOptionsError((index, name, *loc), message) from None
+    return specs
+
+
+class StrategyOptionsError(ValueError):
+    def __init__(self, loc: tuple, message: str):
+        super().__init__(message)
+        self.loc, self.message = loc, message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages with line numbers
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply `key=value` overrides, validate, and resolve paths.
+
+    Data, retain and model paths are resolved relative to the config file; `output` relative to the
+    current directory (where the user wants results).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: the config must be a mapping of sections (model, data, strategies, train ...)")
+    for override in overrides or []:
+        apply_override(raw, override)
+    config = validate_config(raw, source=str(path), root=root, overrides=overrides or [])
+    return resolve_paths(config, path.parent)
+
+
+def validate_config(
+    raw: dict, source: str = "<config>", root: yaml.Node | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    raw = dict(raw)
+    try:
+        raw["strategies"] = parse_strategies(raw.get("strategies"))
+    except StrategyOptionsError as exc:
+        loc = ["strategies", *exc.loc]
+        dotted = ".".join(str(part) for part in loc)
+        where = f"{source}:{_line_of(root, loc)}" if root is not None else source
+        raise ConfigError(f"{where}: {dotted}: {exc.message}") from None
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, root, overrides or [])) from None
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply `train.lr=1e-4` (the value is parsed as YAML) to the raw config mapping."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.lr=1e-4")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
+    def resolve(value: str | None) -> str | None:
+        if value is None or value.startswith("builtin:") or Path(value).is_absolute():
+            return value
+        candidate = base / value
+        return str(candidate) if candidate.exists() or not Path(value).exists() else value
+
+    config.data.train = resolve(config.data.train)
+    config.data.eval = resolve(config.data.eval)
+    config.retain = resolve(config.retain)
+    if "/" in config.model or Path(config.model).suffix:
+        config.model = resolve(config.model)
+    return config
+
+
+def _describe(exc: ValidationError, source: str, root: yaml.Node | None, overrides: list[str]) -> str:
+    error = exc.errors()[0]
+    loc = [part for part in error["loc"] if not (isinstance(part, str) and part in _PYDANTIC_WRAPPERS)]
+    dotted = ".".join(str(part) for part in loc) or "<root>"
+    if any(o.split("=", 1)[0].strip() == dotted for o in overrides):
+        where = f"{source} (override {dotted})"
+    else:
+        where = f"{source}:{_line_of(root, loc)}" if root is not None else source
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"{where}: {dotted}: unknown key{hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
+    shown = "" if error["type"] in ("missing", "value_error") or isinstance(got, dict) else f" (got {got!r})"
+    return f"{where}: {dotted}: {message}{shown}"
+
+
+_PYDANTIC_WRAPPERS = {"function-after", "function-before", "tagged-union"}
+
+
+def _allowed_keys(loc: list) -> list[str]:
+    model: type[BaseModel] | None = RunConfig
+    for part in loc:
+        if model is None:
+            return []
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:  # a strategy name inside `strategies`
+            from tuneforge.strategies import REGISTRY
+
+            model = REGISTRY[part].options if part in REGISTRY else None
+            continue
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return sorted(model.model_fields) if model is not None else []
+
+
+def _line_of(root: yaml.Node | None, loc: list) -> int:
+    """1-based line of the deepest YAML node on the error's path."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else 1)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                # `strategies[i].lora.rank`: pydantic's path skips the strategy name; look one level down
+                if len(node.value) == 1 and isinstance(node.value[0][1], yaml.MappingNode):
+                    inner = next((v for k, v in node.value[0][1].value if k.value == str(part)), None)
+                    if inner is not None:
+                        node, line = inner, inner.start_mark.line + 1
+                        continue
+                break
+            node, line = match[1], match[0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

@@ -1,0 +1,200 @@
+"""Read data files into `Record`s: one dict of fields per example, tagged with its file and line.
+
+Every problem with a user's file becomes a one-line `DataError` naming the file and line
+(`data/train.jsonl:17: invalid JSON: ...`), never a raw traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneforge.errors import DataError
+
+SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".md")
+
+_JSON_TYPE_NAMES = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw example: `fields` as read from `source`, at 1-based `line` (see `read_records`)."""
+
+    source: str
+    line: int
+    fields: dict
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read every record of a data file, chosen by extension.
+
+    Line numbers are 1-based: the line in a `.jsonl` file, the first line of a `.csv` row (the header is
+    line 1), the line where an item of a `.json` array starts, the row number of a `.parquet` file, and 1
+    for `.txt`/`.md` files, which are one record `{"text": <whole file>}`.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise DataError(f"{source}: file not found")
+    if path.is_dir():
+        raise DataError(f"{source}: is a directory, expected a data file ({', '.join(SUPPORTED_EXTENSIONS)})")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_EXTENSIONS:
+        raise DataError(
+            f"{source}: unsupported file type {suffix or '(no extension)'!r} "
+            f"(supported: {', '.join(SUPPORTED_EXTENSIONS)})"
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{source}: cannot read file: {exc.strerror or exc}") from None
+    if not data.strip():
+        raise DataError(f"{source}: no records (file is empty)")
+    if suffix == ".parquet":
+        records = _read_parquet(path, source)
+    elif suffix == ".jsonl":
+        records = _read_jsonl(data, source)
+    elif suffix == ".json":
+        records = _read_json(data, source)
+    elif suffix == ".csv":
+        records = _read_csv(data, source)
+    else:
+        records = [Record(source, 1, {"text": _decode(data, source)})]
+    if not records:
+        raise DataError(f"{source}: no records (file is empty)")
+    return records
+
+
+def _decode(data: bytes, source: str, first_line: int = 1) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = first_line + data.count(b"\n", 0, exc.start)
+        raise DataError(f"{source}:{line}: not valid UTF-8 (save the file as UTF-8)") from None
+
+
+def _require_object(value: object, source: str, line: int) -> dict:
+    if not isinstance(value, dict):
+        kind = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+        raise DataError(f"{source}:{line}: each record must be a JSON object with named fields, got {kind}")
+    return value
+
+
+def _read_jsonl(data: bytes, source: str) -> list[Record]:
+    records = []
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue  # blank lines (including a trailing newline) are not records
+        text = _decode(raw, source, first_line=number)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{source}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        records.append(Record(source, number, _require_object(value, source, number)))
+    return records
+
+
+def _read_json(data: bytes, source: str) -> list[Record]:
+    text = _decode(data, source)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{source}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+        items = next(iter(value.values()))
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise DataError(
+            f"{source}:1: expected a JSON array of objects, or an object with one array value "
+            'such as {"data": [...]}'
+        )
+    if not items:
+        raise DataError(f"{source}: no records (the JSON array is empty)")
+    lines = _array_item_lines(text, len(items))
+    return [
+        Record(source, line, _require_object(item, source, line))
+        for item, line in zip(items, lines, strict=True)
+    ]
+
+
+def _array_item_lines(text: str, count: int) -> list[int]:
+    """Line where each item of the file's (only) array starts; falls back to index + 1 if unsure."""
+    decoder = json.JSONDecoder()
+    try:
+        position = _skip_space(text, 0)
+        if text[position] == "{":  # {"key": [ ... ]}: step over the key and the colon
+            _, position = decoder.raw_decode(text, _skip_space(text, position + 1))
+            position = _skip_space(text, position)
+            if text[position] != ":":
+                raise ValueError
+            position = _skip_space(text, position + 1)
+        if text[position] != "[":
+            raise ValueError
+        starts = []
+        position += 1
+        for _ in range(count):
+            position = _skip_space(text, position)
+            if text[position] == ",":
+                position = _skip_space(text, position + 1)
+            starts.append(text.count("\n", 0, position) + 1)
+            _, position = decoder.raw_decode(text, position)
+        return starts
+    except (IndexError, ValueError):
+        return list(range(1, count + 1))
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
+
+
+def _read_csv(data: bytes, source: str) -> list[Record]:
+    reader = csv.DictReader(io.StringIO(_decode(data, source), newline=""))
+    records = []
+    try:
+        header = reader.fieldnames
+        if not header:
+            return []
+        if len(set(header)) != len(header):
+            duplicates = sorted({name for name in header if header.count(name) > 1})
+            raise DataError(f"{source}:1: duplicate column name(s) in the header: {', '.join(duplicates)}")
+        last_line = reader.line_num
+        for row in reader:
+            line = last_line + 1  # a quoted field may span lines: the row starts after the previous one
+            last_line = reader.line_num
+            if None in row:
+                raise DataError(
+                    f"{source}:{line}: row has {len(header) + len(row[None])} fields but the header has "
+                    f"{len(header)} ({', '.join(header)})"
+                )
+            # a short row leaves later columns as None: treat them as missing fields
+            records.append(
+                Record(source, line, {key: value for key, value in row.items() if value is not None})
+            )
+    except csv.Error as exc:
+        raise DataError(f"{source}:{reader.line_num}: invalid CSV: {exc}") from None
+    return records
+
+
+def _read_parquet(path: Path, source: str) -> list[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{source}: not a readable Parquet file: {message}") from None
+    return [Record(source, index, row) for index, row in enumerate(rows, start=1)]

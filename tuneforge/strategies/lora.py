@@ -1,0 +1,182 @@
+"""LoRA: low-rank updates to frozen linear layers (Hu et al. 2021, arXiv:2106.09685).
+
+    h = W x + (alpha / r) * B A x          A: (r, d_in) Kaiming-uniform, B: (d_out, r) zeros
+
+so the model is unchanged at step 0. Options: rsLoRA scaling alpha / sqrt(r) (Kalajdzievski 2023,
+arXiv:2312.03732) and DoRA (Liu et al. 2024, arXiv:2402.09353), which learns a per-row magnitude m:
+
+    W' = m * (W + s B A) / ||W + s B A||_row      (the norm is treated as a constant in backward, Sec. 4.3)
+
+`LoRALinear` keeps the wrapped layer's own `weight` and `bias` parameters, so base parameter names
+(`...q_proj.weight`) never change and base checkpoints still load. Merging folds the update into
+`weight` for inference at the base model's speed; unmerging restores it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from tuneforge.strategies import register
+from tuneforge.strategies.base import Options, Strategy, StrategyContext
+from tuneforge.surgery import (
+    ensure_unwrapped,
+    find_linear_targets,
+    num_layers,
+    parse_layer_spec,
+    replace_module,
+)
+
+
+class LoRALinear(nn.Module):
+    """A linear layer (nn.Linear or GPT-2's Conv1D) plus a trainable low-rank update."""
+
+    def __init__(
+        self,
+        base: nn.Linear | Conv1D,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dora: bool = False,
+    ):
+        super().__init__()
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # Conv1D stores weight as (d_in, d_out)
+        self.weight = base.weight
+        self.bias = base.bias
+        d_in, d_out = (base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1])
+        self.in_features, self.out_features = d_in, d_out
+        self.rank = rank
+        self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(d_in, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, d_out, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        # No dropout op at all when p == 0: it would copy the input for nothing.
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_magnitude_vector = nn.Parameter(self._base_weight().norm(dim=1).detach()) if dora else None
+        self.merged = False
+        self.injected_disabled = False
+        self._merged_norm: Tensor | None = None
+
+    def _base_weight(self) -> Tensor:
+        """The base weight as (d_out, d_in)."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    def delta_weight(self) -> Tensor:
+        """s * B A as (d_out, d_in)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        result = F.linear(x, self._base_weight(), self.bias)
+        if self.merged or self.injected_disabled:
+            return result
+        update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return result + update
+        # DoRA: m / ||W + sBA|| rescales both the base output and the update.
+        weight_norm = (self._base_weight() + self.delta_weight()).norm(dim=1).detach()
+        scale = self.lora_magnitude_vector / weight_norm  # (d_out,)
+        base_out = result if self.bias is None else result - self.bias
+        out = scale * (base_out + update)
+        return out if self.bias is None else out + self.bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        merged = self._base_weight() + self.delta_weight()
+        if self.lora_magnitude_vector is not None:
+            self._merged_norm = merged.norm(dim=1, keepdim=True)
+            merged = merged * (self.lora_magnitude_vector[:, None] / self._merged_norm)
+        self.weight.data.copy_(merged.T if self.fan_in_fan_out else merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self._base_weight()
+        if self.lora_magnitude_vector is not None:
+            weight = weight * (self._merged_norm / self.lora_magnitude_vector[:, None])
+        restored = weight - self.delta_weight()
+        self.weight.data.copy_(restored.T if self.fan_in_fan_out else restored)
+        self.merged = False
+
+    def unwrap(self) -> nn.Linear | Conv1D:
+        """The plain layer type it wrapped, holding the current (merged or base) weight."""
+        if self.fan_in_fan_out:
+            layer = Conv1D(self.out_features, self.in_features)
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.weight = self.weight
+        if self.bias is not None:
+            layer.bias = self.bias
+        return layer
+
+    def extra_repr(self) -> str:
+        dora = ", dora" if self.lora_magnitude_vector is not None else ""
+        return f"{self.in_features} -> {self.out_features}, rank={self.rank}, scaling={self.scaling:g}{dora}"
+
+
+class LoRAOptions(Options):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    layers: list[int | str] | str | int | None = None  # indices, "8-11", "top:4"; None: all layers
+    rslora: bool = False
+    dora: bool = False
+
+
+@register("lora", LoRAOptions)
+class LoRA(Strategy):
+    """Low-rank adapters on chosen linear layers (LoRA, rsLoRA, DoRA); merge, unmerge, PEFT export."""
+
+    param_prefix = "lora_"
+    options: LoRAOptions
+
+    def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
+        opts = self.options
+        layers = parse_layer_spec(opts.layers, num_layers(model)) if opts.layers is not None else None
+        self.target_names = []
+        for name, module in find_linear_targets(model, opts.targets, layers):
+            ensure_unwrapped(name, module, "lora")
+            wrapped = LoRALinear(module, opts.rank, opts.alpha, opts.dropout, opts.rslora, opts.dora)
+            replace_module(model, name, wrapped)
+            self.target_names.append(name)
+        return model
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA update into its base weight; returns how many layers were merged."""
+    modules = lora_modules(model)
+    for _, module in modules:
+        module.merge()
+    return len(modules)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    modules = lora_modules(model)
+    for _, module in modules:
+        module.unmerge()
+    return len(modules)
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Merge and replace every LoRALinear by a plain nn.Linear: a model transformers can save and load."""
+    for name, module in lora_modules(model):
+        module.merge()
+        replace_module(model, name, module.unwrap())
+    return model

@@ -1,0 +1,239 @@
+"""THE training loop. One file, read top to bottom; strategies plug in through their hooks only.
+
+    for each optimizer step:
+        for each micro-batch of the step:            (gradient accumulation)
+            task loss (summed over label tokens / the step's label-token count)
+            + every strategy's named loss terms
+            backward
+        clip, optimizer step, scheduler step
+        log; maybe evaluate; maybe checkpoint
+
+The data order of epoch e is a permutation seeded by `seed + e`, so a resumed run skips exactly the
+micro-batches already consumed and sees the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from tuneforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tuneforge.compose import set_trainable, trainable_by_strategy
+from tuneforge.config import TrainConfig
+from tuneforge.data import collate
+from tuneforge.errors import TrainingError
+from tuneforge.evaluate import token_losses
+from tuneforge.metrics import MetricsLogger
+from tuneforge.strategies import Strategy, StrategyContext
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    tokens: int = 0  # non-padding input tokens seen
+    elapsed: float = 0.0  # seconds spent training (excluding evaluation)
+    history: list[dict] = field(default_factory=list)  # periodic eval results
+
+
+def micro_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """The epoch's micro-batches as index lists; each process takes its own slice of every global batch."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    global_batch = batch_size * world
+    chunks = [order[start:start + global_batch] for start in range(0, num_items, global_batch)]
+    # Every process must see the same number of micro-batches, so a tail too short to share is dropped.
+    return [chunk[rank::world] for chunk in chunks if len(chunk) >= world]
+
+
+def steps_per_epoch(num_items: int, cfg: TrainConfig, world: int) -> int:
+    return math.ceil(math.ceil(num_items / (cfg.batch_size * world)) / cfg.grad_accum)
+
+
+def total_steps(num_items: int, cfg: TrainConfig, world: int = 1) -> int:
+    return cfg.max_steps or cfg.epochs * steps_per_epoch(num_items, cfg, world)
+
+
+def build_optimizer(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext, cfg: TrainConfig):
+    """AdamW over every parameter that is trainable in any epoch, grouped by learning rate.
+
+    Parameters frozen now but unfrozen later (gradual unfreezing) get no gradient until then, and
+    AdamW skips parameters without a gradient, so they stay bit-identical while frozen.
+    """
+    candidates: set[str] = set()
+    for epoch in range(max(ctx.num_epochs, 1)):
+        probe = StrategyContext(**{**ctx.__dict__, "epoch": epoch})
+        candidates |= set().union(*trainable_by_strategy(model, strategies, probe).values())
+    rates: dict[str, float] = {}
+    for strategy in strategies:
+        rates.update(strategy.param_groups(model, cfg.lr))
+    groups: dict[tuple[float, float], list] = {}
+    for name, parameter in model.named_parameters():
+        if name not in candidates:
+            continue
+        decay = cfg.weight_decay if parameter.dim() >= 2 else 0.0  # no decay on biases and norms
+        groups.setdefault((rates.get(name, cfg.lr), decay), []).append(parameter)
+    param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items())]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, num_steps: int):
+    """Linear warmup, then linear decay to 0, cosine decay to 0, or constant."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, num_steps - cfg.warmup_steps)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def task_loss(model: nn.Module, batch: dict, task_type: str):
+    """(summed loss, number of loss targets, model outputs) for one micro-batch."""
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if task_type == "classification":
+        loss_sum = F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
+        return loss_sum, batch["labels"].numel(), outputs
+    loss_sum, count = token_losses(outputs.logits, batch["labels"])
+    return loss_sum, count, outputs
+
+
+def loss_targets(batch: dict, task_type: str) -> int:
+    if task_type == "classification":
+        return batch["labels"].numel()
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def fit(
+    model: nn.Module,
+    strategies: list[Strategy],
+    ctx: StrategyContext,
+    train_items: list[dict],
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    run_dir: Path,
+    pad_token_id: int,
+    evaluate: Callable[[nn.Module], dict],
+    resume: bool = False,
+) -> LoopState:
+    """Train `model` on `train_items`; returns the final loop state. Checkpoints go to `run_dir/checkpoints`."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    num_steps = total_steps(len(train_items), cfg, world)
+    ctx.total_steps, ctx.base_lr = num_steps, cfg.lr
+    optimizer = build_optimizer(model, strategies, ctx, cfg)
+    scheduler = build_scheduler(optimizer, cfg, num_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process)
+    checkpoints = run_dir / "checkpoints"
+
+    for strategy in strategies:
+        strategy.on_train_start(raw_model, ctx)
+    state = LoopState()
+    if resume:
+        latest = latest_checkpoint(checkpoints)
+        if latest is None:
+            raise TrainingError(f"--resume: no valid checkpoint in {checkpoints}")
+        state = LoopState(**load_checkpoint(latest, raw_model, optimizer, scheduler, strategies))
+        logger.truncate_after(state.step)
+        accelerator.print(f"tuneforge: resumed from {latest.name} (step {state.step} of {num_steps})")
+
+    def checkpoint() -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(checkpoints, state.step, raw_model, optimizer, scheduler, strategies,
+                            state.__dict__, keep=cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    model.train()
+    progress = tqdm(total=num_steps, initial=state.step, desc="train", unit="step",
+                    disable=not accelerator.is_main_process, dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0
+    while state.step < num_steps:
+        ctx.epoch, ctx.step = state.epoch, state.step
+        for strategy in strategies:
+            strategy.on_epoch_start(raw_model, ctx)
+        set_trainable(raw_model, strategies, ctx)  # the trainable set may change by epoch
+        batches = micro_batches(len(train_items), cfg.batch_size, cfg.seed, state.epoch, rank, world)
+        for start in range(state.micro_in_epoch, len(batches), cfg.grad_accum):
+            step_start = time.perf_counter()
+            group = [collate([train_items[i] for i in indices], pad_token_id) for indices in batches[start:start + cfg.grad_accum]]
+            group = [{k: v.to(accelerator.device) for k, v in b.items()} for b in group]
+            targets = max(1, sum(loss_targets(b, ctx.task_type) for b in group))
+            step_loss, step_terms = 0.0, {}
+            for index, batch in enumerate(group):
+                last = index == len(group) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        loss_sum, _, outputs = task_loss(model, batch, ctx.task_type)
+                        loss = loss_sum / targets  # token-weighted mean over the whole step
+                        terms = {}
+                        for strategy in strategies:
+                            terms.update(strategy.loss(raw_model, batch, outputs, ctx))
+                        total = loss + sum(term / len(group) for term in terms.values())
+                    if not torch.isfinite(total):
+                        last_good = latest_checkpoint(checkpoints)
+                        kept = f"; last good checkpoint: {last_good}" if last_good else ""
+                        raise TrainingError(
+                            f"loss became {total.item()} at step {state.step + 1} "
+                            f"(try a lower train.lr or precision: fp32){kept}"
+                        )
+                    accelerator.backward(total)
+                step_loss += loss.item()
+                for name, term in terms.items():
+                    step_terms[name] = step_terms.get(name, 0.0) + term.item() / len(group)
+                state.tokens += int(batch["attention_mask"].sum()) * world
+                window_tokens += int(batch["attention_mask"].sum()) * world
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.micro_in_epoch = start + len(group)
+            state.elapsed += time.perf_counter() - step_start
+            ctx.step = state.step
+
+            if state.step % cfg.log_every == 0 or state.step == num_steps:
+                seconds = time.perf_counter() - window_start
+                record = {"step": state.step, "epoch": state.epoch, "loss": step_loss,
+                          "lr": scheduler.get_last_lr()[-1], "tokens_per_s": window_tokens / max(seconds, 1e-9),
+                          **({"grad_norm": grad_norm} if grad_norm is not None else {}), **step_terms}
+                logger.log(record)
+                window_start, window_tokens = time.perf_counter(), 0
+            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{state.tokens / max(state.elapsed, 1e-9):.0f}")
+            progress.update(1)
+
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
+                result = evaluate(raw_model)
+                state.history.append({"step": state.step, **result})
+                logger.log({"step": state.step, "split": "eval", **result})
+                model.train()
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
+                checkpoint()
+            if state.step >= num_steps:
+                break
+        else:
+            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+    progress.close()
+    checkpoint()
+    logger.close()
+    return state
