@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -45,7 +46,8 @@ class RunData:
     labels: list[str] | None = None
     train_items: list[dict] = field(default_factory=list)
     eval_items: list[dict] = field(default_factory=list)
-    retain_items: list[dict] = field(default_factory=list)
+    retain_items: list[dict] = field(default_factory=list)  # measures forgetting
+    retain_pool: list[Example] = field(default_factory=list)  # disjoint retain text for regularisers
 
 
 def load_run_examples(config: RunConfig) -> RunData:
@@ -75,9 +77,43 @@ def encode_run_data(run_data: RunData, config: RunConfig, tokenizer) -> RunData:
         raise DataError(f"{config.data.train}: every example was dropped ({dropped} too long or empty at max_seq_len={max_len})")
     run_data.eval_items, _ = encode_dataset(run_data.eval_examples, tokenizer, max_len, run_data.task_type, label_to_id)
     if config.retain and run_data.task_type == "causal_lm":
-        retain = load_examples(config.retain, "text")
-        run_data.retain_items = encode_text_chunks(retain, tokenizer, max_len, config.evaluation.retain_examples)
+        measure, regularize = split_retain_documents(load_examples(config.retain, "text"))
+        run_data.retain_items = encode_text_chunks(measure, tokenizer, max_len, config.evaluation.retain_examples)
+        run_data.retain_pool = regularize
     return run_data
+
+
+def split_retain_documents(documents: list[Example]) -> tuple[list[Example], list[Example]]:
+    """Retain documents for measuring forgetting, and disjoint ones that regularisers may train on.
+
+    Objectives such as EWC or the retention loss must not see the text forgetting is measured on, or
+    "forgets less" would partly be "memorised the test". Every third document goes to the regulariser pool.
+    """
+    if len(documents) < 3:
+        return documents, documents
+    return [d for i, d in enumerate(documents) if i % 3 != 2], [d for i, d in enumerate(documents) if i % 3 == 2]
+
+
+def retain_batch_source(run_data: RunData, tokenizer, config: RunConfig):
+    """A callable giving an endless, seeded stream of padded batches from the regulariser retain pool.
+
+    Encoded on first use, so runs whose strategies never ask for retain data pay nothing.
+    """
+    cache: list[dict] = []
+
+    def stream(batch_size: int | None = None, device=None):
+        if not cache:
+            cache.extend(encode_text_chunks(run_data.retain_pool, tokenizer, config.train.max_seq_len,
+                                            max(64, 4 * config.evaluation.retain_examples)))
+        size = batch_size or config.train.batch_size
+        generator = torch.Generator().manual_seed(config.train.seed + 1)
+        while True:
+            order = torch.randperm(len(cache), generator=generator).tolist()
+            for start in range(0, len(order) - size + 1, size):
+                batch = collate([cache[i] for i in order[start:start + size]], tokenizer.pad_token_id)
+                yield {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+    return stream if run_data.retain_pool else None
 
 
 def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig, device, samples: bool = True) -> dict:
@@ -154,6 +190,7 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
     encode_run_data(run_data, config, tokenizer)
     model.to(accelerator.device)
     ctx.device = accelerator.device
+    ctx.retain_batches = retain_batch_source(run_data, tokenizer, config)
     params = parameter_report(model, strategies, ctx)
     accelerator.print(
         f"tuneforge: {len(run_data.train_items)} train / {len(run_data.eval_items)} eval / "

@@ -1,0 +1,111 @@
+"""Shared fixtures: a tiny tokenizer, tiny Llama-shaped models and a tiny task, all built offline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+COLORS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
+ANIMALS = ["cat", "dog", "bird", "fish", "horse", "cow", "sheep", "mouse"]
+
+
+def task_records(count: int = 64) -> list[dict]:
+    """A learnable toy task: name the animal's colour in a fixed mapping."""
+    return [
+        {"prompt": f"What colour is the {ANIMALS[i % 8]}?", "completion": f" The {ANIMALS[i % 8]} is {COLORS[i % 8]}."}
+        for i in range(count)
+    ]
+
+
+def make_tokenizer():
+    """Byte-level BPE trained in memory, ChatML special tokens, eos = <|im_end|>, pad = <|pad|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [r["prompt"] + r["completion"] for r in task_records(16)]
+    corpus += ["To be, or not to be, that is the question. user assistant system hello world"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    backend.train_from_iterator(corpus * 5, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def tiny_llama(vocab_size: int = 300, layers: int = 4, seed: int = 0, **overrides):
+    """A random Llama-shaped causal LM small enough to train in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=0, eos_token_id=2, bos_token_id=1, tie_word_embeddings=False, **overrides,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A Hugging Face model folder (config, safetensors, tokenizer) of a tiny Llama."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in task_records(64)))
+    return path
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model_dir, task_file):
+    """A factory of validated tiny run configs; keyword arguments update sections."""
+    from tuneforge.config import validate_config
+
+    def make(strategies=None, train=None, data=None, **top):
+        raw = {
+            "model": str(tiny_model_dir),
+            "data": {"train": str(task_file), "max_eval_examples": 8, **(data or {})},
+            "retain": None,
+            "strategies": strategies if strategies is not None else [{"lora": {"rank": 4, "targets": "all-linear"}}],
+            "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "max_seq_len": 64, "log_every": 1, **(train or {})},
+            "evaluation": {"samples": 1, "max_new_tokens": 8},
+            "output": str(tmp_path / "run"),
+            **top,
+        }
+        return validate_config(raw)
+
+    return make
