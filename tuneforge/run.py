@@ -22,6 +22,7 @@ from tuneforge.compose import apply_strategies, build_strategies, trainable_by_s
 from tuneforge.config import RunConfig
 from tuneforge.data import (
     Example,
+    collate,
     encode_dataset,
     encode_text_chunks,
     label_vocabulary,
