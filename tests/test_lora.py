@@ -1,0 +1,120 @@
+"""LoRA math against closed forms, and our adapter loading in PEFT with equal logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama as _tiny_llama
+from transformers.pytorch_utils import Conv1D
+
+import tuneforge
+from tuneforge.errors import ModelError
+from tuneforge.strategies.lora import LoRALinear, lora_modules, merge_lora, unload_lora, unmerge_lora
+
+
+def tiny_llama():
+    return _tiny_llama(initializer_range=0.02)  # standard init: closed-form checks at 1e-5
+
+
+def randomize_lora(model, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+
+
+@pytest.mark.parametrize("base_type", ["linear", "conv1d"])
+@pytest.mark.parametrize("dora", [False, True])
+def test_forward_equals_closed_form(base_type, dora):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5) if base_type == "linear" else Conv1D(5, 6)
+    layer = LoRALinear(base, rank=3, alpha=6.0, dora=dora)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(4, 6)
+    weight = base.weight if base_type == "linear" else base.weight.T  # (d_out, d_in)
+    updated = weight + 2.0 * layer.lora_B.weight @ layer.lora_A.weight
+    if dora:
+        updated = weight.norm(dim=1, keepdim=True) * updated / updated.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(layer(x), x @ updated.T + base.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_initialised_b_leaves_outputs_unchanged():
+    model = tiny_llama()
+    x = torch.randint(0, 300, (2, 9))
+    reference = model(x).logits
+    tuneforge.prepare(model, [{"lora": {"rank": 4, "targets": "all-linear"}}])
+    torch.testing.assert_close(model(x).logits, reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{}, {"rslora": True}, {"dora": True}])
+def test_merged_equals_unmerged_and_unmerge_restores_base(options):
+    model = tiny_llama()
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tuneforge.prepare(model, [{"lora": {"rank": 4, "targets": "all-linear", **options}}])
+    randomize_lora(model)
+    x = torch.randint(0, 300, (2, 9))
+    unmerged = model(x).logits
+    assert merge_lora(model) == 4 * 7  # q, k, v, o, gate, up, down in 4 layers
+    merged_weight = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    assert not torch.equal(merged_weight, base_weights["model.layers.0.self_attn.q_proj.weight"])
+    torch.testing.assert_close(model(x).logits, unmerged, atol=1e-5, rtol=1e-5)
+    unmerge_lora(model)
+    for name, parameter in model.named_parameters():
+        if name in base_weights:
+            torch.testing.assert_close(parameter, base_weights[name], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(model(x).logits, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_unload_gives_a_plain_model_with_the_same_outputs():
+    model = tiny_llama()
+    tuneforge.prepare(model, [{"lora": {"rank": 4, "targets": ["q_proj", "down_proj"]}}])
+    randomize_lora(model)
+    x = torch.randint(0, 300, (2, 9))
+    reference = model(x).logits
+    unload_lora(model)
+    assert not lora_modules(model) and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    torch.testing.assert_close(model(x).logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_base_parameter_names_kept_and_only_lora_trainable():
+    model = tiny_llama()
+    names_before = {n for n, _ in model.named_parameters()}
+    tuneforge.prepare(model, [{"lora": {"rank": 2, "targets": ["q_proj", "v_proj"], "layers": "top:2"}}])
+    names_after = {n for n, _ in model.named_parameters()}
+    assert names_before <= names_after
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert {int(n.split(".")[2]) for n in trainable} == {2, 3}
+    # closed form: rank * (d_in + d_out) per adapted matrix; q: 32 -> 32, v: 32 -> 16 (2 kv heads of 8)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (2 * (32 + 32) + 2 * (32 + 16))
+
+
+def test_targets_that_match_nothing_say_what_exists():
+    with pytest.raises(ModelError, match=r"matched no linear layer.*q_proj"):
+        tuneforge.prepare(tiny_llama(), [{"lora": {"targets": ["query"]}}])
+
+
+def test_regex_targets():
+    model = tuneforge.prepare(tiny_llama(), [{"lora": {"targets": [r"model\.layers\.[01]\.mlp\.(up|down)_proj"]}}])
+    assert sorted(n for n, _ in lora_modules(model)) == [f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("down", "up")]
+
+
+def test_peft_loads_our_adapter_with_equal_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tuneforge.prepare(tiny_llama(), [{"lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "up_proj"]}}])
+    randomize_lora(model)
+    x = torch.randint(0, 300, (2, 9))
+    ours = model(x).logits
+    tuneforge.save_adapter(model, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    torch.testing.assert_close(theirs(x).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_adapter_round_trip(tmp_path):
+    model = tuneforge.prepare(tiny_llama(), [{"lora": {"rank": 4, "targets": "all-linear", "dora": True}}])
+    randomize_lora(model)
+    x = torch.randint(0, 300, (2, 9))
+    tuneforge.save_adapter(model, tmp_path / "adapter")
+    loaded = tuneforge.load_adapter(tiny_llama(), tmp_path / "adapter")
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-6, rtol=1e-6)
