@@ -60,6 +60,13 @@ def resolve_model_path(name: str) -> Path:
     return path
 
 
+def check_model_available(name: str) -> str:
+    """Where `name` would load from, checked without loading or converting anything."""
+    if name in BUNDLED_MODELS:
+        return f"bundled {name} from {_package_dir(BUNDLED_MODELS[name].package)}"
+    return str(resolve_model_path(name))
+
+
 def _smollm2_folder() -> Path:
     """SmolLM2 ships as GGUF; convert it once into a cached safetensors folder (safe under concurrent use).
 

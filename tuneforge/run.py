@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,14 @@ from tuneforge.data import (
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.evaluate import evaluate_classification, evaluate_lm, forgetting, generate_samples
 from tuneforge.metrics import peak_memory_mb
-from tuneforge.models import count_parameters, load_model, model_kind, resolve_model_path
+from tuneforge.models import (
+    BUNDLED_MODELS,
+    check_model_available,
+    count_parameters,
+    load_model,
+    model_kind,
+    resolve_model_path,
+)
 from tuneforge.strategies import Strategy, StrategyContext
 from tuneforge.surgery import disabled_adapters
 
@@ -59,15 +67,21 @@ def load_run_examples(config: RunConfig) -> RunData:
         train_examples, eval_examples = examples, load_examples(data.eval, data.format, data.template)
     else:
         train_examples, eval_examples = split_train_eval(examples, data.eval_fraction, config.train.seed, None)
-    if data.max_train_examples:
-        train_examples = train_examples[:data.max_train_examples]
-    if data.max_eval_examples:
-        eval_examples = eval_examples[:data.max_eval_examples]
+    # Caps take a seeded random subset: files are often sorted (by label, by topic).
+    train_examples = _subset(train_examples, data.max_train_examples, config.train.seed)
+    eval_examples = _subset(eval_examples, data.max_eval_examples, config.train.seed)
     if not train_examples:
         raise DataError(f"{data.train}: no training examples")
     classification = train_examples[0].kind == "classification"
     labels = sorted(label_vocabulary(train_examples)) if classification else None
     return RunData("classification" if classification else "causal_lm", train_examples, eval_examples, labels)
+
+
+def _subset(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    if limit is None or len(examples) <= limit:
+        return examples
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in chosen]
 
 
 def encode_run_data(run_data: RunData, config: RunConfig, tokenizer) -> RunData:
@@ -210,7 +224,9 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
             before_path.write_text(json.dumps(before, indent=1))
 
     def periodic_eval(current: nn.Module) -> dict:
-        return evaluate_all(current, tokenizer, run_data, config, accelerator.device, samples=False)["eval"]
+        result = evaluate_all(current, tokenizer, run_data, config, accelerator.device, samples=False)
+        # Retain metrics along the way give a forgetting curve: objectives compare at equal task loss.
+        return {**result["eval"], **{f"retain_{k}": v for k, v in result.get("retain", {}).items()}}
 
     started = time.perf_counter()
     state = fit(model, strategies, ctx, run_data.train_items, config.train, accelerator, run_dir,
@@ -246,8 +262,9 @@ def inspect_config(config: RunConfig) -> dict:
 def validate_run(config: RunConfig) -> dict:
     """Check everything that can be checked before a model loads: data files, every record, the model."""
     run_data = load_run_examples(config)
-    path = resolve_model_path(config.model) if not config.model.startswith("smollm2") else None
-    if path is not None and run_data.task_type == "causal_lm" and model_kind(path) != "causal_lm":
+    check_model_available(config.model)
+    kind = BUNDLED_MODELS[config.model].kind if config.model in BUNDLED_MODELS else model_kind(Path(config.model))
+    if run_data.task_type == "causal_lm" and kind != "causal_lm":
         raise ConfigError(f"model {config.model!r} is an encoder: it needs classification data (text/label)")
     if config.retain:
         load_examples(config.retain, "text")
