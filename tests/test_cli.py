@@ -89,3 +89,19 @@ def test_unknown_override_flag_is_an_argparse_error(tmp_path, tiny_model_dir, ta
     with pytest.raises(SystemExit) as caught:
         main(["train", write_config(tmp_path, tiny_model_dir, task_file), "--nope"])
     assert caught.value.code == 2
+
+
+def test_eval_without_training_is_the_prompt_only_baseline(tmp_path, tiny_model_dir, task_file, capsys):
+    path = write_config(tmp_path, tiny_model_dir, task_file,
+                        data={"train": str(task_file), "max_eval_examples": 4,
+                              "template": {"prompt": "Q: {prompt}\nA:", "few_shot": 1}})
+    assert main(["eval", path, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval"]["loss"] > 0 and result["eval"]["tokens"] > 0
+    assert result["samples"][0]["prompt"].startswith("Q: ")
+
+
+def test_bf16_and_gradient_checkpointing_run(tmp_path, tiny_model_dir, task_file, capsys):
+    path = write_config(tmp_path, tiny_model_dir, task_file)
+    assert main(["train", path, "train.precision=bf16", "train.gradient_checkpointing=true", "train.max_steps=2"]) == 0
+    assert "task loss" in capsys.readouterr().out
