@@ -89,6 +89,32 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, tokenizer) -> Path:
+    """A Hugging Face folder of a tiny BERT encoder (no head), sharing the tiny tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    BertModel(config).save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def classification_records(kind: str, count: int = 48) -> list[dict]:
+    """Toy topic tasks over the animal sentences: `animal` (mammal / other) or `colour` (warm / cool)."""
+    warm = {"red", "yellow", "orange"}
+    records = []
+    for i in range(count):
+        animal, colour = ANIMALS[i % 8], COLORS[(i * 3) % 8]
+        label = ("mammal" if animal in ("cat", "dog", "horse", "cow", "sheep", "mouse") else "other") if kind == "animal" \
+            else ("warm" if colour in warm else "cool")
+        records.append({"text": f"The {animal} is {colour}.", "label": label})
+    return records
+
+
+@pytest.fixture(scope="session")
 def task_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in task_records(64)))

@@ -77,7 +77,7 @@ def test_broken_yaml_names_the_line(tmp_path):
 
 
 def test_missing_required_section(tmp_path):
-    assert "data: Field required" in error_of(tmp_path, "model: smollm2-135m\n")
+    assert "give either `data:` (one task) or `tasks:`" in error_of(tmp_path, "model: smollm2-135m\n")
 
 
 def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):

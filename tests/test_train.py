@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 from tuneforge.checkpoint import latest_checkpoint, list_checkpoints
 from tuneforge.errors import ConfigError, TrainingError
 from tuneforge.run import train_run
-from tuneforge.train import build_optimizer, build_scheduler, micro_batches
+from tuneforge.tasks import mixture_plan
+from tuneforge.train import build_optimizer, build_scheduler
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
@@ -166,11 +168,14 @@ def test_existing_run_is_not_overwritten(run_config):
     train_run(config, overwrite=True)
 
 
-def test_micro_batches_shard_the_same_permutation():
-    single = micro_batches(10, 4, seed=0, epoch=1, rank=0, world=1)
+def test_plan_shards_the_same_permutation():
+    from tuneforge.config import ScheduleConfig
+
+    plan = mixture_plan([10], 4, ScheduleConfig(), seed=0)
+    single = plan(1, 0, 1)
     assert sorted(i for b in single for i in b) == list(range(10))
-    assert micro_batches(10, 4, 0, 1, 0, 1) == single and micro_batches(10, 4, 0, 2, 0, 1) != single
-    shards = [micro_batches(10, 2, 0, 1, rank, 2) for rank in (0, 1)]
+    assert plan(1, 0, 1) == single and plan(2, 0, 1) != single
+    shards = [mixture_plan([10], 2, ScheduleConfig(), 0)(1, rank, 2) for rank in (0, 1)]
     assert len(shards[0]) == len(shards[1])
     assert sorted(i for shard in shards for b in shard for i in b) == list(range(10))
 
@@ -187,4 +192,4 @@ def test_warmup_then_linear_decay():
         optimizer.step()
         scheduler.step()
     assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert rates[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(rates[3:], rates[4:]))
+    assert rates[-1] == pytest.approx(0.1) and all(a >= b for a, b in itertools.pairwise(rates[3:]))

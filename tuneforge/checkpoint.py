@@ -14,14 +14,16 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tuneforge.errors import TrainingError
-from tuneforge.strategies import Strategy
+
+if TYPE_CHECKING:  # no runtime import: strategy modules import helpers from here
+    from tuneforge.strategies import Strategy
 
 MANIFEST = "manifest.json"
 
@@ -49,14 +51,7 @@ def save_checkpoint(
     opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
 
-    strategy_tensors, strategy_meta = {}, {}
-    for strategy in strategies:
-        for key, value in strategy.state_dict().items():
-            if isinstance(value, Tensor):
-                strategy_tensors[f"{strategy.name}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                strategy_meta[f"{strategy.name}.{key}"] = value
-    save_file(strategy_tensors, str(tmp / "strategies.safetensors"))
+    strategy_meta = _write_strategy_state(tmp, strategies)
 
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -69,7 +64,7 @@ def save_checkpoint(
         "optimizer": opt_meta,
         "scheduler": scheduler.state_dict(),
         "strategies": strategy_meta,
-        "python_random": _jsonable(random.getstate()),
+        "python_random": jsonable(random.getstate()),
     }
     (tmp / "state.json").write_text(json.dumps(state))
     manifest = {path.name: _sha256(path) for path in sorted(tmp.iterdir())}
@@ -126,11 +121,7 @@ def load_checkpoint(
     optimizer.load_state_dict(_join_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
 
-    strategy_tensors = load_file(str(path / "strategies.safetensors"))
-    for strategy in strategies:
-        prefix = strategy.name + "."
-        own = {k[len(prefix):]: v for k, v in {**strategy_tensors, **state["strategies"]}.items() if k.startswith(prefix)}
-        strategy.load_state_dict(own)
+    _read_strategy_state(path, state, strategies)
 
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
@@ -138,8 +129,54 @@ def load_checkpoint(
         cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
         if cuda_states:
             torch.cuda.set_rng_state_all(cuda_states)
-    random.setstate(_tuplify(state["python_random"]))
+    random.setstate(tuplify(state["python_random"]))
     return state["loop"]
+
+
+def load_weights_and_strategies(path: Path, model: nn.Module, strategies: list[Strategy]) -> None:
+    """Restore a checkpoint's trained weights and strategy state only (a continual run's finished task)."""
+    if not verify_checkpoint(path):
+        raise TrainingError(f"{path}: checkpoint is damaged (checksum mismatch)")
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(str(path / "weights.safetensors")).items():
+            parameters[name].copy_(tensor)
+    _read_strategy_state(path, json.loads((path / "state.json").read_text()), strategies)
+
+
+def save_strategy_state(path: Path, strategies: list[Strategy]) -> None:
+    """Rewrite the strategy state of an existing checkpoint (after `on_task_end`), manifest included."""
+    state_path = path / "state.json"
+    state = json.loads(state_path.read_text())
+    state["strategies"] = _write_strategy_state(path, strategies)
+    tmp = path / "state.json.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, state_path)
+    manifest = {p.name: _sha256(p) for p in sorted(path.iterdir()) if p.name != MANIFEST}
+    (path / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
+    os.replace(path / (MANIFEST + ".tmp"), path / MANIFEST)
+
+
+def _write_strategy_state(directory: Path, strategies: list[Strategy]) -> dict:
+    """Strategy tensors into strategies.safetensors; returns the JSON-able rest."""
+    tensors, meta = {}, {}
+    for strategy in strategies:
+        for key, value in strategy.state_dict().items():
+            if isinstance(value, Tensor):
+                tensors[f"{strategy.name}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                meta[f"{strategy.name}.{key}"] = value
+    save_file(tensors, str(directory / "strategies.safetensors.tmp"))
+    os.replace(directory / "strategies.safetensors.tmp", directory / "strategies.safetensors")
+    return meta
+
+
+def _read_strategy_state(path: Path, state: dict, strategies: list[Strategy]) -> None:
+    tensors = load_file(str(path / "strategies.safetensors"))
+    for strategy in strategies:
+        prefix = strategy.name + "."
+        own = {k[len(prefix):]: v for k, v in {**tensors, **state["strategies"]}.items() if k.startswith(prefix)}
+        strategy.load_state_dict(own)
 
 
 def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, Tensor], dict]:
@@ -164,12 +201,12 @@ def _join_optimizer_state(tensors: dict[str, Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _jsonable(value: Any) -> Any:
-    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
+def jsonable(value: Any) -> Any:
+    return [jsonable(v) for v in value] if isinstance(value, tuple) else value
 
 
-def _tuplify(value: Any) -> Any:
-    return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
+def tuplify(value: Any) -> Any:
+    return tuple(tuplify(v) for v in value) if isinstance(value, list) else value
 
 
 def _sha256(path: Path) -> str:

@@ -84,15 +84,14 @@ def cmd_strategies(args) -> int:
 def cmd_eval(args) -> int:
     """Evaluate the untouched model (prompt engineering baseline) or a run's adapter, no training."""
     from tuneforge.api import load_adapter
-    from tuneforge.models import load_model
-    from tuneforge.run import encode_run_data, evaluate_all, load_run_examples
+    from tuneforge.run import encode_run_data, evaluate_all, load_base_model, load_run_data
 
     config = _load(args)
-    run_data = load_run_examples(config)
-    model, tokenizer, _ = load_model(config.model, run_data.task_type, run_data.labels, config.trust_remote_code)
+    run_data = load_run_data(config)
+    model, tokenizer, _ = load_base_model(config, run_data, [s.name for s in config.strategies])
     if args.adapter:
         model = load_adapter(model, args.adapter, tokenizer)
-    encode_run_data(run_data, config, tokenizer)
+    encode_run_data(run_data, config, tokenizer, tag_tasks=run_data.multi_task)
     result = evaluate_all(model, tokenizer, run_data, config, "cpu")
     if args.json:
         print(json.dumps(result))
@@ -143,7 +142,7 @@ def cmd_export(args) -> int:
     from tuneforge.export import export_merged
     from tuneforge.models import load_model
 
-    run_dir = Path(args.run)
+    run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
         raise ConfigError(f"{run_dir}: not a finished run directory (needs config.yaml and adapter/)")
     model_name = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
@@ -188,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     generate.set_defaults(run=cmd_generate)
     export = sub.add_parser("export", help="write a merged model folder from a run")
-    export.add_argument("run", help="run directory")
+    export.add_argument("run_dir", metavar="RUN", help="run directory")  # not `run`: that is the handler
     export.add_argument("--merged", required=True, help="output folder for the merged model")
     export.set_defaults(run=cmd_export)
     return parser

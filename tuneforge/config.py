@@ -11,15 +11,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, shown
 
 
 class StrictModel(BaseModel):
-    """Base for config sections: unknown keys are errors, values are checked on assignment."""
+    """Base for config sections: unknown keys are errors, values are checked on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Infinite and NaN numbers are refused everywhere (`lr: .inf` would pass `gt=0`).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TemplateConfig(StrictModel):
@@ -39,6 +50,7 @@ class DataConfig(StrictModel):
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # held out when no eval file is given
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(200, ge=1)
+    skip_invalid: bool = False  # leave out invalid records (counted, first ones shown in the report)
 
     @field_validator("template", mode="before")
     @classmethod
@@ -46,9 +58,24 @@ class DataConfig(StrictModel):
         return {"prompt": value} if isinstance(value, str) else value
 
 
+class TaskConfig(StrictModel):
+    """One task of a multi-task or continual run."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    data: DataConfig
+
+
+class ScheduleConfig(StrictModel):
+    """How several tasks are trained: mixed in one stream, or one after another (continual learning)."""
+
+    mode: Literal["mixture", "sequence"] = "mixture"
+    sampling: Literal["proportional", "temperature", "round_robin"] = "proportional"
+    temperature: float = Field(2.0, gt=0)  # p_i ~ n_i^(1/T) for sampling: temperature
+
+
 class TrainConfig(StrictModel):
     epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs when set
+    max_steps: int | None = Field(None, ge=0)  # optimizer steps; overrides epochs; 0 = evaluate only
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(2e-4, gt=0)
@@ -86,21 +113,36 @@ class StrategySpec(StrictModel):
 
 class RunConfig(StrictModel):
     model: str = "smollm2-135m"
-    data: DataConfig
+    data: DataConfig | None = None  # one task; or `tasks:` for several
+    tasks: list[TaskConfig] | None = None
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     retain: str | None = "builtin:shakespeare"  # original-domain text; null turns retain measurement off
     strategies: list[StrategySpec] = Field(default_factory=list)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: str = "runs/run"
     trust_remote_code: bool = False
+    _origin: tuple = PrivateAttr(default=("<config>", None, ()))  # (file, YAML node tree, overrides)
 
     @model_validator(mode="after")
     def _check_composition(self) -> RunConfig:
+        if (self.data is None) == (self.tasks is None):
+            raise ValueError("give either `data:` (one task) or `tasks:` (several), not both or neither")
+        if self.tasks is not None:
+            if not self.tasks:
+                raise ValueError("`tasks:` is empty")
+            task_names = [task.name for task in self.tasks]
+            if len(set(task_names)) != len(task_names):
+                raise ValueError(f"task names must be unique (got {', '.join(task_names)})")
         names = [spec.name for spec in self.strategies]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"strategy listed twice: {', '.join(duplicates)}")
         return self
+
+    def task_list(self) -> list[TaskConfig]:
+        """The run's tasks; a single `data:` section is one task named `task`."""
+        return self.tasks if self.tasks is not None else [TaskConfig(name="task", data=self.data)]
 
     def resolved_dict(self) -> dict[str, Any]:
         """The config as plain YAML-able data, strategies back in their single-key form."""
@@ -142,8 +184,8 @@ def parse_strategies(value: Any) -> list[StrategySpec]:
                 message = f"unknown option (allowed: {', '.join(sorted(options_model.model_fields))})"
             else:
                 got = error.get("input")
-                shown = "" if error["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
-                message = error["msg"].removeprefix("Value error, ") + shown
+                got_text = "" if error["type"] == "missing" or isinstance(got, dict) else f" (got {shown(got)})"
+                message = error["msg"].removeprefix("Value error, ") + got_text
             raise StrategyOptionsError((index, name, *loc), message) from None
     return specs
 
@@ -167,15 +209,22 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes().count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (save the config as UTF-8)") from None
+    try:
+        # safe_load builds plain data only: tags such as !!python/object are errors, never code
         root = yaml.compose(text)
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}{line}: invalid YAML: {problem}") from None
+        raise ConfigError(f"{path}{line}: invalid YAML: {shown(problem, 120)[1:-1]}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -183,7 +232,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     for override in overrides or []:
         apply_override(raw, override)
     config = validate_config(raw, source=str(path), root=root, overrides=overrides or [])
+    config._origin = (str(path), root, tuple(overrides or ()))
     return resolve_paths(config, path.parent)
+
+
+def config_location(config: RunConfig, dotted: str) -> str:
+    """`file:line` of a config field, for problems found after validation (e.g. against the model)."""
+    source, root, overrides = config._origin
+    if any(o.split("=", 1)[0].strip() == dotted for o in overrides):
+        return f"{source} (override {dotted})"
+    return f"{source}:{_line_of(root, dotted.split('.'))}" if root is not None else source
 
 
 def validate_config(
@@ -228,8 +286,9 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         candidate = base / value
         return str(candidate) if candidate.exists() or not Path(value).exists() else value
 
-    config.data.train = resolve(config.data.train)
-    config.data.eval = resolve(config.data.eval)
+    for data in [task.data for task in config.task_list()]:
+        data.train = resolve(data.train)
+        data.eval = resolve(data.eval)
     config.retain = resolve(config.retain)
     if "/" in config.model or Path(config.model).suffix:
         config.model = resolve(config.model)
@@ -250,8 +309,8 @@ def _describe(exc: ValidationError, source: str, root: yaml.Node | None, overrid
         return f"{where}: {dotted}: unknown key{hint}"
     message = error["msg"].removeprefix("Value error, ")
     got = error.get("input")
-    shown = "" if error["type"] in ("missing", "value_error") or isinstance(got, dict) else f" (got {got!r})"
-    return f"{where}: {dotted}: {message}{shown}"
+    got_text = "" if error["type"] in ("missing", "value_error") or isinstance(got, dict) else f" (got {shown(got)})"
+    return f"{where}: {dotted}: {message}{got_text}"
 
 
 _PYDANTIC_WRAPPERS = {"function-after", "function-before", "tagged-union"}

@@ -19,3 +19,15 @@ class ModelError(TuneforgeError):
 
 class TrainingError(TuneforgeError):
     """Training cannot go on (for example a NaN loss)."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A user-supplied value as a short, single-line quotation for an error message.
+
+    Keys, roles or values taken from a user's file may hold newlines or megabytes of text; quoting them
+    through `repr` and cutting them keeps every error on one readable line.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return text[: limit - 3] + "..."

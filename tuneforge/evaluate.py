@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.data import IGNORE_INDEX, Example, collate
+from tuneforge.forward import model_inputs, routes_tasks
 
 
 def batches(items: list[dict], batch_size: int, pad_token_id: int, device) -> list[dict]:
@@ -45,7 +45,7 @@ def evaluate_lm(model: nn.Module, items: list[dict], batch_size: int, pad_token_
     model.eval()
     loss_sum, count = 0.0, 0
     for batch in batches(items, batch_size, pad_token_id, device):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch, routes_tasks(model))).logits
         total, n = token_losses(logits, batch["labels"])
         loss_sum += total.item()
         count += n
@@ -63,7 +63,7 @@ def evaluate_classification(model: nn.Module, items: list[dict], batch_size: int
     model.eval()
     loss_sum, correct = 0.0, 0
     for batch in batches(items, batch_size, pad_token_id, device):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch, routes_tasks(model))).logits
         loss_sum += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
     model.train(was_training)
@@ -111,6 +111,3 @@ def _user_part(example: Example) -> str:
 def forgetting(before: dict, after: dict) -> dict:
     """Retain-set change: after minus before, for every metric both have (positive loss = forgot)."""
     return {key: after[key] - before[key] for key in ("loss", "perplexity", "accuracy") if key in before and key in after}
-
-
-EvalFn = Callable[[nn.Module], dict]

@@ -43,7 +43,7 @@ def write_adapter(model: nn.Module, strategies: list[Strategy], directory: Path,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({PEFT_PREFIX + name: t for name, t in tensors.items()}, str(tmp / WEIGHTS_NAME))
-    specs = [{s.name: s.options.model_dump(mode="json")} for s in strategies]
+    specs = [{s.name: s.adapter_options()} for s in strategies]
     (tmp / TUNEFORGE_CONFIG_NAME).write_text(json.dumps({"format": 1, "strategies": specs}, indent=2) + "\n")
     peft_config = peft_lora_config(model, strategies, tensors, base_name)
     if peft_config is not None:

@@ -13,9 +13,10 @@ import torch
 class MetricsLogger:
     """Appends records to `metrics.jsonl` and TensorBoard; only the main process writes."""
 
-    def __init__(self, directory: Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, directory: Path, enabled: bool = True, tensorboard: bool = True, extra: dict | None = None):
         self.path = directory / "metrics.jsonl"
         self.enabled = enabled
+        self.extra = extra or {}  # fields added to every record, e.g. {"task": "b"} in a continual run
         self.writer = None
         if enabled and tensorboard:
             try:
@@ -29,17 +30,22 @@ class MetricsLogger:
         """On resume: drop records a killed run wrote after its last checkpoint."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        def keep(record: dict) -> bool:
+            ours = all(record.get(key) == value for key, value in self.extra.items())
+            return not ours or record.get("step", 0) <= step
+
+        kept = [line for line in self.path.read_text().splitlines() if line and keep(json.loads(line))]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = {**record, **self.extra}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
             step = record.get("step", 0)
-            prefix = record.get("split", "train")
+            prefix = "/".join(str(p) for p in (record.get("task"), record.get("split", "train")) if p)
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                     self.writer.add_scalar(f"{prefix}/{key}", value, step)

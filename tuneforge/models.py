@@ -129,8 +129,12 @@ def load_model(
     labels: list[str] | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[nn.Module, object, Path]:
-    """Load (model, tokenizer, folder). `task_type` is `causal_lm` or `classification` (needs `labels`)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """Load (model, tokenizer, folder).
+
+    `task_type`: `causal_lm`; `classification` (needs `labels`: adds a sequence-classification head); or
+    `body` (a causal LM as is, an encoder without any head: task heads are added by the `heads` strategy).
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
     kind = model_kind(path)
@@ -149,6 +153,8 @@ def load_model(
             )
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
+        elif task_type == "body" and kind == "encoder":
+            model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
         else:
             if kind != "causal_lm":
                 raise ModelError(

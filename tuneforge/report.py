@@ -18,10 +18,13 @@ def _fmt(value) -> str:
 
 
 def metric_rows(results: dict) -> list[tuple[str, str, str, str]]:
-    """(metric, before, after, change) rows for the task eval set and the retain set."""
+    """(metric, before, after, change) rows for the task eval set(s) and the retain set."""
     rows = []
-    for split, label in (("eval", "task"), ("retain", "retain")):
-        before, after = results["before"].get(split, {}), results["after"].get(split, {})
+    splits = [(results["before"].get("eval", {}), results["after"].get("eval", {}), "task")]
+    for name, after in results["after"].get("tasks", {}).items():
+        splits.append((results["before"].get("tasks", {}).get(name, {}), after, f"task {name}"))
+    splits.append((results["before"].get("retain", {}), results["after"].get("retain", {}), "retain"))
+    for before, after, label in splits:
         for key in ("loss", "perplexity", "accuracy"):
             if key in before and key in after:
                 change = after[key] - before[key]
@@ -70,6 +73,22 @@ def write_loss_plot(run_dir: Path) -> Path | None:
     return path
 
 
+def continual_section(continual: dict | None) -> list[str]:
+    """The task x task result matrix R[i][j] (row: after training task i) with ACC, BWT and FWT."""
+    if not continual:
+        return []
+    names = continual["tasks"]
+    metric = continual["metric"]
+    lines = ["", "## Continual learning", "",
+             f"R[i][j] = {metric} on task j after training task i (b = before any training):", "",
+             "| after \\ on | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines.append("| b (base) | " + " | ".join(f"{v:.4g}" for v in continual["baseline"]) + " |")
+    for name, row in zip(names, continual["matrix"]):
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row) + " |")
+    summary = ", ".join(f"{key.upper()} {continual[key]:+.4g}" for key in ("acc", "bwt", "fwt") if key in continual)
+    return lines + ["", summary + " (Lopez-Paz & Ranzato 2017; BWT < 0 means forgetting)."]
+
+
 def write_report(run_dir: Path, results: dict) -> Path:
     plot = write_loss_plot(run_dir)
     strategies = ", ".join(next(iter(s)) for s in results["strategies"]) or "full (default)"
@@ -79,6 +98,7 @@ def write_report(run_dir: Path, results: dict) -> Path:
     if results.get("forgetting"):
         lines += ["", "Forgetting = retain metric after minus before (positive loss change = forgot): "
                   + ", ".join(f"{k} {v:+.4g}" for k, v in results["forgetting"].items()) + "."]
+    lines += continual_section(results.get("continual"))
     lines += ["", "## What it cost", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in cost_rows(results)]
     if plot is not None:

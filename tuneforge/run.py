@@ -2,13 +2,15 @@
 
 `train.py` holds the loop; this module does the wiring around it and writes the run directory:
 config.yaml (resolved), metrics.jsonl, tensorboard/, checkpoints/, adapter/, results.json, report.md.
+Several tasks train as a mixture (one stream) or, with `schedule: {mode: sequence}`, one after another
+(`tuneforge.continual`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +23,8 @@ from torch import nn
 
 from tuneforge.compose import apply_strategies, build_strategies, trainable_by_strategy
 from tuneforge.config import RunConfig
-from tuneforge.data import (
-    Example,
-    collate,
-    encode_dataset,
-    encode_text_chunks,
-    label_vocabulary,
-    load_examples,
-    split_train_eval,
-)
-from tuneforge.errors import ConfigError, DataError
+from tuneforge.data import Example, collate, encode_text_chunks, load_examples
+from tuneforge.errors import ConfigError
 from tuneforge.evaluate import evaluate_classification, evaluate_lm, forgetting, generate_samples
 from tuneforge.metrics import peak_memory_mb
 from tuneforge.models import (
@@ -43,54 +37,36 @@ from tuneforge.models import (
 )
 from tuneforge.strategies import Strategy, StrategyContext
 from tuneforge.surgery import disabled_adapters
+from tuneforge.tasks import TaskData, encode_task, load_tasks, mixture_plan
 
 
 @dataclass
 class RunData:
-    """Examples and encoded items of one run."""
+    """The run's tasks and its retain data."""
 
-    task_type: str
-    train_examples: list[Example]
-    eval_examples: list[Example]
-    labels: list[str] | None = None
-    train_items: list[dict] = field(default_factory=list)
-    eval_items: list[dict] = field(default_factory=list)
+    tasks: list[TaskData]
     retain_items: list[dict] = field(default_factory=list)  # measures forgetting
     retain_pool: list[Example] = field(default_factory=list)  # disjoint retain text for regularisers
 
+    @property
+    def task_type(self) -> str:
+        """`classification` when every task is; otherwise the run is a causal-LM run."""
+        return "classification" if all(t.task_type == "classification" for t in self.tasks) else "causal_lm"
 
-def load_run_examples(config: RunConfig) -> RunData:
-    """Read train/eval examples (splitting off eval when no eval file is given) and pick the task type."""
-    data = config.data
-    examples = load_examples(data.train, data.format, data.template)
-    if data.eval:
-        train_examples, eval_examples = examples, load_examples(data.eval, data.format, data.template)
-    else:
-        train_examples, eval_examples = split_train_eval(examples, data.eval_fraction, config.train.seed, None)
-    # Caps take a seeded random subset: files are often sorted (by label, by topic).
-    train_examples = _subset(train_examples, data.max_train_examples, config.train.seed)
-    eval_examples = _subset(eval_examples, data.max_eval_examples, config.train.seed)
-    if not train_examples:
-        raise DataError(f"{data.train}: no training examples")
-    classification = train_examples[0].kind == "classification"
-    labels = sorted(label_vocabulary(train_examples)) if classification else None
-    return RunData("classification" if classification else "causal_lm", train_examples, eval_examples, labels)
+    @property
+    def multi_task(self) -> bool:
+        return len(self.tasks) > 1
 
 
-def _subset(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
-    if limit is None or len(examples) <= limit:
-        return examples
-    chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
-    return [examples[i] for i in chosen]
+def load_run_data(config: RunConfig) -> RunData:
+    """Read every task's examples (validating every record); no model needed."""
+    return RunData(load_tasks(config))
 
 
-def encode_run_data(run_data: RunData, config: RunConfig, tokenizer) -> RunData:
+def encode_run_data(run_data: RunData, config: RunConfig, tokenizer, tag_tasks: bool) -> RunData:
     max_len = config.train.max_seq_len
-    label_to_id = {label: i for i, label in enumerate(run_data.labels)} if run_data.labels else None
-    run_data.train_items, dropped = encode_dataset(run_data.train_examples, tokenizer, max_len, run_data.task_type, label_to_id)
-    if not run_data.train_items:
-        raise DataError(f"{config.data.train}: every example was dropped ({dropped} too long or empty at max_seq_len={max_len})")
-    run_data.eval_items, _ = encode_dataset(run_data.eval_examples, tokenizer, max_len, run_data.task_type, label_to_id)
+    for task in run_data.tasks:
+        encode_task(task, tokenizer, max_len, tag=tag_tasks)
     if config.retain and run_data.task_type == "causal_lm":
         measure, regularize = split_retain_documents(load_examples(config.retain, "text"))
         run_data.retain_items = encode_text_chunks(measure, tokenizer, max_len, config.evaluation.retain_examples)
@@ -120,7 +96,7 @@ def retain_batch_source(run_data: RunData, tokenizer, config: RunConfig):
         if not cache:
             cache.extend(encode_text_chunks(run_data.retain_pool, tokenizer, config.train.max_seq_len,
                                             max(64, 4 * config.evaluation.retain_examples)))
-        size = batch_size or config.train.batch_size
+        size = min(batch_size or config.train.batch_size, len(cache))  # a small pool must not loop forever
         generator = torch.Generator().manual_seed(config.train.seed + 1)
         while True:
             order = torch.randperm(len(cache), generator=generator).tolist()
@@ -131,19 +107,35 @@ def retain_batch_source(run_data: RunData, tokenizer, config: RunConfig):
     return stream if run_data.retain_pool else None
 
 
+def evaluate_task(model: nn.Module, task: TaskData, batch_size: int, pad: int, device) -> dict:
+    if task.task_type == "classification":
+        return evaluate_classification(model, task.eval_items, batch_size, pad, device)
+    return evaluate_lm(model, task.eval_items, batch_size, pad, device)
+
+
 def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig, device, samples: bool = True) -> dict:
-    """Task metrics on the eval set, retain metrics, and a few greedy samples."""
+    """Per-task metrics on the eval sets (`eval` is their mean), retain metrics, and a few greedy samples."""
     batch_size = config.evaluation.batch_size or config.train.batch_size
     pad = tokenizer.pad_token_id
-    if run_data.task_type == "classification":
-        return {"eval": evaluate_classification(model, run_data.eval_items, batch_size, pad, device)}
-    result = {"eval": evaluate_lm(model, run_data.eval_items, batch_size, pad, device)}
+    per_task = {task.name: evaluate_task(model, task, batch_size, pad, device) for task in run_data.tasks}
+    result = {"eval": mean_metrics(list(per_task.values()))}
+    if run_data.multi_task:
+        result["tasks"] = per_task
     if run_data.retain_items:
         result["retain"] = evaluate_lm(model, run_data.retain_items, batch_size, pad, device)
-    if samples and config.evaluation.samples:
-        chosen = run_data.eval_examples[:config.evaluation.samples]
+    lm_task = next((t for t in run_data.tasks if t.task_type == "causal_lm"), None)
+    if samples and config.evaluation.samples and lm_task is not None:
+        chosen = lm_task.eval_examples[:config.evaluation.samples]
         result["samples"] = generate_samples(model, tokenizer, chosen, config.evaluation.max_new_tokens, device)
     return result
+
+
+def mean_metrics(results: list[dict]) -> dict:
+    """Metric-wise mean over tasks, for the metrics every task has."""
+    if len(results) == 1:
+        return results[0]
+    shared = set.intersection(*(set(r) for r in results)) if results else set()
+    return {key: sum(r[key] for r in results) / len(results) for key in sorted(shared)}
 
 
 def prepare_output(config: RunConfig, resume: bool, overwrite: bool) -> Path:
@@ -162,19 +154,35 @@ def prepare_output(config: RunConfig, resume: bool, overwrite: bool) -> Path:
     except OSError as exc:
         raise ConfigError(f"{run_dir}: output directory is not writable ({exc.strerror})") from None
     if overwrite and not resume:
-        for name in ("metrics.jsonl", "evaluation_before.json", "results.json"):
+        for name in ("metrics.jsonl", "evaluation_before.json", "results.json", "continual.json"):
             (run_dir / name).unlink(missing_ok=True)
-        import shutil
-
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     return run_dir
 
 
+def load_base_model(config: RunConfig, run_data: RunData, strategy_names: list[str]):
+    """Load the model in the shape the tasks need.
+
+    Language-model tasks only: a causal LM. One classification task without `heads`: the model with a
+    sequence-classification head. Otherwise (several classification tasks, or classification mixed with
+    language modelling) the `heads` strategy puts one head per task on the shared body.
+    """
+    classification = [t for t in run_data.tasks if t.task_type == "classification"]
+    if not classification:
+        return load_model(config.model, "causal_lm", None, config.trust_remote_code)
+    if "heads" not in strategy_names:
+        if len(run_data.tasks) == 1:
+            return load_model(config.model, "classification", classification[0].labels, config.trust_remote_code)
+        raise ConfigError("several tasks with classification need task-specific heads: add `- heads: {}` to strategies")
+    return load_model(config.model, "body", None, config.trust_remote_code)
+
+
 def build_model(config: RunConfig, run_data: RunData) -> tuple[nn.Module, object, list[Strategy], StrategyContext]:
-    model, tokenizer, _ = load_model(config.model, run_data.task_type, run_data.labels, config.trust_remote_code)
     strategies = build_strategies(config.strategies)
+    model, tokenizer, _ = load_base_model(config, run_data, [s.name for s in strategies])
     ctx = StrategyContext(tokenizer=tokenizer, task_type=run_data.task_type, num_epochs=config.train.epochs)
+    ctx.extras["tasks"] = [(t.name, t.task_type, t.labels) for t in run_data.tasks]
     model = apply_strategies(model, strategies, ctx)
     if config.train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -188,85 +196,149 @@ def parameter_report(model: nn.Module, strategies: list[Strategy], ctx: Strategy
     return {"total_params": total, "trainable_params": trainable, "trainable_by_strategy": by_strategy}
 
 
-def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run `config` end to end and return its results (also written to results.json and report.md)."""
-    from tuneforge.export import write_adapter
-    from tuneforge.report import write_report
-    from tuneforge.train import fit
+@dataclass
+class Session:
+    """Everything a run has set up; shared by the mixture path here and the sequence path in continual.py."""
 
+    config: RunConfig
+    run_dir: Path
+    accelerator: Accelerator
+    model: nn.Module
+    tokenizer: object
+    strategies: list[Strategy]
+    ctx: StrategyContext
+    data: RunData
+
+    def evaluate(self, model: nn.Module | None = None, samples: bool = True) -> dict:
+        return evaluate_all(model or self.model, self.tokenizer, self.data, self.config, self.accelerator.device, samples)
+
+    def periodic_eval(self, model: nn.Module) -> dict:
+        result = self.evaluate(model, samples=False)
+        flat = dict(result["eval"])
+        for name, metrics in result.get("tasks", {}).items():
+            flat.update({f"{name}/{k}": v for k, v in metrics.items()})
+        # Retain metrics along the way give a forgetting curve: objectives compare at equal task loss.
+        flat.update({f"retain_{k}": v for k, v in result.get("retain", {}).items()})
+        return flat
+
+
+def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_dir = prepare_output(config, resume, overwrite)
-    accelerator = Accelerator(mixed_precision="bf16" if config.train.precision == "bf16" else "no")
+    # bf16 autocast is applied by the loop itself: Accelerate's mixed-precision setting is process-wide state.
+    accelerator = Accelerator()
     if accelerator.is_main_process and not resume:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.resolved_dict(), sort_keys=False))
     set_seed(config.train.seed)
-    run_data = load_run_examples(config)
+    run_data = load_run_data(config)
     model, tokenizer, strategies, ctx = build_model(config, run_data)
-    encode_run_data(run_data, config, tokenizer)
+    encode_run_data(run_data, config, tokenizer, tag_tasks=run_data.multi_task or "heads" in config_names(config))
     model.to(accelerator.device)
     ctx.device = accelerator.device
     ctx.retain_batches = retain_batch_source(run_data, tokenizer, config)
-    params = parameter_report(model, strategies, ctx)
-    accelerator.print(
-        f"tuneforge: {len(run_data.train_items)} train / {len(run_data.eval_items)} eval / "
-        f"{len(run_data.retain_items)} retain items; trainable {params['trainable_params']:,} of "
-        f"{params['total_params']:,} parameters ({', '.join(s.name for s in strategies) or 'full'})"
+    return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data)
+
+
+def config_names(config: RunConfig) -> list[str]:
+    return [spec.name for spec in config.strategies]
+
+
+def evaluate_before(session: Session, resume: bool) -> dict:
+    """The base model's metrics (injected modules disabled), computed once and kept for resumes."""
+    path = session.run_dir / "evaluation_before.json"
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    session.accelerator.print("tuneforge: evaluating the base model ...")
+    with disabled_adapters(session.model):
+        before = session.evaluate()
+    if session.accelerator.is_main_process:
+        path.write_text(json.dumps(before, indent=1))
+    return before
+
+
+def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run `config` end to end and return its results (also written to results.json and report.md)."""
+    from tuneforge.train import fit
+
+    session = start_session(config, resume, overwrite)
+    params = parameter_report(session.model, session.strategies, session.ctx)
+    sizes = [len(t.train_items) for t in session.data.tasks]
+    session.accelerator.print(
+        f"tuneforge: {sum(sizes)} train / {sum(len(t.eval_items) for t in session.data.tasks)} eval / "
+        f"{len(session.data.retain_items)} retain items; trainable {params['trainable_params']:,} of "
+        f"{params['total_params']:,} parameters ({', '.join(config_names(config)) or 'full'})"
     )
+    before = evaluate_before(session, resume)
+    if config.schedule.mode == "sequence" and session.data.multi_task:
+        from tuneforge.continual import train_sequence
 
-    before_path = run_dir / "evaluation_before.json"
-    if resume and before_path.is_file():
-        before = json.loads(before_path.read_text())
-    else:
-        accelerator.print("tuneforge: evaluating the base model ...")
-        with disabled_adapters(model):
-            before = evaluate_all(model, tokenizer, run_data, config, accelerator.device)
-        if accelerator.is_main_process:
-            before_path.write_text(json.dumps(before, indent=1))
+        return finish(session, params, before, *train_sequence(session, before, resume))
 
-    def periodic_eval(current: nn.Module) -> dict:
-        result = evaluate_all(current, tokenizer, run_data, config, accelerator.device, samples=False)
-        # Retain metrics along the way give a forgetting curve: objectives compare at equal task loss.
-        return {**result["eval"], **{f"retain_{k}": v for k, v in result.get("retain", {}).items()}}
-
+    items = [item for task in session.data.tasks for item in task.train_items]
+    for strategy in session.strategies:
+        items = strategy.task_items(items, session.ctx)
+    plan = mixture_plan(sizes, config.train.batch_size, config.schedule, config.train.seed)
+    if len(items) != sum(sizes):  # a data schedule changed the stream: one task-less mixture over it
+        plan = mixture_plan([len(items)], config.train.batch_size, config.schedule, config.train.seed)
     started = time.perf_counter()
-    state = fit(model, strategies, ctx, run_data.train_items, config.train, accelerator, run_dir,
-                tokenizer.pad_token_id, periodic_eval, resume=resume)
-    wall = time.perf_counter() - started
-    model = accelerator.unwrap_model(model)
-    accelerator.print("tuneforge: evaluating the fine-tuned model ...")
-    after = evaluate_all(model, tokenizer, run_data, config, accelerator.device)
+    if config.train.max_steps == 0:  # evaluate only: the prompt-engineering baseline
+        from tuneforge.train import LoopState
 
+        state = LoopState()
+    else:
+        state = fit(session.model, session.strategies, session.ctx, items, plan, config.train, session.accelerator,
+                    session.run_dir, session.tokenizer.pad_token_id, session.periodic_eval, resume=resume)
+    session.model = session.accelerator.unwrap_model(session.model)
+    return finish(session, params, before, state, time.perf_counter() - started, {})
+
+
+def finish(session: Session, params: dict, before: dict, state, wall: float, extra: dict) -> dict:
+    """Evaluate the tuned model, save the adapter, and write results.json and report.md."""
+    from tuneforge.export import write_adapter
+    from tuneforge.report import write_report
+
+    config, accelerator = session.config, session.accelerator
+    accelerator.print("tuneforge: evaluating the fine-tuned model ...")
+    after = session.evaluate()
     results = {
-        "model": config.model, "strategies": [s.as_dict() for s in config.strategies], "task_type": run_data.task_type,
+        "model": config.model, "strategies": [s.as_dict() for s in config.strategies],
+        "task_type": session.data.task_type, "tasks": [t.name for t in session.data.tasks],
         **params,
         "before": before, "after": after,
         "forgetting": forgetting(before.get("retain", {}), after.get("retain", {})),
         "steps": state.step, "train_seconds": state.elapsed, "wall_seconds": wall,
         "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(accelerator.device),
+        "seed": config.train.seed, **extra,
     }
     if accelerator.is_main_process:
-        write_adapter(model, strategies, run_dir / "adapter", base_name=str(resolve_model_path(config.model)))
-        results["adapter_bytes"] = sum(p.stat().st_size for p in (run_dir / "adapter").iterdir())
-        (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-        write_report(run_dir, results)
+        adapter_dir = session.run_dir / "adapter"
+        if params["trainable_params"] and state.step:
+            write_adapter(session.model, session.strategies, adapter_dir, base_name=str(resolve_model_path(config.model)))
+            results["adapter_bytes"] = sum(p.stat().st_size for p in adapter_dir.iterdir())
+        else:
+            results["adapter_bytes"] = 0
+        (session.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        write_report(session.run_dir, results)
     return results
 
 
 def inspect_config(config: RunConfig) -> dict:
     """Parameter counts of the configured model and strategies, without training."""
-    run_data = load_run_examples(config)
+    run_data = load_run_data(config)
     model, _, strategies, ctx = build_model(config, run_data)
     return parameter_report(model, strategies, ctx)
 
 
 def validate_run(config: RunConfig) -> dict:
     """Check everything that can be checked before a model loads: data files, every record, the model."""
-    run_data = load_run_examples(config)
+    run_data = load_run_data(config)
     check_model_available(config.model)
     kind = BUNDLED_MODELS[config.model].kind if config.model in BUNDLED_MODELS else model_kind(Path(config.model))
-    if run_data.task_type == "causal_lm" and kind != "causal_lm":
+    if any(t.task_type == "causal_lm" for t in run_data.tasks) and kind != "causal_lm":
         raise ConfigError(f"model {config.model!r} is an encoder: it needs classification data (text/label)")
     if config.retain:
         load_examples(config.retain, "text")
-    return {"train_examples": len(run_data.train_examples), "eval_examples": len(run_data.eval_examples),
-            "task_type": run_data.task_type, "labels": run_data.labels}
+    labels = [label for t in run_data.tasks for label in (t.labels or [])]
+    return {"train_examples": sum(len(t.train_examples) for t in run_data.tasks),
+            "eval_examples": sum(len(t.eval_examples) for t in run_data.tasks),
+            "task_type": run_data.task_type, "labels": labels or None, "tasks": [t.name for t in run_data.tasks]}

@@ -33,8 +33,10 @@ from tuneforge.config import TrainConfig
 from tuneforge.data import collate
 from tuneforge.errors import TrainingError
 from tuneforge.evaluate import token_losses
+from tuneforge.forward import is_classification_batch, model_inputs, routes_tasks
 from tuneforge.metrics import MetricsLogger
 from tuneforge.strategies import Strategy, StrategyContext
+from tuneforge.tasks import Plan
 
 
 @dataclass
@@ -49,21 +51,11 @@ class LoopState:
     history: list[dict] = field(default_factory=list)  # periodic eval results
 
 
-def micro_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """The epoch's micro-batches as index lists; each process takes its own slice of every global batch."""
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    global_batch = batch_size * world
-    chunks = [order[start:start + global_batch] for start in range(0, num_items, global_batch)]
-    # Every process must see the same number of micro-batches, so a tail too short to share is dropped.
-    return [chunk[rank::world] for chunk in chunks if len(chunk) >= world]
-
-
-def steps_per_epoch(num_items: int, cfg: TrainConfig, world: int) -> int:
-    return math.ceil(math.ceil(num_items / (cfg.batch_size * world)) / cfg.grad_accum)
-
-
-def total_steps(num_items: int, cfg: TrainConfig, world: int = 1) -> int:
-    return cfg.max_steps or cfg.epochs * steps_per_epoch(num_items, cfg, world)
+def total_steps(plan: Plan, cfg: TrainConfig, world: int = 1) -> int:
+    """Optimizer steps of the run: `max_steps`, or `epochs` passes over the plan."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return cfg.epochs * math.ceil(len(plan(0, 0, world)) / cfg.grad_accum)
 
 
 def build_optimizer(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext, cfg: TrainConfig):
@@ -105,18 +97,22 @@ def build_scheduler(optimizer, cfg: TrainConfig, num_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def task_loss(model: nn.Module, batch: dict, task_type: str):
-    """(summed loss, number of loss targets, model outputs) for one micro-batch."""
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    if task_type == "classification":
+def task_loss(model: nn.Module, batch: dict, with_task: bool = False):
+    """(summed loss, number of loss targets, model outputs) for one micro-batch.
+
+    Classification batches (one label per sequence) take cross-entropy over classes; language-model
+    batches next-token cross-entropy over labelled tokens.
+    """
+    outputs = model(**model_inputs(batch, with_task))
+    if is_classification_batch(batch):
         loss_sum = F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
         return loss_sum, batch["labels"].numel(), outputs
     loss_sum, count = token_losses(outputs.logits, batch["labels"])
     return loss_sum, count, outputs
 
 
-def loss_targets(batch: dict, task_type: str) -> int:
-    if task_type == "classification":
+def loss_targets(batch: dict) -> int:
+    if is_classification_batch(batch):
         return batch["labels"].numel()
     return int((batch["labels"][:, 1:] != -100).sum())
 
@@ -126,23 +122,31 @@ def fit(
     strategies: list[Strategy],
     ctx: StrategyContext,
     train_items: list[dict],
+    plan: Plan,
     cfg: TrainConfig,
     accelerator: Accelerator,
     run_dir: Path,
     pad_token_id: int,
     evaluate: Callable[[nn.Module], dict],
     resume: bool = False,
+    checkpoints: Path | None = None,
+    log_extra: dict | None = None,
 ) -> LoopState:
-    """Train `model` on `train_items`; returns the final loop state. Checkpoints go to `run_dir/checkpoints`."""
+    """Train `model` on `train_items` in the micro-batches `plan` draws; returns the final loop state.
+
+    Checkpoints go to `checkpoints` (default `run_dir/checkpoints`); `log_extra` (e.g. the task of a
+    continual run) is added to every metrics record.
+    """
     rank, world = accelerator.process_index, accelerator.num_processes
-    num_steps = total_steps(len(train_items), cfg, world)
+    num_steps = total_steps(plan, cfg, world)
     ctx.total_steps, ctx.base_lr = num_steps, cfg.lr
     optimizer = build_optimizer(model, strategies, ctx, cfg)
     scheduler = build_scheduler(optimizer, cfg, num_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process)
-    checkpoints = run_dir / "checkpoints"
+    logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, extra=log_extra)
+    checkpoints = checkpoints or run_dir / "checkpoints"
+    with_task = routes_tasks(raw_model)
 
     for strategy in strategies:
         strategy.on_train_start(raw_model, ctx)
@@ -170,23 +174,26 @@ def fit(
         for strategy in strategies:
             strategy.on_epoch_start(raw_model, ctx)
         set_trainable(raw_model, strategies, ctx)  # the trainable set may change by epoch
-        batches = micro_batches(len(train_items), cfg.batch_size, cfg.seed, state.epoch, rank, world)
+        batches = plan(state.epoch, rank, world)
+        if not batches:
+            raise TrainingError("no training batches: the data is smaller than one batch per process")
         for start in range(state.micro_in_epoch, len(batches), cfg.grad_accum):
             step_start = time.perf_counter()
             group = [collate([train_items[i] for i in indices], pad_token_id) for indices in batches[start:start + cfg.grad_accum]]
             group = [{k: v.to(accelerator.device) for k, v in b.items()} for b in group]
-            targets = max(1, sum(loss_targets(b, ctx.task_type) for b in group))
+            targets = max(1, sum(loss_targets(b) for b in group))
+            task_weight = math.prod(strategy.task_weight(ctx) for strategy in strategies)  # distill's alpha
             step_loss, step_terms = 0.0, {}
             for index, batch in enumerate(group):
                 last = index == len(group) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    with accelerator.autocast():
-                        loss_sum, _, outputs = task_loss(model, batch, ctx.task_type)
+                    with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                        loss_sum, _, outputs = task_loss(model, batch, with_task)
                         loss = loss_sum / targets  # token-weighted mean over the whole step
                         terms = {}
                         for strategy in strategies:
                             terms.update(strategy.loss(raw_model, batch, outputs, ctx))
-                        total = loss + sum(term / len(group) for term in terms.values())
+                        total = task_weight * loss + sum(term / len(group) for term in terms.values())
                     if not torch.isfinite(total):
                         last_good = latest_checkpoint(checkpoints)
                         kept = f"; last good checkpoint: {last_good}" if last_good else ""

@@ -36,7 +36,16 @@ def build_strategy(name: str, options: BaseModel) -> Strategy:
     return REGISTRY[name].cls(options)
 
 
-# Importing the modules registers them.
-from tuneforge.strategies import full, layerwise, lora  # noqa: F401
+def _import_all() -> None:
+    """Importing a strategy module registers it: every module in this package is imported once."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in ("base",):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_all()
 
 __all__ = ["REGISTRY", "Options", "Strategy", "StrategyContext", "StrategyEntry", "build_strategy", "register"]

@@ -72,6 +72,15 @@ class Strategy:
         """Extra loss terms, already weighted, by name. The loop sums them with the task loss."""
         return {}
 
+    def task_weight(self, ctx: StrategyContext) -> float:
+        """Factor on the loop's task loss (1.0 by default). Distillation returns alpha here and its KD term
+        from `loss`, so `alpha * task + (1 - alpha) * KD` needs no extra term undoing part of the task loss."""
+        return 1.0
+
+    def task_items(self, items: list[dict], ctx: StrategyContext) -> list[dict]:
+        """Data schedules: the training items of the task about to start (replay mixes in stored ones)."""
+        return items
+
     def on_task_end(self, model: nn.Module, task: str, ctx: StrategyContext) -> None:
         """Called after each task of a sequence (EWC Fisher, replay buffer)."""
 
@@ -82,6 +91,11 @@ class Strategy:
         return {
             name: tensor for name, tensor in model.state_dict().items() if _has_prefix(name, self.param_prefix)
         }
+
+    def adapter_options(self) -> dict[str, Any]:
+        """The options `save_adapter` records to rebuild the modules `adapter_state` fits (e.g. a prefix whose
+        MLP reparametrisation was folded away is saved as a plain prefix)."""
+        return self.options.model_dump(mode="json")
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy state a checkpoint needs for exact resume (tensors and JSON-able values)."""
