@@ -109,6 +109,9 @@ def register_task_crash():
 
         family = "objective"
 
+        def needs_logits(self):
+            return False  # as the uninterrupted run: the same (chunked) loss path, bit for bit
+
         def loss(self, model, batch, outputs, ctx):
             if ctx.extras.get("task") == self.options.task and ctx.step == self.options.step:
                 raise KeyboardInterrupt

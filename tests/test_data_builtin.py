@@ -14,8 +14,15 @@ from tuneforge.errors import DataError
 
 
 def test_registry_names():
-    assert set(BUILTINS) == {"chatterbot", "shakespeare", "bbc-news"}
+    assert set(BUILTINS) == {"chatterbot", "shakespeare", "bbc-news", "chatterbot-topics"}
     assert all(description and "\n" not in description for description in BUILTINS.values())
+
+
+def test_chatterbot_topics_are_the_questions_labelled_by_file():
+    records = load_builtin("chatterbot-topics")
+    assert len(records) == len(load_builtin("chatterbot"))
+    assert records[0].fields == {"text": "What is AI?", "label": "ai"}
+    assert len({r.fields["label"] for r in records}) == 21
 
 
 def test_chatterbot_chat_records():

@@ -114,6 +114,9 @@ def register_crash_strategy():
 
         family = "objective"
 
+        def needs_logits(self):
+            return False  # as the uninterrupted run: the same (chunked) loss path, bit for bit
+
         def loss(self, model, batch, outputs, ctx):
             if ctx.step == self.options.step:
                 raise Killed

@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # no runtime import: strategy modules import helpers from her
     from tuneforge.strategies import Strategy
 
 MANIFEST = "manifest.json"
+# files every checkpoint has: a manifest that lacks one is not a checkpoint, whatever else it lists
+REQUIRED_FILES = ("weights.safetensors", "optimizer.safetensors", "strategies.safetensors", "rng.safetensors", "state.json")
 
 
 def save_checkpoint(
@@ -95,11 +97,26 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def verify_checkpoint(path: Path) -> bool:
+    """True when every file the manifest lists (all of `REQUIRED_FILES` among them) has its checksum."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
+        if not isinstance(manifest, dict) or not set(REQUIRED_FILES) <= set(manifest):
+            return False
+        if any(Path(name).name != name or name in (".", "..") for name in manifest):
+            return False  # only files inside the checkpoint directory, never a path out of it
         return all(_sha256(path / name) == digest for name, digest in manifest.items())
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return False
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers, and a resume after a kill, see the old or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def load_checkpoint(

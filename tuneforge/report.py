@@ -62,6 +62,9 @@ def write_loss_plot(run_dir: Path) -> Path | None:
     axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if evals:
         axis.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval loss")
+    retain = [r for r in evals if "retain_loss" in r]
+    if retain:  # the forgetting curve: retain-set loss at every periodic eval
+        axis.plot([r["step"] for r in retain], [r["retain_loss"] for r in retain], "s--", label="retain loss")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss")
     axis.legend()
@@ -96,11 +99,18 @@ def write_report(run_dir: Path, results: dict) -> Path:
     lines += ["## What it learned and what it forgot", "", "| metric | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {m} | {b} | {a} | {c} |" for m, b, a, c in metric_rows(results)]
     if results.get("forgetting"):
+        relative = ""
+        before_ppl = results["before"].get("retain", {}).get("perplexity")
+        if before_ppl and "perplexity" in results["forgetting"]:
+            relative = f" (perplexity {100 * results['forgetting']['perplexity'] / before_ppl:+.1f}%)"
         lines += ["", "Forgetting = retain metric after minus before (positive loss change = forgot): "
-                  + ", ".join(f"{k} {v:+.4g}" for k, v in results["forgetting"].items()) + "."]
+                  + ", ".join(f"{k} {v:+.4g}" for k, v in results["forgetting"].items()) + relative + "."]
     lines += continual_section(results.get("continual"))
     lines += ["", "## What it cost", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in cost_rows(results)]
+    if results.get("skipped"):  # data.skip_invalid
+        lines += ["", "## Skipped records", "", f"{results['skipped']['count']} invalid record(s) left out; the first:", ""]
+        lines += [f"- `{message}`" for message in results["skipped"]["examples"]]
     if plot is not None:
         lines += ["", "## Loss", "", f"![loss curve]({plot.name})"]
     samples_before = results["before"].get("samples", [])

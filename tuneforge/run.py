@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from torch import nn
 
+from tuneforge.checkpoint import write_atomic
 from tuneforge.compose import apply_strategies, build_strategies, trainable_by_strategy
-from tuneforge.config import RunConfig
+from tuneforge.config import RunConfig, check_output_location, config_location
 from tuneforge.data import Example, collate, encode_text_chunks, load_examples
 from tuneforge.errors import ConfigError
 from tuneforge.evaluate import evaluate_classification, evaluate_lm, forgetting, generate_samples
@@ -30,11 +31,13 @@ from tuneforge.metrics import peak_memory_mb
 from tuneforge.models import (
     BUNDLED_MODELS,
     check_model_available,
+    check_sequence_length,
     count_parameters,
     load_model,
     model_kind,
     resolve_model_path,
 )
+from tuneforge.packing import check_packing, packing_plan
 from tuneforge.strategies import Strategy, StrategyContext
 from tuneforge.surgery import disabled_adapters
 from tuneforge.tasks import TaskData, encode_task, load_tasks, mixture_plan
@@ -138,27 +141,66 @@ def mean_metrics(results: list[dict]) -> dict:
     return {key: sum(r[key] for r in results) / len(results) for key in sorted(shared)}
 
 
-def prepare_output(config: RunConfig, resume: bool, overwrite: bool) -> Path:
-    """Create the run directory; refuse to clobber another run unless asked. Checked before any model loads."""
+RUN_WORK = ("metrics.jsonl", "evaluation_before.json", "checkpoints", "results.json", "adapter")
+
+
+def prepare_output(config: RunConfig, resume: bool, overwrite: bool, accelerator: Accelerator | None = None) -> Path:
+    """Create the run directory; refuse to clobber another run unless asked. Checked before any model loads.
+
+    Every process checks (and fails alike); only the main process clears, while the others wait for it.
+    """
+    check_output_location(config)
     run_dir = Path(config.output)
     existing = (run_dir / "config.yaml").is_file()
-    if existing and not (resume or overwrite):
+    # a run that stopped before doing any work (e.g. a config error found once the model loaded) may be redone
+    has_work = existing and any((run_dir / name).exists() for name in RUN_WORK)
+    if has_work and not (resume or overwrite):
         raise ConfigError(f"{run_dir}: a run already exists there (use --resume to continue it or --overwrite)")
     if resume and not existing:
         raise ConfigError(f"{run_dir}: --resume but no run there")
+    if not existing and not overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir}: directory is not empty and holds no run (use --overwrite to write into it)")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # all have looked before the main process writes config.yaml
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"{run_dir}: output directory is not writable ({exc.strerror})") from None
-    if overwrite and not resume:
+        raise ConfigError(f"{run_dir}: output directory is not writable ({exc.strerror or exc})") from None
+    if overwrite and not resume and (accelerator is None or accelerator.is_main_process):
         for name in ("metrics.jsonl", "evaluation_before.json", "results.json", "continual.json"):
             (run_dir / name).unlink(missing_ok=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return run_dir
+
+
+def make_accelerator() -> Accelerator:
+    """The run's Accelerator, the same under `python`, `torchrun` and `accelerate launch`.
+
+    torchrun on a machine without GPUs: Accelerate only sets up CPU processes (gloo) when told `cpu=True`.
+    `find_unused_parameters`: a step may leave trainable parameters unused (a task's head, layers that
+    gradual unfreezing has not reached yet), which plain DDP refuses.
+    """
+    for variable, name in SHARDED_LAUNCHES.items():
+        if os.environ.get(variable, "").lower() in ("1", "true"):
+            raise ConfigError(
+                f"{name} is not supported yet: it shards parameters or optimizer state, and tuneforge's "
+                "checkpoints, adapters and evaluation need whole tensors; launch data parallel instead "
+                "(examples/accelerate/ddp.yaml, docs/distributed.md)"
+            )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = world > 1 and not torch.accelerator.is_available()
+    return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+# what `accelerate launch` sets for sharded training (see docs/distributed.md for why it is refused)
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
 def load_base_model(config: RunConfig, run_data: RunData, strategy_names: list[str]):
@@ -186,6 +228,9 @@ def build_model(config: RunConfig, run_data: RunData) -> tuple[nn.Module, object
     model = apply_strategies(model, strategies, ctx)
     if config.train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant checkpointing needs no grad on the embeddings' output; transformers' hook forcing one
+        # would push gradients through every frozen layer below the lowest trainable one.
+        model.disable_input_require_grads()
     return model, tokenizer, strategies, ctx
 
 
@@ -224,19 +269,31 @@ class Session:
 
 def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_dir = prepare_output(config, resume, overwrite)
+    run_data = load_run_data(config)  # bad data fails here, before the output directory is touched
     # bf16 autocast is applied by the loop itself: Accelerate's mixed-precision setting is process-wide state.
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
+    run_dir = prepare_output(config, resume, overwrite, accelerator)
     if accelerator.is_main_process and not resume:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.resolved_dict(), sort_keys=False))
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.resolved_dict(), sort_keys=False))
     set_seed(config.train.seed)
-    run_data = load_run_data(config)
     model, tokenizer, strategies, ctx = build_model(config, run_data)
+    check_sequence_length(config.model, config.train.max_seq_len, config_location(config, "train.max_seq_len"))
     encode_run_data(run_data, config, tokenizer, tag_tasks=run_data.multi_task or "heads" in config_names(config))
     model.to(accelerator.device)
+    if config.train.packing:
+        check_packing_run(model, tokenizer, run_data, accelerator.device)
     ctx.device = accelerator.device
     ctx.retain_batches = retain_batch_source(run_data, tokenizer, config)
     return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data)
+
+
+def check_packing_run(model: nn.Module, tokenizer, run_data: RunData, device) -> None:
+    """train.packing needs language-model tasks, and a model and strategies that keep packed examples apart."""
+    classification = [t.name for t in run_data.tasks if t.task_type == "classification"]
+    if classification:
+        raise ConfigError(f"train.packing packs language-model examples; task {classification[0]!r} is "
+                          f"classification (set train.packing: false)")
+    check_packing(model, tokenizer.pad_token_id, device)
 
 
 def config_names(config: RunConfig) -> list[str]:
@@ -252,7 +309,7 @@ def evaluate_before(session: Session, resume: bool) -> dict:
     with disabled_adapters(session.model):
         before = session.evaluate()
     if session.accelerator.is_main_process:
-        path.write_text(json.dumps(before, indent=1))
+        write_atomic(path, json.dumps(before, indent=1))
     return before
 
 
@@ -280,6 +337,9 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
     plan = mixture_plan(sizes, config.train.batch_size, config.schedule, config.train.seed)
     if len(items) != sum(sizes):  # a data schedule changed the stream: one task-less mixture over it
         plan = mixture_plan([len(items)], config.train.batch_size, config.schedule, config.train.seed)
+    if config.train.packing:  # micro-batches of batch_size rows of max_seq_len tokens, filled with whole examples
+        plan = packing_plan([len(item["input_ids"]) for item in items], sizes if len(items) == sum(sizes) else [len(items)],
+                            config.train.batch_size, config.train.max_seq_len, config.train.seed)
     started = time.perf_counter()
     if config.train.max_steps == 0:  # evaluate only: the prompt-engineering baseline
         from tuneforge.train import LoopState
@@ -310,6 +370,9 @@ def finish(session: Session, params: dict, before: dict, state, wall: float, ext
         "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(accelerator.device),
         "seed": config.train.seed, **extra,
     }
+    skipped = [message for task in session.data.tasks for message in task.skipped]
+    if skipped:  # data.skip_invalid: how many records were left out, and the first few reasons
+        results["skipped"] = {"count": len(skipped), "examples": skipped[:5]}
     if accelerator.is_main_process:
         adapter_dir = session.run_dir / "adapter"
         if params["trainable_params"] and state.step:
@@ -317,7 +380,7 @@ def finish(session: Session, params: dict, before: dict, state, wall: float, ext
             results["adapter_bytes"] = sum(p.stat().st_size for p in adapter_dir.iterdir())
         else:
             results["adapter_bytes"] = 0
-        (session.run_dir / "results.json").write_text(json.dumps(results, indent=1))
+        write_atomic(session.run_dir / "results.json", json.dumps(results, indent=1))
         write_report(session.run_dir, results)
     return results
 
@@ -333,6 +396,7 @@ def validate_run(config: RunConfig) -> dict:
     """Check everything that can be checked before a model loads: data files, every record, the model."""
     run_data = load_run_data(config)
     check_model_available(config.model)
+    check_sequence_length(config.model, config.train.max_seq_len, config_location(config, "train.max_seq_len"))
     kind = BUNDLED_MODELS[config.model].kind if config.model in BUNDLED_MODELS else model_kind(Path(config.model))
     if any(t.task_type == "causal_lm" for t in run_data.tasks) and kind != "causal_lm":
         raise ConfigError(f"model {config.model!r} is an encoder: it needs classification data (text/label)")
@@ -341,4 +405,5 @@ def validate_run(config: RunConfig) -> dict:
     labels = [label for t in run_data.tasks for label in (t.labels or [])]
     return {"train_examples": sum(len(t.train_examples) for t in run_data.tasks),
             "eval_examples": sum(len(t.eval_examples) for t in run_data.tasks),
-            "task_type": run_data.task_type, "labels": labels or None, "tasks": [t.name for t in run_data.tasks]}
+            "task_type": run_data.task_type, "labels": labels or None, "tasks": [t.name for t in run_data.tasks],
+            "skipped": [message for task in run_data.tasks for message in task.skipped]}

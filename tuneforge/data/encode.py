@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tuneforge.data.formats import Example
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, shown
 
 IGNORE_INDEX = -100  # label value torch.nn.functional.cross_entropy skips
 CLASSIFICATION_TEMPLATE_HINT = 'template: {prompt: "{text}\\nTopic:", completion: " {label}"}'
@@ -71,9 +71,14 @@ def _encode_completion(example: Example, tokenizer: Any, max_seq_len: int) -> di
 
 
 def _render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as exc:  # e.g. a template that insists user and assistant turns alternate
+        raise DataError(f"the tokenizer's chat template refuses these messages: {shown(str(exc), 100)}") from None
 
 
 def assistant_spans(messages: list[dict], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
@@ -135,7 +140,10 @@ def _encode_chat(example: Example, tokenizer: Any, max_seq_len: int) -> dict | N
         )
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("chat format needs a fast tokenizer (character offsets locate the assistant replies)")
-    text, spans = assistant_spans(example.messages or [], tokenizer)
+    try:
+        text, spans = assistant_spans(example.messages or [], tokenizer)
+    except DataError as exc:
+        raise DataError(f"{example.where}: {exc}") from None
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = encoded["input_ids"][:max_seq_len]
     labels = []

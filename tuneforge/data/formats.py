@@ -14,13 +14,15 @@ completion examples: `{field}` placeholders are filled from the record (prompt e
 
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tuneforge.data.builtin import BUILTIN_PREFIX, load_builtin
 from tuneforge.data.readers import Record, read_records
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, shown
 
 FORMATS = ("text", "completion", "alpaca", "chat", "classification")
 CHAT_ROLES = ("system", "user", "assistant")
@@ -64,8 +66,18 @@ def _where(record: Record) -> str:
     return f"{record.source}:{record.line}"
 
 
-def _field_list(fields: dict) -> str:
-    return ", ".join(fields) or "no fields"
+def _field_list(fields: dict, limit: int = 8) -> str:
+    """The record's field names for a message: odd names quoted, at most `limit` of them."""
+    names = [name if name.isidentifier() and len(name) <= 40 else shown(name, 40) for name in list(fields)[:limit]]
+    more = f" and {len(fields) - limit} more" if len(fields) > limit else ""
+    return ", ".join(names) + more or "no fields"
+
+
+def _quoted(value: object) -> str:
+    """`"value"` for a short printable string, else a cut `repr` (one line whatever the value holds)."""
+    if isinstance(value, str) and value.isprintable() and len(value) <= 40 and '"' not in value:
+        return f'"{value}"'
+    return shown(value, 40)
 
 
 def detect_format(record: Record) -> str:
@@ -149,7 +161,7 @@ def _messages(record: Record) -> list[dict]:
                 )
         role, content = message["role"], message["content"]
         if role not in CHAT_ROLES:
-            raise DataError(f'{where}: {field}.role: "{role}" is not one of {", ".join(CHAT_ROLES)}')
+            raise DataError(f'{where}: {field}.role: {_quoted(role)} is not one of {", ".join(CHAT_ROLES)}')
         if not isinstance(content, str):
             raise DataError(f"{where}: {field}.content must be a string (got {type(content).__name__})")
         if role == "assistant" and not content.strip():
@@ -167,17 +179,32 @@ def _messages(record: Record) -> list[dict]:
 
 
 def _render(text: str, record: Record, what: str) -> str:
+    """Fill `{field}` placeholders from the record.
+
+    Only plain field names are allowed: `{field.attribute}` or `{field[0]}` would let a config reach into
+    Python objects, so a template is data, never code.
+    """
     try:
-        return text.format(**record.fields)
+        parts = []
+        for literal, name, spec, conversion in string.Formatter().parse(text):
+            parts.append(literal)
+            if name is None:
+                continue
+            if not name.isidentifier() or (spec and "{" in spec):
+                raise ValueError(f"{{{name}}}: only plain {{field}} placeholders are allowed")
+            value = record.fields[name]
+            value = {"r": repr, "a": ascii, "s": str, None: lambda v: v}[conversion](value)
+            parts.append(format(value, spec or ""))
+        return "".join(parts)
     except KeyError as exc:
         raise DataError(
-            f'{_where(record)}: template field "{exc.args[0]}" missing '
+            f"{_where(record)}: template field {_quoted(exc.args[0])} missing "
             f"(record has: {_field_list(record.fields)})"
         ) from None
-    except (IndexError, ValueError, AttributeError) as exc:
+    except (IndexError, ValueError, AttributeError, TypeError) as exc:
         raise DataError(
-            f"template {what} {text!r} is not a valid format string ({exc}); use {{field}} placeholders "
-            "and double braces {{ }} for literal ones"
+            f"template {what} {shown(text)} is not a valid format string ({shown(str(exc), 80)[1:-1]}); use "
+            "{field} placeholders and double braces {{ }} for literal ones"
         ) from None
 
 
@@ -196,11 +223,14 @@ def _template_completion(record: Record, template: Template) -> str | None:
     return None  # eval-only prompting: nothing to learn, only to generate
 
 
-def apply_template(records: list[Record], template: Template, few_shot_pool: list[Record]) -> list[Example]:
+def apply_template(
+    records: list[Record], template: Template, few_shot_pool: list[Record], skipped: list[str] | None = None
+) -> list[Example]:
     """Render each record through `template` into a completion example.
 
     With `template.few_shot = k > 0`, the first k records of `few_shot_pool` (never the record itself),
     rendered as prompt + completion, are joined with `template.separator` in front of the prompt.
+    With a `skipped` list, records that cannot be rendered are noted there instead of raising.
     """
     shots: list[tuple[Record, str]] = []
     for candidate in few_shot_pool[: template.few_shot + 1]:
@@ -214,16 +244,15 @@ def apply_template(records: list[Record], template: Template, few_shot_pool: lis
     examples = []
     for record in records:
         chosen = [text for candidate, text in shots if candidate is not record][: template.few_shot]
-        prompt = template.separator.join([*chosen, _render(template.prompt, record, "prompt")])
-        examples.append(
-            Example(
-                "completion",
-                record.source,
-                record.line,
-                prompt=prompt,
-                completion=_template_completion(record, template),
-            )
-        )
+        try:
+            prompt = template.separator.join([*chosen, _render(template.prompt, record, "prompt")])
+            completion = _template_completion(record, template)
+        except DataError as exc:
+            if skipped is None or not str(exc).startswith(_where(record)):  # a broken template is no bad row
+                raise
+            skipped.append(str(exc))
+            continue
+        examples.append(Example("completion", record.source, record.line, prompt=prompt, completion=completion))
     return examples
 
 
@@ -231,23 +260,66 @@ def apply_template(records: list[Record], template: Template, few_shot_pool: lis
 # Loading
 
 
-def load_records(spec: str | Path) -> list[Record]:
+def load_records(spec: str | Path, skipped: list[str] | None = None) -> list[Record]:
     """Records of a data file, or of a bundled dataset when `spec` is `builtin:NAME`."""
     if isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX):
         return load_builtin(spec.removeprefix(BUILTIN_PREFIX))
-    return read_records(spec)
+    return read_records(spec, skipped)
 
 
-def load_examples(spec: str | Path, format: str = "auto", template: Any = None) -> list[Example]:
+def select_records(records: list[Record], where: dict[str, list], spec: str | Path) -> list[Record]:
+    """Records whose fields take one of the listed values (`data.where: {category: [ai, science]}`)."""
+    wanted = {field: {str(v) for v in values} for field, values in where.items()}
+    chosen = [r for r in records if all(str(r.fields.get(f)) in values for f, values in wanted.items())]
+    if not chosen:
+        fields = ", ".join(f"{f} in {sorted(v)}" for f, v in wanted.items())
+        raise DataError(f"{spec}: no record has {fields} (data.where)")
+    return chosen
+
+
+def load_examples(
+    spec: str | Path,
+    format: str = "auto",
+    template: Any = None,
+    skipped: list[str] | None = None,
+    where: dict[str, list] | None = None,
+) -> list[Example]:
     """Load and validate every example of `spec` (a path or `builtin:NAME`).
 
     `format="auto"` detects the format from the first record; every record must then fit it. A template
     overrides the format: records of any shape become completion examples.
+
+    Any invalid record raises a `DataError` naming its file, line and field. With a `skipped` list
+    (`data.skip_invalid: true`), invalid records are left out and their messages appended there; the
+    format is then detected from the first record that fits one.
     """
     if format != "auto" and format not in FORMATS:
         raise DataError(f"unknown data format {format!r} (choose one of: auto, {', '.join(FORMATS)})")
-    records = load_records(spec)
+    first_skipped = len(skipped) if skipped is not None else 0
+    records = load_records(spec, skipped)
+    if where:
+        records = select_records(records, where, spec)
     if template is not None:
-        return apply_template(records, template, few_shot_pool=records)
-    fmt = detect_format(records[0]) if format == "auto" else format
-    return [to_example(record, fmt) for record in records]
+        examples = apply_template(records, template, few_shot_pool=records, skipped=skipped)
+    elif skipped is None:
+        fmt = detect_format(records[0]) if format == "auto" else format
+        examples = [to_example(record, fmt) for record in records]
+    else:
+        fmt, examples = format, []
+        for record in records:
+            try:
+                if fmt == "auto":
+                    fmt = detect_format(record)
+                examples.append(to_example(record, fmt))
+            except DataError as exc:
+                skipped.append(str(exc))
+    if skipped:  # in file order, whichever check refused the record
+        skipped[first_skipped:] = sorted(skipped[first_skipped:], key=_line_in_message)
+    if not examples and skipped:
+        raise DataError(f"{spec}: no valid records (every record was skipped, e.g. {skipped[first_skipped]})")
+    return examples
+
+
+def _line_in_message(message: str) -> int:
+    found = re.match(r".*?:(\d+): ", message)
+    return int(found.group(1)) if found else 0

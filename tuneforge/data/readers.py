@@ -6,13 +6,15 @@ Every problem with a user's file becomes a one-line `DataError` naming the file 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge.errors import DataError
+from tuneforge.errors import DataError, shown
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".md")
 
@@ -35,12 +37,16 @@ class Record:
     fields: dict
 
 
-def read_records(path: str | Path) -> list[Record]:
+def read_records(path: str | Path, skipped: list[str] | None = None) -> list[Record]:
     """Read every record of a data file, chosen by extension.
 
     Line numbers are 1-based: the line in a `.jsonl` file, the first line of a `.csv` row (the header is
     line 1), the line where an item of a `.json` array starts, the row number of a `.parquet` file, and 1
     for `.txt`/`.md` files, which are one record `{"text": <whole file>}`.
+
+    A problem with one record (a line that is not JSON, a CSV row with too many fields, bytes that are not
+    UTF-8 in a line) raises a `DataError`; with a `skipped` list its message is appended there instead and
+    reading goes on (`data.skip_invalid`). Problems with the whole file are always errors.
     """
     path = Path(path)
     source = str(path)
@@ -51,28 +57,42 @@ def read_records(path: str | Path) -> list[Record]:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_EXTENSIONS:
         raise DataError(
-            f"{source}: unsupported file type {suffix or '(no extension)'!r} "
+            f"{source}: unsupported file type {shown(suffix) if suffix else '(no extension)'} "
             f"(supported: {', '.join(SUPPORTED_EXTENSIONS)})"
         )
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{source}: cannot read file: {exc.strerror or exc}") from None
-    if not data.strip():
+    if not data.removeprefix(codecs.BOM_UTF8).strip():
         raise DataError(f"{source}: no records (file is empty)")
+    problems = _Problems(skipped)
     if suffix == ".parquet":
         records = _read_parquet(path, source)
     elif suffix == ".jsonl":
-        records = _read_jsonl(data, source)
+        records = _read_jsonl(data, source, problems)
     elif suffix == ".json":
-        records = _read_json(data, source)
+        records = _read_json(data, source, problems)
     elif suffix == ".csv":
-        records = _read_csv(data, source)
+        records = _read_csv(data, source, problems)
     else:
         records = [Record(source, 1, {"text": _decode(data, source)})]
     if not records:
-        raise DataError(f"{source}: no records (file is empty)")
+        detail = f"every record is invalid, e.g. {skipped[0]}" if skipped else "file is empty"
+        raise DataError(f"{source}: no records ({detail})")
     return records
+
+
+class _Problems:
+    """Raise a record's problem, or note it and go on when the caller collects skipped records."""
+
+    def __init__(self, skipped: list[str] | None):
+        self.skipped = skipped
+
+    def __call__(self, message: str) -> None:
+        if self.skipped is None:
+            raise DataError(message)
+        self.skipped.append(message)
 
 
 def _decode(data: bytes, source: str, first_line: int = 1) -> str:
@@ -90,26 +110,34 @@ def _require_object(value: object, source: str, line: int) -> dict:
     return value
 
 
-def _read_jsonl(data: bytes, source: str) -> list[Record]:
+def _read_jsonl(data: bytes, source: str, problem: _Problems) -> list[Record]:
     records = []
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue  # blank lines (including a trailing newline) are not records
-        text = _decode(raw, source, first_line=number)
         try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{source}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-        records.append(Record(source, number, _require_object(value, source, number)))
+            value = _parse_json(_decode(raw, source, first_line=number), source, number)
+            records.append(Record(source, number, _require_object(value, source, number)))
+        except DataError as exc:
+            problem(str(exc))
     return records
 
 
-def _read_json(data: bytes, source: str) -> list[Record]:
-    text = _decode(data, source)
+def _parse_json(text: str, source: str, line: int) -> object:
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{source}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        line += exc.lineno - 1
+        raise DataError(f"{source}:{line}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{source}:{line}: invalid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise DataError(f"{source}:{line}: invalid JSON: {str(exc).splitlines()[0][:120]}") from None
+
+
+def _read_json(data: bytes, source: str, problem: _Problems) -> list[Record]:
+    text = _decode(data, source)
+    value = _parse_json(text, source, 1)
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
         items = next(iter(value.values()))
     elif isinstance(value, list):
@@ -121,11 +149,13 @@ def _read_json(data: bytes, source: str) -> list[Record]:
         )
     if not items:
         raise DataError(f"{source}: no records (the JSON array is empty)")
-    lines = _array_item_lines(text, len(items))
-    return [
-        Record(source, line, _require_object(item, source, line))
-        for item, line in zip(items, lines, strict=True)
-    ]
+    records = []
+    for item, line in zip(items, _array_item_lines(text, len(items)), strict=True):
+        try:
+            records.append(Record(source, line, _require_object(item, source, line)))
+        except DataError as exc:
+            problem(str(exc))
+    return records
 
 
 def _array_item_lines(text: str, count: int) -> list[int]:
@@ -160,32 +190,57 @@ def _skip_space(text: str, position: int) -> int:
     return position
 
 
-def _read_csv(data: bytes, source: str) -> list[Record]:
-    reader = csv.DictReader(io.StringIO(_decode(data, source), newline=""))
-    records = []
+def _read_csv(data: bytes, source: str, problem: _Problems) -> list[Record]:
+    # Bytes that are not UTF-8 are kept as surrogates so that only the rows holding them are refused.
+    try:
+        text, undecodable = data.decode("utf-8-sig"), None
+    except UnicodeDecodeError:
+        text = data.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
+        undecodable = re.compile("[\udc80-\udcff]")
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long text field is data, not an error
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         header = reader.fieldnames
-        if not header:
-            return []
-        if len(set(header)) != len(header):
-            duplicates = sorted({name for name in header if header.count(name) > 1})
-            raise DataError(f"{source}:1: duplicate column name(s) in the header: {', '.join(duplicates)}")
-        last_line = reader.line_num
-        for row in reader:
-            line = last_line + 1  # a quoted field may span lines: the row starts after the previous one
-            last_line = reader.line_num
-            if None in row:
-                raise DataError(
-                    f"{source}:{line}: row has {len(header) + len(row[None])} fields but the header has "
-                    f"{len(header)} ({', '.join(header)})"
-                )
-            # a short row leaves later columns as None: treat them as missing fields
-            records.append(
-                Record(source, line, {key: value for key, value in row.items() if value is not None})
-            )
     except csv.Error as exc:
-        raise DataError(f"{source}:{reader.line_num}: invalid CSV: {exc}") from None
+        raise DataError(f"{source}:1: invalid CSV header: {exc}") from None
+    if not header:
+        return []
+    if undecodable and any(undecodable.search(name) for name in header):
+        raise DataError(f"{source}:1: not valid UTF-8 (save the file as UTF-8)")
+    if len(set(header)) != len(header):
+        duplicates = sorted({name for name in header if header.count(name) > 1})
+        raise DataError(f"{source}:1: duplicate column name(s) in the header: {_names(duplicates)}")
+    records = []
+    last_line = reader.line_num
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            problem(f"{source}:{last_line + 1}: invalid CSV: {exc}")
+            last_line = reader.line_num
+            continue
+        line = last_line + 1  # a quoted field may span lines: the row starts after the previous one
+        last_line = reader.line_num
+        if None in row:
+            problem(
+                f"{source}:{line}: row has {len(header) + len(row[None])} fields but the header has "
+                f"{len(header)} ({_names(header)})"
+            )
+        elif undecodable and any(isinstance(v, str) and undecodable.search(v) for v in row.values()):
+            problem(f"{source}:{line}: not valid UTF-8 (save the file as UTF-8)")
+        else:
+            # a short row leaves later columns as None: treat them as missing fields
+            records.append(Record(source, line, {key: value for key, value in row.items() if value is not None}))
     return records
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    """Column or field names for a message: quoted when odd, at most `limit` of them."""
+    plain = [name if name.isidentifier() and len(name) <= 40 else shown(name, 40) for name in names[:limit]]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(plain) + more
 
 
 def _read_parquet(path: Path, source: str) -> list[Record]:
@@ -195,6 +250,6 @@ def _read_parquet(path: Path, source: str) -> list[Record]:
     try:
         rows = pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = str(exc).splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{source}: not a readable Parquet file: {message}") from None
     return [Record(source, index, row) for index, row in enumerate(rows, start=1)]

@@ -72,6 +72,16 @@ class Strategy:
         """Extra loss terms, already weighted, by name. The loop sums them with the task loss."""
         return {}
 
+    def needs_logits(self) -> bool:
+        """Whether `loss` reads `outputs.logits` (or hidden states) at every position.
+
+        When no strategy does, the loop takes a language model's task loss from the labelled positions only,
+        with a chunked cross-entropy that never holds full-vocabulary logits, and `outputs.logits` is empty.
+        Default: True exactly when the strategy overrides `loss`, so an objective that compares logits keeps
+        them without saying so; one whose terms ignore `outputs` (EWC, L2-SP) may return False to run faster.
+        """
+        return type(self).loss is not Strategy.loss
+
     def task_weight(self, ctx: StrategyContext) -> float:
         """Factor on the loop's task loss (1.0 by default). Distillation returns alpha here and its KD term
         from `loss`, so `alpha * task + (1 - alpha) * KD` needs no extra term undoing part of the task loss."""

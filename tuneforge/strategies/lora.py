@@ -1,9 +1,10 @@
 """LoRA: low-rank updates to frozen linear layers (Hu et al. 2021, arXiv:2106.09685).
 
-    h = W x + (alpha / r) * B A x          A: (r, d_in) Kaiming-uniform, B: (d_out, r) zeros
+    h = W x + (alpha / r) * B A x          A: (r, d_in) Kaiming-uniform (or Gaussian), B: (d_out, r) zeros
 
-so the model is unchanged at step 0. Options: rsLoRA scaling alpha / sqrt(r) (Kalajdzievski 2023,
-arXiv:2312.03732) and DoRA (Liu et al. 2024, arXiv:2402.09353), which learns a per-row magnitude m:
+so the model is unchanged at step 0 (`init: gaussian` draws A from a normal with std 1/r instead).
+Options: rsLoRA scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732) and DoRA (Liu et al.
+2024, arXiv:2402.09353), which learns a per-row magnitude m:
 
     W' = m * (W + s B A) / ||W + s B A||_row      (the norm is treated as a constant in backward, Sec. 4.3)
 
@@ -45,6 +46,7 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         rslora: bool = False,
         dora: bool = False,
+        init: str = "kaiming",
     ):
         super().__init__()
         self.fan_in_fan_out = isinstance(base, Conv1D)  # Conv1D stores weight as (d_in, d_out)
@@ -57,7 +59,10 @@ class LoRALinear(nn.Module):
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Linear(d_in, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, d_out, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / rank)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         # No dropout op at all when p == 0: it would copy the input for nothing.
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -75,18 +80,27 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.lora_magnitude_vector is None and not (self.merged or self.injected_disabled):
+            return self._fused_forward(x)
         result = F.linear(x, self._base_weight(), self.bias)
         if self.merged or self.injected_disabled:
             return result
         update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-        if self.lora_magnitude_vector is None:
-            return result + update
         # DoRA: m / ||W + sBA|| rescales both the base output and the update.
         weight_norm = (self._base_weight() + self.delta_weight()).norm(dim=1).detach()
         scale = self.lora_magnitude_vector / weight_norm  # (d_out,)
         base_out = result if self.bias is None else result - self.bias
         out = scale * (base_out + update)
         return out if self.bias is None else out + self.bias
+
+    def _fused_forward(self, x: Tensor) -> Tensor:
+        """W x + b + s B A x with no (tokens, d_out) temporaries: s scales the rank-r activations, and one
+        GEMM accumulates B's product into the base output in place (`addmm_` with beta = 1)."""
+        flat = x.reshape(-1, self.in_features)  # (N, d_in)
+        result = F.linear(flat, self._base_weight(), self.bias)  # (N, d_out)
+        low_rank = self.lora_A(self.lora_dropout(flat)) * self.scaling  # (N, r)
+        result.addmm_(low_rank.to(result.dtype), self.lora_B.weight.t().to(result.dtype))
+        return result.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -134,6 +148,7 @@ class LoRAOptions(Options):
     layers: list[int | str] | str | int | None = None  # indices, "8-11", "top:4"; None: all layers
     rslora: bool = False
     dora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"  # how A starts (B always starts at zero)
 
 
 @register("lora", LoRAOptions)
@@ -149,7 +164,7 @@ class LoRA(Strategy):
         self.target_names = []
         for name, module in find_linear_targets(model, opts.targets, layers):
             ensure_unwrapped(name, module, "lora")
-            wrapped = LoRALinear(module, opts.rank, opts.alpha, opts.dropout, opts.rslora, opts.dora)
+            wrapped = LoRALinear(module, opts.rank, opts.alpha, opts.dropout, opts.rslora, opts.dora, opts.init)
             replace_module(model, name, wrapped)
             self.target_names.append(name)
         return model

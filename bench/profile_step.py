@@ -1,0 +1,101 @@
+"""Where a training step's time goes: torch.profiler's per-operator table for one side of a bench method.
+
+    python bench/profile_step.py synthetic full ours
+    python bench/profile_step.py synthetic lora-qv peft --rows 20
+    python bench/profile_step.py smollm2 lora-packed ours
+
+Runs a few warm-up steps, then profiles one (forward, backward, clip, optimizer step) and prints the
+operators by self CPU time: matrix products (mm/addmm/bmm), attention, the optimizer's foreach ops,
+and the memory-bound rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("suite", choices=["synthetic", "smollm2"])
+    parser.add_argument("method")
+    parser.add_argument("side", choices=["ours", "peft", "trainer"])
+    parser.add_argument("--rows", type=int, default=15)
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import profile
+
+    torch.set_num_threads(bench.THREADS)
+    step = build_step(args.suite, args.method, args.side)
+    for _ in range(3):
+        step()
+    with profile() as profiler:
+        step()
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+def build_step(suite: str, method: str, side: str):
+    """A closure running one full training step of (suite, method, side)."""
+    import torch
+
+    import tuneforge
+    from tuneforge.data import collate
+    from tuneforge.evaluate import label_head
+    from tuneforge.packing import packed_collate
+    from tuneforge.train import task_loss
+
+    if suite == "synthetic":
+        ours, peft_spec, options = bench.SYNTHETIC[method]
+        model = bench.synthetic_model()
+        items = bench.synthetic_items(4)
+        batch = collate(items, 0)
+    else:
+        _, options = bench.SMOLLM2[method]
+        model, tokenizer, train, _ = bench.smollm2_data(64)
+        ours, peft_spec = [{"lora": bench.LORA_QV}], ("lora", bench.PEFT_LORA_QV)
+        batch = packed_collate(train[:9], tokenizer.pad_token_id, 256) if options.get("packing") else \
+            collate(train[:8], tokenizer.pad_token_id)
+    precision = options.get("precision") == "bf16"
+    if side == "ours":
+        model = tuneforge.prepare(model, ours)
+        strategies = model.tuneforge_strategies
+        head = None if options.get("full_logits") or any(s.needs_logits() for s in strategies) else label_head(model)
+
+        def loss():
+            return task_loss(model, batch, head=head)[0] / int((batch["labels"][:, 1:] != -100).sum())
+    else:
+        if peft_spec not in ("plain", "plain-top-half"):
+            import peft
+
+            kind, settings = peft_spec
+            config = {"lora": peft.LoraConfig, "prefix": peft.PrefixTuningConfig, "prompt": peft.PromptTuningConfig,
+                      "ia3": peft.IA3Config}[kind](task_type="CAUSAL_LM", **settings)
+            model = peft.get_peft_model(model, config)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+
+        def loss():
+            return model(**inputs).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision):
+            value = loss()
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""DistilBERT-style student on BBC News topics: does distillation from the fine-tuned encoder help?
+
+The bundled all-MiniLM-L6-v2 (6 layers) is fine-tuned on BBC News (5 topics) as the teacher. The
+student keeps layers 0, 2, 4 (`distill: {student: {every: 2}}`), initialised from the pretrained
+encoder, and is trained on the same data for the same steps either on the labels only (`alpha: 1`, the
+KD term has weight 0) or with distillation from the teacher (`alpha: 0.5`, T = 2). Both on the full
+training set and on a small one (200 articles), where the teacher's soft labels should matter most.
+
+    python experiments/distill_bbc.py all        # teacher first, then the students (skips done runs)
+    python experiments/distill_bbc.py table      # the Markdown table for docs/distillation.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "runs" / "distill-bbc"
+TEACHER_DIR = OUT / "teacher-model"
+STUDENT = {"every": 2}
+SMALL = 200  # training articles in the low-data setting
+
+# name -> (strategies, train overrides, data overrides)
+VARIANTS: dict[str, tuple[list[dict], dict, dict]] = {
+    "teacher": ([{"full": {}}], {"epochs": 2}, {}),
+    "student": ([{"distill": {"student": STUDENT, "alpha": 1.0}}], {"epochs": 2}, {}),
+    "student-kd": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.5,
+                                 "temperature": 2.0}}], {"epochs": 2}, {}),
+    "student-small": ([{"distill": {"student": STUDENT, "alpha": 1.0}}], {"epochs": 8},
+                      {"max_train_examples": SMALL}),
+    "student-kd-small": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.5,
+                                       "temperature": 2.0}}], {"epochs": 8}, {"max_train_examples": SMALL}),
+}
+
+
+def config_for(name: str):
+    from tuneforge.config import validate_config
+
+    strategies, train, data = VARIANTS[name]
+    return validate_config({
+        "model": "minilm-l6",
+        "data": {"train": "builtin:bbc-news", "eval_fraction": 0.2, "max_eval_examples": 445, **data},
+        "retain": None,
+        "strategies": strategies,
+        "train": {"batch_size": 16, "lr": 1.0e-4, "warmup_steps": 10, "max_seq_len": 128, "seed": 0,
+                  "log_every": 10, **train},
+        "evaluation": {"samples": 0, "batch_size": 64},
+        "output": str(OUT / name),
+    })
+
+
+def run_variant(name: str) -> None:
+    import torch
+
+    from tuneforge.run import train_run
+
+    torch.set_num_threads(int(os.environ.get("TUNEFORGE_THREADS", "2")))
+    config = config_for(name)
+    train_run(config, overwrite=True)
+    if name == "teacher":
+        save_model_folder(config, TEACHER_DIR)
+
+
+def save_model_folder(config, directory: Path) -> None:
+    """The fine-tuned encoder as a plain Hugging Face folder: the students' teacher."""
+    from tuneforge import load_adapter
+    from tuneforge.models import load_model
+    from tuneforge.run import load_run_data
+
+    labels = load_run_data(config).tasks[0].labels
+    model, tokenizer, _ = load_model(config.model, "classification", labels)
+    model = load_adapter(model, Path(config.output) / "adapter", tokenizer)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def run_all(names: list[str]) -> None:
+    for name in names:
+        if (OUT / name / "results.json").is_file() and (name != "teacher" or TEACHER_DIR.is_dir()):
+            print(f"{name}: done already", flush=True)
+            continue
+        print(f"{name}: running", flush=True)
+        subprocess.run([sys.executable, __file__, "run", name], check=False)
+
+
+def table() -> str:
+    rows = ["| run | layers | train articles | steps | eval accuracy | eval loss | train time |",
+            "|---|---|---|---|---|---|---|"]
+    for name in VARIANTS:
+        path = OUT / name / "results.json"
+        if not path.is_file():
+            rows.append(f"| {name} | not run | | | | | |")
+            continue
+        results = json.loads(path.read_text())
+        after = results["after"]["eval"]
+        layers = 6 if name == "teacher" else 3
+        articles = SMALL if name.endswith("small") else "all"
+        rows.append(f"| {name} | {layers} | {articles} | {results['steps']} | {100 * after['accuracy']:.1f}% "
+                    f"({after['examples']}) | {after['loss']:.3f} | {results['train_seconds']:.0f} s |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["run", "all", "table"])
+    parser.add_argument("names", nargs="*", help=f"variants (default: all of {', '.join(VARIANTS)})")
+    args = parser.parse_args()
+    unknown = [n for n in args.names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]} (known: {', '.join(VARIANTS)})")
+    names = args.names or list(VARIANTS)
+    if args.command == "run":
+        for name in names:
+            run_variant(name)
+    elif args.command == "all":
+        run_all(names)
+    else:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Elastic weight consolidation (Kirkpatrick et al. 2017, PNAS, arXiv:1612.00796).
+
+    loss = task + weight / 2 * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2
+
+Each protected "task" k contributes its anchor theta*_k (the weights when it was learned) and the
+diagonal Fisher F_k estimated there (`tuneforge.losses.fisher_diagonal`), over the trainable parameters:
+- the base model's knowledge: when the run has retain data, F_0 is estimated on `fisher_samples`
+  retain sequences (one sequence per gradient: the per-sequence empirical Fisher, or the true Fisher with
+  `fisher: true`) at the starting weights, before the first update;
+- each finished task of a sequence (`on_task_end`): F on `fisher_samples` of that task's training
+  sequences (the first ones the loop fed it, kept on the CPU), anchored at the weights after the task.
+  In a sequence without retain data the first task trains unpenalised.
+With `online: true` (online EWC: Schwarz et al. 2018, arXiv:1805.06370; Huszar 2018) there is one
+running penalty, F <- decay * F + F_new, anchored at the latest weights, so memory does not grow with
+the number of tasks.
+
+Fisher and anchors are part of `state_dict`, so a resumed run uses exactly the same penalty.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from tuneforge.errors import ConfigError
+from tuneforge.evaluate import token_losses
+from tuneforge.forward import model_inputs, routes_tasks
+from tuneforge.losses import ewc_penalty, fisher_diagonal, sampled_label_nll
+from tuneforge.strategies import register
+from tuneforge.strategies.base import Options, Strategy, StrategyContext
+from tuneforge.strategies.l2sp import trainable_in_any_epoch
+
+
+class EWCOptions(Options):
+    weight: float = Field(100.0, ge=0)  # lambda
+    fisher_samples: int = Field(64, ge=1)  # sequences the Fisher is averaged over
+    online: bool = False
+    decay: float = Field(1.0, gt=0, le=1)  # online EWC's gamma: how much older tasks' Fisher is kept
+    fisher: Literal["empirical", "true"] = "empirical"  # observed next tokens, or tokens sampled from the model
+
+
+@register("ewc", EWCOptions)
+class EWC(Strategy):
+    """Elastic weight consolidation: Fisher-weighted pull toward the weights that knew the old data."""
+
+    family = "objective"
+    options: EWCOptions
+
+    def __init__(self, options: EWCOptions):
+        super().__init__(options)
+        self.penalties: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []  # (anchors, fisher) per task
+        self.task_examples: list[dict[str, Tensor]] = []  # this task's first sequences, for its Fisher
+        self._pending_start: Any = None  # retain stream factory until the starting Fisher is estimated
+
+    def needs_logits(self) -> bool:
+        return False  # the penalty reads the weights only
+
+    def on_train_start(self, model: nn.Module, ctx: StrategyContext) -> None:
+        if self.penalties:
+            return
+        if ctx.retain_batches is not None:
+            # Estimated at the first step (still the starting weights) unless a checkpoint restores it.
+            self._pending_start = lambda: ctx.retain_batches(batch_size=1, device=ctx.device)
+        elif "task" not in ctx.extras:  # set by the continual schedule for each task of a sequence
+            raise ConfigError("ewc needs data whose knowledge to keep: set `retain:` (a text file or "
+                              "builtin:shakespeare), or train a task sequence")
+
+    def loss(self, model: nn.Module, batch: dict, outputs, ctx: StrategyContext) -> dict[str, Tensor]:
+        if self._pending_start is not None:
+            self.add_task(model, self._pending_start(), ctx)
+            self._pending_start = None
+        if len(self.task_examples) < self.options.fisher_samples:
+            self.task_examples += single_examples(batch)[:self.options.fisher_samples - len(self.task_examples)]
+        if not self.penalties:
+            return {}
+        params = dict(model.named_parameters())
+        self._follow_device(params)
+        total = sum(ewc_penalty(params, anchors, fisher, self.options.weight) for anchors, fisher in self.penalties)
+        return {"ewc": total}
+
+    def _follow_device(self, params: dict[str, Tensor]) -> None:
+        """Tensors restored from a checkpoint arrive on the CPU; move them next to the parameters once."""
+        for anchors, fisher in self.penalties:
+            for tensors in (anchors, fisher):
+                for name, tensor in tensors.items():
+                    if tensor.device != params[name].device:
+                        tensors[name] = tensor.to(params[name].device)
+
+    def on_task_end(self, model: nn.Module, task: str, ctx: StrategyContext) -> None:
+        device = next(model.parameters()).device
+        self.add_task(model, ({k: v.to(device) for k, v in e.items()} for e in self.task_examples), ctx)
+        self.task_examples = []
+
+    @torch.no_grad()
+    def add_task(self, model: nn.Module, batches, ctx: StrategyContext) -> None:
+        """Estimate the Fisher at the current weights on `fisher_samples` single-sequence batches and
+        add it as a penalty (or fold it into the running one when online)."""
+        names = trainable_in_any_epoch(model, ctx)
+        params = {name: p for name, p in model.named_parameters() if name in names}
+        frozen_now = [p for p in params.values() if not p.requires_grad]  # unfrozen in a later epoch
+        try:
+            for parameter in frozen_now:
+                parameter.requires_grad_(True)
+            with torch.enable_grad():
+                fisher = estimate_fisher(model, params, itertools.islice(batches, self.options.fisher_samples),
+                                         ctx.task_type, self.options.fisher)
+        finally:
+            for parameter in frozen_now:
+                parameter.requires_grad_(False)
+        anchors = {name: p.detach().clone() for name, p in params.items()}
+        if self.options.online and self.penalties:
+            _, previous = self.penalties[0]
+            fisher = {name: self.options.decay * previous[name] + value for name, value in fisher.items()}
+            self.penalties = []
+        self.penalties.append((anchors, fisher))
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"tasks": len(self.penalties), "examples": len(self.task_examples)}
+        for index, (anchors, fisher) in enumerate(self.penalties):
+            state.update({f"anchor.{index}.{name}": tensor for name, tensor in anchors.items()})
+            state.update({f"fisher.{index}.{name}": tensor for name, tensor in fisher.items()})
+        for index, example in enumerate(self.task_examples):
+            state.update({f"example.{index}.{key}": tensor for key, tensor in example.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.penalties = []
+        for index in range(int(state.get("tasks", 0))):
+            anchors = _with_prefix(state, f"anchor.{index}.")
+            fisher = _with_prefix(state, f"fisher.{index}.")
+            self.penalties.append((anchors, fisher))
+        self.task_examples = [_with_prefix(state, f"example.{i}.") for i in range(int(state.get("examples", 0)))]
+        if self.penalties:
+            self._pending_start = None
+
+
+def estimate_fisher(
+    model: nn.Module, params: dict[str, Tensor], batches, task_type: str, kind: str = "empirical"
+) -> dict[str, Tensor]:
+    """Diagonal Fisher of `model` over `batches`: summed NLL per batch, observed or sampled labels."""
+
+    with_task = routes_tasks(model)
+
+    def nll(batch: dict) -> Tensor:
+        logits = model(**model_inputs(batch, with_task)).logits
+        if task_type == "classification":
+            if kind == "true":
+                return sampled_label_nll(logits)
+            return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        if kind == "true":
+            return sampled_label_nll(logits[:, :-1], mask=batch["labels"][:, 1:] != -100)
+        return token_losses(logits, batch["labels"])[0]
+
+    was_training = model.training
+    model.eval()  # no dropout noise in the Fisher
+    try:
+        fisher = fisher_diagonal(params, batches, nll)
+    finally:
+        model.train(was_training)
+    return {name: value.to(params[name].dtype) for name, value in fisher.items()}
+
+
+def single_examples(batch: dict) -> list[dict[str, Tensor]]:
+    """A padded batch as one-example batches on the CPU, padding cut off (collate pads on the right)."""
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    examples = []
+    for row, length in enumerate(lengths):
+        example = {}
+        for key, value in batch.items():
+            if not isinstance(value, Tensor):
+                continue
+            value = value[row:row + 1]
+            example[key] = (value[:, :length] if value.dim() == 2 else value).detach().cpu().clone()
+        examples.append(example)
+    return examples
+
+
+def _with_prefix(state: dict[str, Any], prefix: str) -> dict[str, Tensor]:
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
