@@ -403,12 +403,21 @@ def run_process(spec: dict) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1])
+                          text=True, check=False, cwd=Path(__file__).resolve().parents[1])
     for line in done.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])
     print(f"  {spec['suite']}/{spec['method']}/{spec['side']} failed:\n{done.stderr[-2500:]}", file=sys.stderr)
     return None
+
+
+def wait_for_quiet(max_load: float | None, patience: float = 600.0) -> float:
+    """The 1-minute load average, after waiting for it to drop below `max_load` (if given)."""
+    waited = 0.0
+    while max_load is not None and os.getloadavg()[0] >= max_load and waited < patience:
+        time.sleep(10)
+        waited += 10
+    return os.getloadavg()[0]
 
 
 def ready(method: str) -> str | None:
@@ -421,7 +430,7 @@ def ready(method: str) -> str | None:
 
             if name not in REGISTRY:
                 return f"strategy {name!r} is not registered"
-        except Exception as exc:  # a strategy module being written may not import
+        except Exception as exc:  # noqa: BLE001 - a strategy module being written may not import
             return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -462,6 +471,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--examples", type=int, default=SMOLLM2_TRAIN, help="SmolLM2 training examples")
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
+    parser.add_argument("--max-load", type=float, help="before each run, wait (up to 10 min) until the 1-minute "
+                        "load average is below this (a shared machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -474,13 +485,14 @@ def main() -> None:
     for repeat in range(args.repeats):
         for group in groups:
             for spec in group if repeat % 2 == 0 else group[::-1]:  # A B, then B A
-                load = os.getloadavg()[0]
+                load = wait_for_quiet(args.max_load)
                 result = run_process(spec)
                 label = f"{spec['suite']}/{spec['method']}/{spec['side']}"
                 print(f"[{time.time() - started:6.0f}s load {load:4.1f}] repeat {repeat + 1}: {label}: "
                       + (json.dumps({k: v for k, v in result.items() if not isinstance(v, list)})
                          if result else "failed"), flush=True)
                 if result:
+                    result["load_before"] = load
                     results.setdefault((spec["suite"], spec["method"], spec["side"]), []).append(result)
     if args.json:
         args.json.write_text(json.dumps({"/".join(k): v for k, v in results.items()}, indent=1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,21 @@ def test_classification_student_distils_from_a_fine_tuned_encoder_and_refuses_ot
     teacher.save_pretrained(tmp_path / "other-task")
     with pytest.raises(ModelError, match=r"distill: teacher .* predicts labels \['warm', 'cool'\], the student"):
         run([{"distill": {"teacher": str(tmp_path / "other-task")}}], "refused")
+
+
+def test_regularisers_never_see_the_retain_text_forgetting_is_measured_on(run_config, tokenizer, tmp_path):
+    from tuneforge.run import encode_run_data, load_run_data, retain_batch_source
+
+    path = tmp_path / "marked.jsonl"  # document i says only "doc i" (as a word: d0c3), many times
+    path.write_text("".join(json.dumps({"text": " ".join([f"d0c{i}"] * 40)}) + "\n" for i in range(9)))
+    config = run_config(retain=str(path), train={"max_seq_len": 16})
+    run_data = encode_run_data(load_run_data(config), config, tokenizer, tag_tasks=False)
+
+    def documents(rows) -> set[str]:  # chunks join documents and may cut a word: read whole markers only
+        return {f"d0c{i}" for row in rows for i in re.findall(r"d0c(\d)", tokenizer.decode(row))}
+
+    measured = documents(item["input_ids"] for item in run_data.retain_items)
+    stream = retain_batch_source(run_data, tokenizer, config)(batch_size=2)
+    trained_on = documents(row.tolist() for _ in range(20) for row in next(stream)["input_ids"])
+    assert measured and trained_on and not measured & trained_on
+    assert trained_on == {"d0c2", "d0c5", "d0c8"}  # every third document goes to the regularisers

@@ -113,3 +113,11 @@ def test_a_packed_run_trains_on_fewer_rows_and_learns(run_config):
     train = [r for r in records if "loss" in r and r.get("split") != "eval"]
     assert len(train) == 8 and train[-1]["loss"] < train[0]["loss"]
     assert results["after"]["eval"]["loss"] < results["before"]["eval"]["loss"]
+
+
+def test_packing_refuses_a_strategy_that_runs_its_own_forward_on_the_batch(run_config):
+    from tuneforge.run import train_run
+
+    config = run_config(strategies=[{"lora": {"rank": 4}}, {"distill": {"teacher": "base"}}], train={"packing": True})
+    with pytest.raises(ConfigError, match="train.packing: distill reads every position's logits"):
+        train_run(config)

@@ -165,8 +165,9 @@ def cmd_compare(args) -> int:
     # `key=value` items among the sources are overrides applied to every config that is trained
     overrides = [*args.overrides, *(s for s in args.sources if "=" in s and not Path(s).exists())]
     sources = [s for s in args.sources if s not in overrides]
-    command = "tuneforge compare " + " ".join([*sources, "--output", args.output, *overrides])
-    report = compare(sources, Path(args.output), overrides, command)
+    runs = ["--runs-dir", args.runs_dir] if args.runs_dir else []
+    command = "tuneforge compare " + " ".join([*sources, "--output", args.output, *runs, *overrides])
+    report = compare(sources, Path(args.output), overrides, command, Path(args.runs_dir) if args.runs_dir else None)
     shown = [line for line in report.read_text().splitlines() if line.startswith(("|", "Fair", "**Not"))]
     print("\n".join(shown))
     print(f"\ncomparison written to {report} (and report.html, plots)")
@@ -212,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train (or collect) several runs and report them side by side")
     compare.add_argument("sources", nargs="+", help="config files to train, or finished run directories")
     compare.add_argument("--output", required=True, help="folder for report.md, report.html and plots")
+    compare.add_argument("--runs-dir", help="where trained runs go (default: OUTPUT/runs)")
     compare.set_defaults(run=cmd_compare, overrides=[])
     return parser
 

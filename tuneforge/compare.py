@@ -158,12 +158,17 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], output: Path) -> li
     return paths
 
 
-def compare(sources: list[str], output: Path, overrides: list[str] | None = None, command: str = "") -> Path:
-    """Run or collect every source, then write report.md, report.html, comparison.json and plots to `output`."""
+def compare(
+    sources: list[str], output: Path, overrides: list[str] | None = None, command: str = "", runs_dir: Path | None = None
+) -> Path:
+    """Run or collect every source, then write report.md, report.html, comparison.json and plots to `output`.
+
+    Trained runs go to `runs_dir` (default `output/runs`).
+    """
     output.mkdir(parents=True, exist_ok=True)
     run_dirs: dict[str, Path] = {}
     for source in sources:
-        run_dir = run_or_collect(source, output / "runs", overrides or [])
+        run_dir = run_or_collect(source, runs_dir or output / "runs", overrides or [])
         name = run_dir.name if run_dir.name not in run_dirs else f"{run_dir.name}-{len(run_dirs)}"
         run_dirs[name] = run_dir
     results = {name: json.loads((d / "results.json").read_text()) for name, d in run_dirs.items()}

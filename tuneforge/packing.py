@@ -62,8 +62,9 @@ def packing_plan(lengths: list[int], sizes: list[int], rows: int, capacity: int,
 
     `lengths` are the items' token counts; `sizes` split them into consecutive tasks (one task per
     micro-batch, as in `mixture_plan`). Every example is used once per epoch, in an order seeded by
-    `seed + epoch`; tasks' micro-batches are interleaved at random. Each process takes every `world`-th
-    micro-batch (the same count on every process, so none waits for another's last step).
+    `seed + epoch`; tasks' micro-batches are interleaved at random (proportional sampling). Each process
+    takes every `world`-th micro-batch; the last ones that do not make a full round are left out, so every
+    process runs the same number of steps.
     """
     if sum(sizes) != len(lengths):
         raise ValueError(f"packing_plan: task sizes {sizes} do not add up to {len(lengths)} items")

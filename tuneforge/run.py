@@ -281,18 +281,27 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     encode_run_data(run_data, config, tokenizer, tag_tasks=run_data.multi_task or "heads" in config_names(config))
     model.to(accelerator.device)
     if config.train.packing:
-        check_packing_run(model, tokenizer, run_data, accelerator.device)
+        check_packing_run(model, tokenizer, run_data, config, strategies, accelerator.device)
     ctx.device = accelerator.device
     ctx.retain_batches = retain_batch_source(run_data, tokenizer, config)
     return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data)
 
 
-def check_packing_run(model: nn.Module, tokenizer, run_data: RunData, device) -> None:
+def check_packing_run(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig, strategies: list[Strategy],
+                      device) -> None:
     """train.packing needs language-model tasks, and a model and strategies that keep packed examples apart."""
+    reading = [s.name for s in strategies if s.needs_logits()]
+    if reading:  # e.g. a distillation teacher runs the batch itself, with no packed positions
+        raise ConfigError(f"train.packing: {reading[0]} reads every position's logits and may run its own "
+                          f"forward on the batch, which would let packed examples see each other; "
+                          f"set train.packing: false")
     classification = [t.name for t in run_data.tasks if t.task_type == "classification"]
     if classification:
         raise ConfigError(f"train.packing packs language-model examples; task {classification[0]!r} is "
                           f"classification (set train.packing: false)")
+    if run_data.multi_task and config.schedule.mode == "mixture" and config.schedule.sampling != "proportional":
+        raise ConfigError(f"train.packing mixes tasks proportionally (every example once per epoch); "
+                          f"schedule.sampling: {config.schedule.sampling} is not supported with it")
     check_packing(model, tokenizer.pad_token_id, device)
 
 

@@ -88,6 +88,18 @@ def _matches(name: str, pattern: str) -> bool:
     return False
 
 
+def plain_layer(weight: nn.Parameter, bias: nn.Parameter | None, fan_in_fan_out: bool) -> nn.Linear | Conv1D:
+    """An nn.Linear (or GPT-2 Conv1D) holding these very parameters: what a wrapper gives back on unload."""
+    if fan_in_fan_out:  # Conv1D stores weight as (d_in, d_out)
+        layer = Conv1D(weight.shape[1], weight.shape[0])
+    else:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    return layer
+
+
 def ensure_unwrapped(name: str, module: nn.Module, strategy: str) -> None:
     """Refuse to wrap a layer another strategy already wrapped (two wrappers would fight over it)."""
     if type(module) not in LINEAR_TYPES:

@@ -80,7 +80,10 @@ def build_optimizer(model: nn.Module, strategies: list[Strategy], ctx: StrategyC
         decay = cfg.weight_decay if parameter.dim() >= 2 else 0.0  # no decay on biases and norms
         groups.setdefault((rates.get(name, cfg.lr), decay), []).append(parameter)
     param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items())]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    # The fused kernel updates a parameter in one pass over its memory; on a CPU the default per-tensor loop
+    # makes about ten, which measured ~3x slower (a tenth of a full fine-tuning step on 2 cores).
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, num_steps: int):
@@ -110,18 +113,18 @@ def task_loss(model: nn.Module, batch: dict, with_task: bool = False, head: nn.L
     inputs = model_inputs(batch, with_task)
     if "position_ids" in batch:  # packed rows: attention stays inside each example (tuneforge.packing)
         inputs = packed_model_inputs(inputs, batch)
-    if head is None or is_classification_batch(batch):
+    if is_classification_batch(batch):
         outputs = model(**inputs)
-        if is_classification_batch(batch):
-            loss_sum = F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
-            return loss_sum, batch["labels"].numel(), outputs
-        loss_sum, count = token_losses(outputs.logits, batch["labels"])
-        return loss_sum, count, outputs
-    with head_skipped(head) as hidden:
+        loss_sum = F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
+        return loss_sum, batch["labels"].numel(), outputs
+    if head is None:
         outputs = model(**inputs)
-    if not hidden:  # the model never called its output layer: its logits are complete
-        return (*token_losses(outputs.logits, batch["labels"]), outputs)
-    loss_sum, count = hidden_token_losses(hidden[-1], batch["labels"], head)
+    else:
+        with head_skipped(head) as hidden:
+            outputs = model(**inputs)
+        if hidden:  # else the model never called its output layer, and its logits are complete
+            return (*hidden_token_losses(hidden[-1], batch["labels"], head), outputs)
+    loss_sum, count = token_losses(outputs.logits, batch["labels"])
     return loss_sum, count, outputs
 
 

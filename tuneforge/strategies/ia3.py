@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from tuneforge.errors import ModelError
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
-from tuneforge.surgery import ensure_unwrapped, find_linear_targets, replace_module
+from tuneforge.surgery import ensure_unwrapped, find_linear_targets, plain_layer, replace_module
 
 
 class IA3Linear(nn.Module):
@@ -72,14 +72,7 @@ class IA3Linear(nn.Module):
 
     def unwrap(self) -> nn.Linear | Conv1D:
         """The plain layer type it wrapped, holding the current (merged or base) weight."""
-        if self.fan_in_fan_out:
-            layer = Conv1D(self.out_features, self.in_features)
-        else:
-            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        layer.weight = self.weight
-        if self.bias is not None:
-            layer.bias = self.bias
-        return layer
+        return plain_layer(self.weight, self.bias, self.fan_in_fan_out)
 
     def extra_repr(self) -> str:
         where = "input" if self.feedforward else "output"

@@ -36,7 +36,10 @@ class L2SP(Strategy):
         self.anchors: dict[str, Tensor] = {}
 
     def on_train_start(self, model: nn.Module, ctx: StrategyContext) -> None:
-        # Called before a checkpoint is loaded, so these are the starting values even on resume.
+        # Called before a checkpoint is loaded, so these are the starting values even on resume. In a task
+        # sequence (called once per task) the anchors stay those of the first task's start.
+        if self.anchors:
+            return
         names = trainable_in_any_epoch(model, ctx)
         self.anchors = {name: p.detach().clone() for name, p in model.named_parameters() if name in names}
 

@@ -31,6 +31,7 @@ from tuneforge.surgery import (
     find_linear_targets,
     num_layers,
     parse_layer_spec,
+    plain_layer,
     replace_module,
 )
 
@@ -126,14 +127,7 @@ class LoRALinear(nn.Module):
 
     def unwrap(self) -> nn.Linear | Conv1D:
         """The plain layer type it wrapped, holding the current (merged or base) weight."""
-        if self.fan_in_fan_out:
-            layer = Conv1D(self.out_features, self.in_features)
-        else:
-            layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        layer.weight = self.weight
-        if self.bias is not None:
-            layer.bias = self.bias
-        return layer
+        return plain_layer(self.weight, self.bias, self.fan_in_fan_out)
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.lora_magnitude_vector is not None else ""

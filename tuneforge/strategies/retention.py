@@ -107,7 +107,8 @@ class Retention(Strategy):
         if ctx.task_type != "causal_lm" or ctx.retain_batches is None:
             raise ConfigError("retention needs retain text for a causal LM: set `retain:` to a text file "
                               "or builtin:shakespeare")
-        self.reference = FrozenReference(model)
+        if self.reference is None:  # in a task sequence: the model before the first task
+            self.reference = FrozenReference(model)
         self._stream_source = lambda: ctx.retain_batches(device=ctx.device)
         self._stream = None
 
