@@ -4,6 +4,7 @@
     python bench/bench.py --suite synthetic --repeats 5
     python bench/bench.py --suite smollm2 --methods lora-packed trainer-lora
     python bench/bench.py --json bench/results.json         # also keep the raw numbers
+    python bench/bench.py --render bench/results.json       # the tables again, from saved numbers
 
 Suites
 - synthetic: a 39.7M-parameter Llama-shaped random model (hidden 512, 8 layers, 8 heads / 4 KV heads,
@@ -14,8 +15,8 @@ Suites
 - smollm2: the bundled SmolLM2-135M on builtin:chatterbot (its natural length spread, loss on the
   answers only), the same 512 examples once, LoRA r=8 on q,v. Reference: Hugging Face Trainer + PEFT
   LoRA with its default padding (DataCollatorForSeq2Seq: pad to the longest in each batch of 8). Ours:
-  packing into rows of 256 tokens, 2 rows per step (about the same tokens per step), and the ablations
-  padded (batch 8) with and without the label-only head. Equal work is checked by the loss per token:
+  packing into rows of 256 tokens, 2 rows per step (about the same tokens per step), the same in bf16
+  autocast, and the ablations padded (batch 8) with and without the label-only head. Equal work is checked by the loss per token:
   mean training loss, and the loss of the tuned models on 128 held-out examples.
 - inference: base model vs LoRA (all-linear) merged vs unmerged, forward passes of 4 x 256 (one process,
   interleaved).
@@ -70,6 +71,7 @@ SYNTHETIC = {
 }
 SMOLLM2 = {  # name: (side, options)
     "lora-packed": ("ours", {"packing": True}),
+    "lora-packed-bf16": ("ours", {"packing": True, "precision": "bf16"}),
     "lora-padded": ("ours", {"packing": False}),
     "lora-padded-full-logits": ("ours", {"packing": False, "full_logits": True}),
     "trainer-lora": ("trainer", {}),
@@ -130,7 +132,7 @@ def run_ours(model, strategies: list, items: list[dict], plan, steps: int, optio
     class StepClock(MetricsLogger):
         def log(self, record: dict) -> None:
             super().log(record)
-            marks.append((time.perf_counter(), record["loss"], peak_rss_mb()))
+            marks.append((time.perf_counter(), record["loss"], peak_rss_mb(), time.process_time()))
 
     loop.MetricsLogger = StepClock
     cfg = TrainConfig(max_steps=steps, lr=options.get("lr", 1e-4), schedule="constant", log_every=1,
@@ -172,17 +174,20 @@ def run_plain(model, peft_spec, batches: list[dict], options: dict) -> tuple[lis
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        marks.append((time.perf_counter(), loss.item(), peak_rss_mb()))
+        marks.append((time.perf_counter(), loss.item(), peak_rss_mb(), time.process_time()))
     return marks, model
 
 
 def summarise(marks: list, tokens: list[int], labelled: list[int], warmup: int, flops: float) -> dict:
     times = [b[0] - a[0] for a, b in itertools.pairwise(marks)]  # step i + 1 took times[i]
+    cpu_times = [b[3] - a[3] for a, b in itertools.pairwise(marks)]  # CPU seconds of all threads
     timed = times[warmup - 1:] if warmup >= 1 else times
+    timed_cpu = cpu_times[warmup - 1:] if warmup >= 1 else cpu_times
     timed_tokens = tokens[warmup:warmup + len(timed)] if warmup >= 1 else tokens[1:]
     losses = [m[1] for m in marks]
     return {
         "step_s": statistics.median(timed), "step_times": timed,
+        "cpu_step_s": statistics.median(timed_cpu), "cpu_tokens_per_s": sum(timed_tokens) / sum(timed_cpu),
         "tokens_per_s": sum(timed_tokens) / sum(timed),
         "peak_rss_mb": marks[-1][2],
         "loss_first": losses[0], "loss_last": losses[-1],
@@ -309,7 +314,7 @@ def run_trainer(model, tokenizer, train: list[dict], options: dict):
 
     class StepClock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            marks.append([time.perf_counter(), None, peak_rss_mb()])
+            marks.append([time.perf_counter(), None, peak_rss_mb(), time.process_time()])
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -370,23 +375,26 @@ def gemm_shapes(suite: str) -> list[tuple[int, int, int]]:
 
 
 def worker_matmul(spec: dict) -> dict:
+    """GFLOP/s of torch.mm over one step's GEMM shapes (each weighted by how often a step runs it): by wall
+    time, and by CPU time per thread (what a dedicated machine would show when the machine is shared)."""
     import torch
 
     result = {}
+    shapes = gemm_shapes(spec["method"])
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        shapes = sorted(set(gemm_shapes(spec["method"])))
-        counts = {s: gemm_shapes(spec["method"]).count(s) for s in shapes}
-        flops = seconds = 0.0
-        for m, k, n in shapes:
+        flops = seconds = cpu_seconds = 0.0
+        for m, k, n in sorted(set(shapes)):
             a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
             torch.mm(a, b)
-            start, repeats = time.perf_counter(), 5
+            repeats, count = 5, shapes.count((m, k, n))
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(repeats):
                 torch.mm(a, b)
-            elapsed = (time.perf_counter() - start) / repeats
-            flops += 2 * m * k * n * counts[(m, k, n)]
-            seconds += elapsed * counts[(m, k, n)]
+            seconds += (time.perf_counter() - start) / repeats * count
+            cpu_seconds += (time.process_time() - cpu_start) / repeats / THREADS * count
+            flops += 2 * m * k * n * count
         result[f"{dtype_name}_gflops"] = flops / seconds / 1e9
+        result[f"{dtype_name}_gflops_cpu"] = flops / cpu_seconds / 1e9
     return result
 
 
@@ -411,7 +419,7 @@ def run_process(spec: dict) -> dict | None:
     return None
 
 
-def wait_for_quiet(max_load: float | None, patience: float = 600.0) -> float:
+def wait_for_quiet(max_load: float | None, patience: float) -> float:
     """The 1-minute load average, after waiting for it to drop below `max_load` (if given)."""
     waited = 0.0
     while max_load is not None and os.getloadavg()[0] >= max_load and waited < patience:
@@ -471,12 +479,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--examples", type=int, default=SMOLLM2_TRAIN, help="SmolLM2 training examples")
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
-    parser.add_argument("--max-load", type=float, help="before each run, wait (up to 10 min) until the 1-minute "
-                        "load average is below this (a shared machine)")
+    parser.add_argument("--max-load", type=float, help="before each run, wait (up to --patience seconds) until "
+                        "the 1-minute load average is below this (a shared machine)")
+    parser.add_argument("--patience", type=float, default=120.0)
+    parser.add_argument("--render", type=Path, nargs="+", help="only print the tables of saved --json files")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(RESULT + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    if args.render:  # several files (e.g. one per suite) merge
+        saved: dict[tuple, list[dict]] = {}
+        for path in args.render:
+            for key, runs in json.loads(path.read_text()).items():
+                saved.setdefault(tuple(key.split("/")), []).extend(runs)
+        print(render_tables(saved))
         return
 
     results: dict[tuple, list[dict]] = {}
@@ -485,7 +502,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for group in groups:
             for spec in group if repeat % 2 == 0 else group[::-1]:  # A B, then B A
-                load = wait_for_quiet(args.max_load)
+                load = wait_for_quiet(args.max_load, args.patience)
                 result = run_process(spec)
                 label = f"{spec['suite']}/{spec['method']}/{spec['side']}"
                 print(f"[{time.time() - started:6.0f}s load {load:4.1f}] repeat {repeat + 1}: {label}: "
@@ -510,62 +527,77 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a is not None and b else "-"
 
 
+def cell(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
 def render_tables(results: dict) -> str:
+    """Markdown tables of medians over repeats. Step times by wall clock (the target on a quiet machine) and
+    by CPU seconds per step (all threads; robust to other processes sharing the cores)."""
     lines = []
-    rates = {suite: median(results.get(("matmul", suite, "torch.mm"), []), "fp32_gflops")
-             for suite in ("synthetic", "smollm2")}
-    rates_bf16 = {suite: median(results.get(("matmul", suite, "torch.mm"), []), "bf16_gflops")
-                  for suite in ("synthetic", "smollm2")}
+    rate = {(suite, key): median(results.get(("matmul", suite, "torch.mm"), []), key)
+            for suite in ("synthetic", "smollm2") for key in ("fp32_gflops", "bf16_gflops", "fp32_gflops_cpu",
+                                                               "bf16_gflops_cpu")}
     if any(key[0] == "synthetic" for key in results):
-        lines += [(f"Synthetic 39.7M Llama-shaped, 4 x 256 uniform, {THREADS} threads; measured matmul rate "
-                  f"{rates['synthetic'] or 0:.1f} GFLOP/s fp32, {rates_bf16['synthetic'] or 0:.1f} bf16"), "",
-                  ("| method | ours step s | PEFT step s | ratio | ours tok/s | PEFT tok/s | ours RSS MB | PEFT RSS MB "
-                  "| RSS ratio | ours trainable | PEFT trainable | ours GEMM % | PEFT GEMM % |"),
-                  "|" + " --- |" * 13]
-        full_step = median(results.get(("synthetic", "full", "ours"), []), "step_s")
+        lines += [(f"Synthetic 39.7M Llama-shaped model, uniform 4 x 256 batches, {THREADS} threads. torch.mm at "
+                  f"this model's GEMM shapes: {cell(rate['synthetic', 'fp32_gflops'], 1)} GFLOP/s fp32, "
+                  f"{cell(rate['synthetic', 'bf16_gflops'], 1)} bf16 (by CPU time: "
+                  f"{cell(rate['synthetic', 'fp32_gflops_cpu'], 1)} / {cell(rate['synthetic', 'bf16_gflops_cpu'], 1)})."),
+                  "",
+                  ("| method | step s ours | step s PEFT | ratio | CPU s ours | CPU s PEFT | CPU ratio | tok/s ours "
+                  "| tok/s PEFT | RSS MB ours | RSS MB PEFT | RSS ratio | trainable ours | trainable PEFT "
+                  "| GEMM % ours | GEMM % PEFT |"),
+                  "|" + " --- |" * 16]
         for method, (_, _, options) in SYNTHETIC.items():
             ours = results.get(("synthetic", method, "ours"), [])
             peft = results.get(("synthetic", method, "peft"), [])
-            if not ours and not peft:
+            if not ours:
                 continue
-            rate = rates_bf16 if options.get("precision") == "bf16" else rates
-            cells = [method]
-            for key in ("step_s", "tokens_per_s", "peak_rss_mb"):
-                a, b = median(ours, key), median(peft, key)
-                cells += [f"{a:.3f}" if key == "step_s" and a else f"{a:.0f}" if a else "-",
-                          f"{b:.3f}" if key == "step_s" and b else f"{b:.0f}" if b else "-"]
-                if key != "tokens_per_s":
-                    cells.append(ratio(a, b))
-            cells += [f"{median(ours, 'trainable') or 0:,.0f}", f"{median(peft, 'trainable') or 0:,.0f}" if peft else "-"]
-            for runs in (ours, peft):
-                flops, step = median(runs, "gemm_gflops_per_step"), median(runs, "step_s")
-                cells.append(f"{100 * flops / step / rate['synthetic']:.0f}" if flops and step and rate["synthetic"] else "-")
-            lines.append("| " + " | ".join(cells) + " |")
-        top = median(results.get(("synthetic", "layerwise-top-half", "ours"), []), "step_s")
-        if top and full_step:
-            lines += ["", f"Freezing the bottom half (layerwise top:4) / full fine-tuning, ours: {top / full_step:.2f}"]
+            dtype = options.get("precision", "fp32")
+            row = [method]
+            for key, digits in (("step_s", 3), ("cpu_step_s", 2)):
+                row += [cell(median(ours, key), digits), cell(median(peft, key), digits),
+                        ratio(median(ours, key), median(peft, key))]
+            row += [cell(median(ours, "tokens_per_s")), cell(median(peft, "tokens_per_s"))]
+            row += [cell(median(ours, "peak_rss_mb")), cell(median(peft, "peak_rss_mb")),
+                    ratio(median(ours, "peak_rss_mb"), median(peft, "peak_rss_mb"))]
+            row += [cell(median(ours, "trainable")), cell(median(peft, "trainable"))]
+            for runs in (ours, peft):  # GEMM FLOP rate per thread by CPU time, over torch.mm's
+                flops, cpu = median(runs, "gemm_gflops_per_step"), median(runs, "cpu_step_s")
+                mm = rate["synthetic", f"{dtype}_gflops_cpu"]
+                row.append(cell(100 * flops / (cpu / THREADS) / mm) if flops and cpu and mm else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        full = results.get(("synthetic", "full", "ours"), [])
+        top = results.get(("synthetic", "layerwise-top-half", "ours"), [])
+        if full and top:
+            lines += ["", ("Bottom half of the layers frozen (layerwise top:4) / full fine-tuning, ours: "
+                          f"{ratio(median(top, 'step_s'), median(full, 'step_s'))} by wall time, "
+                          f"{ratio(median(top, 'cpu_step_s'), median(full, 'cpu_step_s'))} by CPU time.")]
         lines.append("")
     if any(key[0] == "smollm2" for key in results):
         reference = results.get(("smollm2", "trainer-lora", "trainer"), [])
-        lines += [("SmolLM2-135M, builtin:chatterbot (512 examples, answers only), LoRA r=8 q,v, "
-                  f"{THREADS} threads"), "",
-                  ("| run | step s | non-pad tok/s | vs Trainer | peak RSS MB | vs Trainer | train loss/token "
-                  "| held-out loss/token | steps | trainable |"), "|" + " --- |" * 10]
+        lines += [f"SmolLM2-135M on builtin:chatterbot (answers only), LoRA r=8 on q,v, {THREADS} threads.", "",
+                  ("| run | step s | non-pad tok/s | vs Trainer | by CPU time: tok/s | vs Trainer | peak RSS MB "
+                  "| vs Trainer | train loss/token | held-out loss/token | steps | trainable |"),
+                  "|" + " --- |" * 12]
         for method, (side, _) in SMOLLM2.items():
             runs = results.get(("smollm2", method, side), [])
             if not runs:
                 continue
-            tps, rss = median(runs, "tokens_per_s"), median(runs, "peak_rss_mb")
-            lines.append(f"| {method} | {median(runs, 'step_s'):.3f} | {tps:.0f} | "
-                         f"{ratio(tps, median(reference, 'tokens_per_s'))} | {rss:.0f} | "
-                         f"{ratio(rss, median(reference, 'peak_rss_mb'))} | {median(runs, 'loss_per_token'):.4f} | "
-                         f"{median(runs, 'held_out_loss'):.4f} | {median(runs, 'steps'):.0f} | "
-                         f"{median(runs, 'trainable'):,.0f} |")
+            row = [method, cell(median(runs, "step_s"), 2)]
+            for key in ("tokens_per_s", "cpu_tokens_per_s"):
+                row += [cell(median(runs, key)), ratio(median(runs, key), median(reference, key))]
+            row += [cell(median(runs, "peak_rss_mb")),
+                    ratio(median(runs, "peak_rss_mb"), median(reference, "peak_rss_mb")),
+                    cell(median(runs, "loss_per_token"), 4), cell(median(runs, "held_out_loss"), 4),
+                    cell(median(runs, "steps")), cell(median(runs, "trainable"))]
+            lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     inference = results.get(("inference", "merged-lora", "ours"), [])
     if inference:
         base = statistics.median(run["base"]["step_s"] for run in inference)
-        lines += ["Inference, synthetic model, forward 4 x 256", "", "| model | forward s | vs base |", "| --- | --- | --- |"]
+        lines += ["Inference, synthetic model, one forward of 4 x 256 (interleaved in one process)", "",
+                  "| model | forward s | vs base |", "| --- | --- | --- |"]
         for name in ("base", "lora-merged", "lora-unmerged"):
             step = statistics.median(run[name]["step_s"] for run in inference)
             lines.append(f"| {name} | {step:.3f} | {step / base:.2f} |")
