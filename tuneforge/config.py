@@ -58,6 +58,14 @@ class DataConfig(StrictModel):
     def _template_shorthand(cls, value: Any) -> Any:
         return {"prompt": value} if isinstance(value, str) else value
 
+    @field_validator("where", mode="before")
+    @classmethod
+    def _where_shorthand(cls, value: Any) -> Any:
+        """`where: {label: sports}` means `where: {label: [sports]}`."""
+        if isinstance(value, dict):
+            return {k: [v] if isinstance(v, (str, int)) and not isinstance(v, bool) else v for k, v in value.items()}
+        return value
+
 
 class TaskConfig(StrictModel):
     """One task of a multi-task or continual run."""

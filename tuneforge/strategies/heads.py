@@ -62,6 +62,8 @@ class TaskHeads(Strategy):
 
         def forward(input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                     task_id: Tensor | None = None, **kwargs):
+            if task_id is not None and bool((task_id != task_id[0]).any()):
+                raise ModelError("heads: a batch mixes tasks; every micro-batch must hold one task's items")
             head = heads.get(int(task_id[0])) if task_id is not None else None
             if head is None:  # no task or a language-modelling task: the model as it was
                 return original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
