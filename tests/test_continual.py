@@ -7,13 +7,12 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import ANIMALS, COLORS, classification_records
 
 from tuneforge.config import validate_config
 from tuneforge.continual import continual_metrics
 from tuneforge.run import train_run
 from tuneforge.strategies.replay import Replay, ReplayOptions
-
-from conftest import ANIMALS, COLORS, classification_records
 
 
 def test_metrics_match_a_hand_computed_example():

@@ -7,13 +7,12 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import classification_records, task_records
 
 import tuneforge
 from tuneforge.config import ScheduleConfig, validate_config
 from tuneforge.run import train_run
 from tuneforge.tasks import mixture_plan, task_probabilities
-
-from conftest import classification_records, task_records
 
 
 def task_of(index: int, sizes: list[int]) -> int:
