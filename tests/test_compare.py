@@ -41,3 +41,25 @@ def test_compare_trains_collects_and_reports(tmp_path, tiny_model_dir, task_file
     other_seed = write(tmp_path, "seed1", tiny_model_dir, task_file, [{"lora": {"rank": 2}}], seed=1)
     assert main(["compare", str(out / "runs" / "lora"), other_seed, "--output", str(tmp_path / "cmp2")]) == 0
     assert "`train.seed` differs" in (tmp_path / "cmp2" / "report.md").read_text()
+
+
+def test_compare_shows_each_sequence_runs_task_matrix(tmp_path, tiny_model_dir, task_file):
+    paths = []
+    for name, extra in (("naive", []), ("replay", [{"replay": {"buffer_size": 8, "ratio": 0.5}}])):
+        config = {
+            "model": str(tiny_model_dir), "retain": None, "evaluation": {"samples": 0}, "output": str(tmp_path / "unused"),
+            "tasks": [{"name": t, "data": {"train": str(task_file), "max_eval_examples": 4}} for t in ("first", "second")],
+            "schedule": {"mode": "sequence"}, "strategies": [{"lora": {"rank": 2}}, *extra],
+            "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "max_seq_len": 48},
+        }
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(config))
+    out = tmp_path / "cmp"
+    assert main(["compare", *map(str, paths), "--output", str(out)]) == 0
+    report, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    for name in ("naive", "replay"):
+        assert f"## Continual learning: {name}" in report and f"Continual learning: {name}</h2>" in page
+        results = json.loads((out / "runs" / name / "results.json").read_text())
+        last_row = results["continual"]["matrix"][-1]
+        assert "| second | " + " | ".join(f"{v:.4g}" for v in last_row) + " |" in report
+    assert "BWT" in report and "BWT" in page

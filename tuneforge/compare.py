@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from tuneforge.errors import ConfigError, TrainingError
+from tuneforge.report import continual_section
 
 # Settings that must agree for a comparison to be fair.
 FAIR_KEYS = ("model", "data", "tasks", "retain", "train.max_steps", "train.epochs", "train.batch_size",
@@ -177,9 +178,10 @@ def compare(
     differences = fairness(configs)
     plots = write_plots(rows, run_dirs, output)
     (output / "comparison.json").write_text(json.dumps({"rows": rows, "differences": differences}, indent=1))
-    markdown = render_markdown(rows, differences, plots, configs, command)
+    continual = {name: r["continual"] for name, r in results.items() if r.get("continual")}
+    markdown = render_markdown(rows, differences, plots, configs, command, continual)
     (output / "report.md").write_text(markdown)
-    (output / "report.html").write_text(render_html(rows, differences, plots, command))
+    (output / "report.html").write_text(render_html(rows, differences, plots, command, continual))
     return output / "report.md"
 
 
@@ -193,7 +195,7 @@ def fairness_line(differences: list[str], configs: dict[str, dict]) -> str:
             f"({steps} steps) for every trained run; prompt-only rows train nothing.")
 
 
-def render_markdown(rows, differences, plots, configs, command) -> str:
+def render_markdown(rows, differences, plots, configs, command, continual: dict | None = None) -> str:
     header = [label for _, label in TABLE_COLUMNS]
     lines = ["# tuneforge comparison", ""]
     if command:
@@ -206,10 +208,24 @@ def render_markdown(rows, differences, plots, configs, command) -> str:
               ". Forgetting: retain-set loss after minus before (positive = forgot). Artifact: the saved adapter "
               "(or trained weights). Time and tokens/s: training steps only.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
+    for name, result in (continual or {}).items():  # sequence runs: each one's task x task matrix
+        lines += continual_section(result, f"Continual learning: {name}")
     return "\n".join(lines) + "\n"
 
 
-def render_html(rows, differences, plots, command) -> str:
+def continual_html(name: str, continual: dict) -> str:
+    """One sequence run's R matrix as an HTML table, with ACC/BWT/FWT."""
+    cells = "".join(f"<th>{html.escape(t)}</th>" for t in continual["tasks"])
+    rows = [("b (base)", continual["baseline"]), *zip(continual["tasks"], continual["matrix"])]
+    body = "".join(f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{v:.4g}</td>" for v in values) + "</tr>"
+                   for label, values in rows)
+    summary = ", ".join(f"{k.upper()} {continual[k]:+.4g}" for k in ("acc", "bwt", "fwt") if k in continual)
+    return (f"<h2>Continual learning: {html.escape(name)}</h2><p>R[i][j] = {html.escape(continual['metric'])} on "
+            f"task j after training task i</p><table><tr><th>after \\ on</th>{cells}</tr>{body}</table>"
+            f"<p>{html.escape(summary)} (BWT &lt; 0 means forgetting)</p>")
+
+
+def render_html(rows, differences, plots, command, continual: dict | None = None) -> str:
     header = "".join(f"<th>{html.escape(label)}</th>" for _, label in TABLE_COLUMNS)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in table_rows(rows))
     images = "".join(
@@ -221,4 +237,6 @@ def render_html(rows, differences, plots, command) -> str:
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:48%;margin:1em 1% 0 0}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>tuneforge comparison</title>"
             f"<style>{style}</style></head><body><h1>tuneforge comparison</h1>{made}{note}"
-            f"<table><tr>{header}</tr>{body}</table>{images}</body></html>\n")
+            f"<table><tr>{header}</tr>{body}</table>{images}"
+            + "".join(continual_html(name, result) for name, result in (continual or {}).items())
+            + "</body></html>\n")

@@ -76,13 +76,13 @@ def write_loss_plot(run_dir: Path) -> Path | None:
     return path
 
 
-def continual_section(continual: dict | None) -> list[str]:
+def continual_section(continual: dict | None, title: str = "Continual learning") -> list[str]:
     """The task x task result matrix R[i][j] (row: after training task i) with ACC, BWT and FWT."""
     if not continual:
         return []
     names = continual["tasks"]
     metric = continual["metric"]
-    lines = ["", "## Continual learning", "",
+    lines = ["", f"## {title}", "",
              f"R[i][j] = {metric} on task j after training task i (b = before any training):", "",
              "| after \\ on | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines.append("| b (base) | " + " | ".join(f"{v:.4g}" for v in continual["baseline"]) + " |")
