@@ -177,3 +177,22 @@ def test_contract(case: Case, tmp_path):
                 next_token = reloaded(input_ids=sequence).logits[:, -1].argmax(-1, keepdim=True)
                 sequence = torch.cat([sequence, next_token], dim=1)
         assert generated.tolist() == sequence.tolist()
+
+
+@pytest.mark.parametrize("names, words", [
+    (["lora", "lora"], "lora is listed twice"),
+    (["full", "layerwise"], "full and layerwise together"),
+    (["full", "prefix"], "full and prefix together"),
+])
+def test_meaningless_combinations_are_refused_before_loading(names, words):
+    from tuneforge.compose import build_strategies
+    from tuneforge.errors import ModelError
+
+    with pytest.raises(ModelError, match=words):
+        build_strategies([{name: {}} for name in names])
+
+
+def test_full_with_task_heads_is_allowed():
+    from tuneforge.compose import build_strategies
+
+    assert [s.name for s in build_strategies([{"full": {}}, {"heads": {}}])] == ["full", "heads"]
