@@ -37,6 +37,13 @@ VARIANTS: dict[str, tuple[list[dict], dict, dict]] = {
                       {"max_train_examples": SMALL}),
     "student-kd-small": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.5,
                                        "temperature": 2.0}}], {"epochs": 8}, {"max_train_examples": SMALL}),
+    # mostly the teacher's soft targets, softened further (Hinton et al. 2015 use T up to 20)
+    "student-kd-t4-small": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.1,
+                                          "temperature": 4.0}}], {"epochs": 8}, {"max_train_examples": SMALL}),
+    # DistilBERT's cosine loss on the last hidden states on top of the soft targets (Sanh et al. 2019)
+    "student-kd-hidden-small": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.5,
+                                              "temperature": 2.0, "hidden_weight": 1.0}}], {"epochs": 8},
+                                {"max_train_examples": SMALL}),
 }
 
 

@@ -30,6 +30,7 @@ def test_compare_trains_collects_and_reports(tmp_path, tiny_model_dir, task_file
     rows = {row["run"]: row for row in json.loads((out / "comparison.json").read_text())["rows"]}
     assert set(rows) == {"lora", "full", "prompt-only"}
     assert rows["prompt-only"]["trainable_params"] == 0 and rows["prompt-only"]["steps"] == 0
+    assert rows["prompt-only"]["strategies"] == "none (prompt only)" and rows["lora"]["strategies"] == "lora"
     assert 0 < rows["lora"]["trainable_params"] < rows["full"]["trainable_params"]
     assert rows["full"]["task"] < rows["prompt-only"]["task"]  # training lowered the eval loss
     report = (out / "report.md").read_text()

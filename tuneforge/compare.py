@@ -61,13 +61,25 @@ def fairness(configs: dict[str, dict]) -> list[str]:
     return differences
 
 
+def strategies_label(results: dict) -> str:
+    """`lora + ewc`; a variant where its option names one (`lora (dora)`); `none (prompt only)` untrained."""
+    if results.get("steps", 0) == 0:
+        return "none (prompt only)"
+    names = []
+    for spec in results["strategies"]:
+        (name, options), = spec.items()
+        variant = [flag for flag in ("dora", "rslora") if (options or {}).get(flag)]
+        names.append(f"{name} ({', '.join(variant)})" if variant else name)
+    return " + ".join(names) or "full"
+
+
 def row_of(name: str, results: dict) -> dict:
     after, before = results["after"], results["before"]
     task_metric = "accuracy" if "accuracy" in after.get("eval", {}) else "loss"
     retain_before, retain_after = before.get("retain", {}), after.get("retain", {})
     return {
         "run": name,
-        "strategies": " + ".join(next(iter(s)) for s in results["strategies"]) or "full",
+        "strategies": strategies_label(results),
         "task_metric": task_metric,
         "task": after["eval"].get(task_metric),
         "task_before": before["eval"].get(task_metric),
