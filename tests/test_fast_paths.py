@@ -96,7 +96,7 @@ def test_full_logits_are_kept_for_strategies_that_override_loss():
 
     assert ReadsLogits(Options()).needs_logits()
     assert build_strategies([{"distill": {}}])[0].needs_logits()  # compares logits with its teacher's
-    assert not any(s.needs_logits() for s in build_strategies(["lora", "full", {"layerwise": {}}]))
+    assert not any(s.needs_logits() for names in (["lora"], ["full"], [{"layerwise": {}}]) for s in build_strategies(names))
     # fit gives task_loss the head only when no strategy needs logits; distill in the real loop: test_objectives
 
 

@@ -328,9 +328,9 @@ def test_layerwise_and_prefix_train_the_union():
 @pytest.mark.parametrize("strategies, message", [
     ([{"lora": {"targets": ["k_proj"]}}, {"ia3": {}}], r"ia3: model\.layers\.0\.self_attn\.k_proj is already wrapped \(LoRALinear\)"),
     ([{"ia3": {}}, {"lora": {"targets": "all-linear"}}], r"lora: .* is already wrapped \(IA3Linear\)"),
-    ([{"prefix": {}}, {"prefix": {}}], "prefix listed twice"),
-    ([{"prompt": {}}, {"prompt": {}}], "prompt listed twice"),
-    ([{"adapter": {}}, {"adapter": {}}], "adapter listed twice"),
+    ([{"prefix": {}}, {"prefix": {}}], "prefix is listed twice"),
+    ([{"prompt": {}}, {"prompt": {}}], "prompt is listed twice"),
+    ([{"adapter": {}}, {"adapter": {}}], "adapter is listed twice"),
 ])
 def test_conflicting_combinations_fail_at_setup(strategies, message):
     with pytest.raises(ModelError, match=message):

@@ -180,7 +180,6 @@ def test_contract(case: Case, tmp_path):
 
 
 @pytest.mark.parametrize("names, words", [
-    (["lora", "lora"], "lora is listed twice"),
     (["full", "layerwise"], "full and layerwise together"),
     (["full", "prefix"], "full and prefix together"),
 ])
