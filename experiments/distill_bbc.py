@@ -12,12 +12,13 @@ training set and on a small one (200 articles), where the teacher's soft labels 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from variant_cli import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -121,21 +122,11 @@ def table() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "all", "table"])
-    parser.add_argument("names", nargs="*", help=f"variants (default: all of {', '.join(VARIANTS)})")
-    args = parser.parse_args()
-    unknown = [n for n in args.names if n not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant {unknown[0]} (known: {', '.join(VARIANTS)})")
-    names = args.names or list(VARIANTS)
-    if args.command == "run":
-        for name in names:
-            run_variant(name)
-    elif args.command == "all":
-        run_all(names)
-    else:
-        print(table())
+    run_cli(__doc__, VARIANTS, {
+        "run": lambda names: [run_variant(name) for name in names],
+        "all": run_all,
+        "table": lambda names: print(table()),
+    })
 
 
 if __name__ == "__main__":

@@ -17,13 +17,14 @@ plain counterpart's retain perplexity on its eval curve at the regularised run's
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from variant_cli import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -248,26 +249,12 @@ def curves_text() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["run", "all", "calibrate", "table"])
-    parser.add_argument("names", nargs="*", help=f"variants (default: all of {', '.join(VARIANTS)})")
-    args = parser.parse_args()
-    unknown = [n for n in args.names if n not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant {unknown[0]} (known: {', '.join(VARIANTS)})")
-    names = args.names or list(VARIANTS)
-    if args.command == "run":
-        for name in names:
-            run_variant(name)
-    elif args.command == "all":
-        run_all(names)
-    elif args.command == "calibrate":
-        for name in names:
-            calibrate(name)
-    else:
-        print(table())
-        print()
-        print(curves_text())
+    run_cli(__doc__, VARIANTS, {
+        "run": lambda names: [run_variant(name) for name in names],
+        "all": run_all,
+        "calibrate": lambda names: [calibrate(name) for name in names],
+        "table": lambda names: print(f"{table()}\n\n{curves_text()}"),
+    })
 
 
 if __name__ == "__main__":

@@ -14,6 +14,13 @@ import torch
 
 torch.set_num_threads(1)  # tiny models: threading overhead dwarfs the work, and CI shares 2 cores
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one intra-op thread, whatever an earlier test or library left behind."""
+    torch.set_num_threads(1)
+    yield
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

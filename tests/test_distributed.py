@@ -32,15 +32,6 @@ LOSS_TOLERANCE = 1e-4  # measured: < 1e-6 (float summation order differs between
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as in the worker processes: same numerics, and no thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def worker_env() -> dict[str, str]:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",

@@ -59,7 +59,7 @@ def shrunk(raw: dict, decoder: Path, encoder: Path, output: Path) -> dict:
         (name, options), = spec.items()
         if name == "distill" and options.get("teacher") not in (None, "base"):
             options = {**options, "teacher": "base"}  # a fine-tuned teacher folder: the tiny original stands in
-        if name in ("ewc",):
+        if name == "ewc":
             options = {**options, "fisher_samples": 2}
         strategies.append({name: options})
     raw["strategies"] = strategies

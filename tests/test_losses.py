@@ -18,15 +18,6 @@ from tuneforge.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads spin-wait badly on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("kind", ["forward", "reverse"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
 def test_kd_loss_is_zero_when_teacher_equals_student(kind, temperature):

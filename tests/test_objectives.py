@@ -20,16 +20,6 @@ from tuneforge.checkpoint import latest_checkpoint
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.run import train_run
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads spin-wait badly on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 LORA = {"lora": {"rank": 4, "targets": "all-linear"}}
 QUIET = {"samples": 0}
 

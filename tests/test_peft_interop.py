@@ -14,16 +14,6 @@ from conftest import tiny_llama
 import tuneforge
 from tuneforge.errors import ModelError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads spin-wait badly on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 peft = pytest.importorskip("peft")
 
 TOKENS = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))

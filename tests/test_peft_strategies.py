@@ -15,16 +15,6 @@ from tuneforge.strategies.adapter import BottleneckAdapter
 from tuneforge.strategies.ia3 import IA3Linear, ia3_modules
 from tuneforge.surgery import disabled_adapters
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads spin-wait badly on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # tiny_llama: 4 layers, hidden 32, 4 heads of 8, 2 key/value heads (kv width 16), FFN 64
 
 

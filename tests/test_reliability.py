@@ -26,14 +26,6 @@ from tuneforge.metrics import MetricsLogger, read_metrics
 PACKAGE = Path(__file__).resolve().parents[1] / "tuneforge"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def write_config(directory: Path, model: Path, data: Path | str, **sections) -> Path:
     config = {
         "model": str(model),

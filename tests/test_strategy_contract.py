@@ -22,15 +22,6 @@ from tuneforge.strategies import REGISTRY
 from tuneforge.surgery import is_injected
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads spin-wait badly on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_bert(seed: int = 0):
     """A random 2-layer BERT sequence classifier (3 labels): the encoder family of the bundled MiniLM."""
     from transformers import BertConfig, BertForSequenceClassification
