@@ -112,7 +112,7 @@ def register_task_crash():
             return False  # as the uninterrupted run: the same (chunked) loss path, bit for bit
 
         def loss(self, model, batch, outputs, ctx):
-            if ctx.extras.get("task") == self.options.task and ctx.step == self.options.step:
+            if ctx.current_task == self.options.task and ctx.step == self.options.step:
                 raise KeyboardInterrupt
             return {}
 

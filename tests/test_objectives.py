@@ -242,7 +242,7 @@ def test_online_ewc_folds_task_fishers_and_state_round_trips(tokenizer):
     model = tiny_llama(vocab_size=len(tokenizer))
     items = [encode_causal(Example(kind="text", text=f"The cat is {c}."), tokenizer, 32) for c in COLORS]
     batches = [collate(items[i:i + 4], tokenizer.pad_token_id) for i in (0, 4)]
-    ctx = StrategyContext(task_type="causal_lm", extras={"task": "a"})  # in a sequence, without retain data
+    ctx = StrategyContext(task_type="causal_lm", current_task="a")  # in a sequence, without retain data
     offline, online = EWC(EWCOptions(fisher_samples=6)), EWC(EWCOptions(fisher_samples=6, online=True, decay=0.5))
     for strategy in (offline, online):
         strategy.on_train_start(model, ctx)

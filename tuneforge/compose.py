@@ -6,12 +6,9 @@ from torch import nn
 
 from tuneforge.config import StrategySpec, parse_strategies
 from tuneforge.errors import ModelError
-from tuneforge.strategies import REGISTRY, Strategy, StrategyContext, build_strategy
+from tuneforge.strategies import REGISTRY, Strategy, StrategyContext, build_strategy, refusal
 
 STRATEGIES_ATTR = "tuneforge_strategies"  # the applied strategies ride on the model for save_adapter
-
-
-FULL_COMPANIONS = {"heads"}  # parametrizations that add to full fine-tuning instead of replacing it
 
 
 def build_strategies(specs: list[StrategySpec] | list[dict] | list[str]) -> list[Strategy]:
@@ -23,16 +20,9 @@ def build_strategies(specs: list[StrategySpec] | list[dict] | list[str]) -> list
 
 def check_combination(names: list[str]) -> None:
     """Refuse strategy lists that cannot mean anything, saying why (before any model loads)."""
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ModelError(f"strategies: {repeated[0]} is listed twice; give it once with all its options")
-    if "full" in names:
-        others = [n for n in names if REGISTRY[n].family == "parametrization" and n not in FULL_COMPANIONS | {"full"}]
-        if others:
-            hint = ("layerwise chooses which layers train; full trains all of them" if others[0] == "layerwise"
-                    else f"{others[0]} exists to train a few parameters while the base stays frozen")
-            raise ModelError(f"strategies: full and {others[0]} together: {hint}; list one of them "
-                             f"(full + {others[0]} would train every base weight anyway)")
+    reason = refusal(names)
+    if reason:
+        raise ModelError(f"strategies: {reason}")
 
 
 def apply_strategies(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext) -> nn.Module:

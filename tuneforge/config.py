@@ -310,15 +310,14 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     return config
 
 
-# strategy options that name a file or folder (resolved like data paths); "base" is a keyword, not a path
-PATH_OPTIONS = {"distill": ("teacher",)}
-
-
 def _path_options(config: RunConfig):
+    """Strategy options that name a file or folder, as each strategy declares (`path_options`)."""
+    from tuneforge.strategies import REGISTRY
+
     for spec in config.strategies:
-        for name in PATH_OPTIONS.get(spec.name, ()):
+        for name, keywords in REGISTRY[spec.name].cls.path_options.items():
             value = getattr(spec.options, name, None)
-            if isinstance(value, str) and value != "base":
+            if isinstance(value, str) and value not in keywords:
                 yield spec, name, value
 
 

@@ -57,7 +57,7 @@ def train_sequence(session, before: dict, resume: bool) -> tuple:
             if index == len(progress["rows"]) - 1:
                 load_weights_and_strategies(latest_checkpoint(checkpoints), session.model, session.strategies)
             continue
-        ctx.extras["task"] = task.name
+        ctx.current_task = task.name
         items = task.train_items
         for strategy in session.strategies:
             items = strategy.task_items(items, ctx)

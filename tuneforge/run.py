@@ -38,7 +38,7 @@ from tuneforge.models import (
     resolve_model_path,
 )
 from tuneforge.packing import check_packing, packing_plan
-from tuneforge.strategies import Strategy, StrategyContext
+from tuneforge.strategies import REGISTRY, Strategy, StrategyContext, TaskInfo
 from tuneforge.surgery import disabled_adapters
 from tuneforge.tasks import TaskData, encode_task, load_tasks, mixture_plan
 
@@ -213,18 +213,21 @@ def load_base_model(config: RunConfig, run_data: RunData, strategy_names: list[s
     classification = [t for t in run_data.tasks if t.task_type == "classification"]
     if not classification:
         return load_model(config.model, "causal_lm", None, config.trust_remote_code)
-    if "heads" not in strategy_names:
+    if not any(REGISTRY[name].cls.provides_heads for name in strategy_names):
         if len(run_data.tasks) == 1:
             return load_model(config.model, "classification", classification[0].labels, config.trust_remote_code)
-        raise ConfigError("several tasks with classification need task-specific heads: add `- heads: {}` to strategies")
+        providers = [name for name, entry in REGISTRY.items() if entry.cls.provides_heads]
+        raise ConfigError(f"several tasks with classification need task-specific heads: add `- {providers[0]}: {{}}` "
+                          f"to strategies")
     return load_model(config.model, "body", None, config.trust_remote_code)
 
 
 def build_model(config: RunConfig, run_data: RunData) -> tuple[nn.Module, object, list[Strategy], StrategyContext]:
     strategies = build_strategies(config.strategies)
     model, tokenizer, _ = load_base_model(config, run_data, [s.name for s in strategies])
-    ctx = StrategyContext(tokenizer=tokenizer, task_type=run_data.task_type, num_epochs=config.train.epochs)
-    ctx.extras["tasks"] = [(t.name, t.task_type, t.labels) for t in run_data.tasks]
+    tasks = tuple(TaskInfo(t.name, t.task_type, tuple(t.labels) if t.labels else None) for t in run_data.tasks)
+    ctx = StrategyContext(tokenizer=tokenizer, task_type=run_data.task_type, tasks=tasks,
+                          num_epochs=config.train.epochs)
     model = apply_strategies(model, strategies, ctx)
     if config.train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -278,7 +281,7 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     set_seed(config.train.seed)
     model, tokenizer, strategies, ctx = build_model(config, run_data)
     check_sequence_length(config.model, config.train.max_seq_len, config_location(config, "train.max_seq_len"))
-    encode_run_data(run_data, config, tokenizer, tag_tasks=run_data.multi_task or "heads" in config_names(config))
+    encode_run_data(run_data, config, tokenizer, tag_tasks=run_data.multi_task or provides_heads(strategies))
     model.to(accelerator.device)
     if config.train.packing:
         check_packing_run(model, tokenizer, run_data, config, strategies, accelerator.device)
@@ -303,6 +306,10 @@ def check_packing_run(model: nn.Module, tokenizer, run_data: RunData, config: Ru
         raise ConfigError(f"train.packing mixes tasks proportionally (every example once per epoch); "
                           f"schedule.sampling: {config.schedule.sampling} is not supported with it")
     check_packing(model, tokenizer.pad_token_id, device)
+
+
+def provides_heads(strategies: list[Strategy]) -> bool:
+    return any(strategy.provides_heads for strategy in strategies)
 
 
 def config_names(config: RunConfig) -> list[str]:

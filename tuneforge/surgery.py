@@ -19,12 +19,17 @@ _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "pooler", "head")
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
-# Parameters and modules injected by strategies carry one of these prefixes; base names never change.
-INJECTED_PREFIXES = ("lora_", "adapter_", "prefix_", "prompt_", "ia3_", "head_")
+def injected_prefixes() -> tuple[str, ...]:
+    """The registered strategies' parameter prefixes; base parameter names never carry one."""
+    from tuneforge.strategies import injected_prefixes as registered  # the registry imports this module
+
+    return registered()
 
 
 def is_injected(name: str) -> bool:
-    return any(part.startswith(INJECTED_PREFIXES) for part in name.split("."))
+    """Whether a parameter or module name belongs to a module a strategy injected."""
+    prefixes = injected_prefixes()
+    return any(part.startswith(prefixes) for part in name.split("."))
 
 
 def layer_index(name: str) -> int | None:
@@ -47,7 +52,7 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     found = []
     for name, module in model.named_modules():
         parts = name.split(".")
-        if layer_index(name) is None or any(p in _HEAD_NAMES or p.startswith(INJECTED_PREFIXES) for p in parts):
+        if layer_index(name) is None or is_injected(name) or any(p in _HEAD_NAMES for p in parts):
             continue
         # Already-wrapped layers are listed too, so a second wrapper fails with a clear conflict error.
         if isinstance(module, LINEAR_TYPES) or hasattr(module, "injected_disabled"):

@@ -225,8 +225,6 @@ def fit(
     window_start, window_tokens = time.perf_counter(), 0
     while state.step < num_steps:
         ctx.epoch, ctx.step = state.epoch, state.step
-        for strategy in strategies:
-            strategy.on_epoch_start(raw_model, ctx)
         set_trainable(raw_model, strategies, ctx)  # the trainable set may change by epoch
         batches = plan(state.epoch, rank, world)
         if not batches:

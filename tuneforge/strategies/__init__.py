@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from tuneforge.strategies.base import Options, Strategy, StrategyContext
+from tuneforge.strategies.base import Options, PeftTranslation, Strategy, StrategyContext, TaskInfo
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,26 @@ def build_strategy(name: str, options: BaseModel) -> Strategy:
     return REGISTRY[name].cls(options)
 
 
+def injected_prefixes() -> tuple[str, ...]:
+    """Every registered strategy's parameter prefix: the names that are not base-model parameters."""
+    return tuple(sorted({entry.cls.param_prefix for entry in REGISTRY.values() if entry.cls.param_prefix}))
+
+
+def refusal(names: list[str]) -> str | None:
+    """Why a strategy list cannot mean anything (None when it can): a strategy twice, or a pair that one of
+    its two members refuses (each strategy declares its own refusals)."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        return f"{repeated[0]} is listed twice; give it once with all its options"
+    classes = [REGISTRY[name].cls for name in names]
+    for i, first in enumerate(classes):
+        for second in classes[i + 1:]:
+            reason = first.refuses(second) or second.refuses(first)
+            if reason:
+                return f"{first.name} and {second.name} together: {reason}"
+    return None
+
+
 def _import_all() -> None:
     """Importing a strategy module registers it: every module in this package is imported once."""
     import importlib
@@ -48,4 +68,5 @@ def _import_all() -> None:
 
 _import_all()
 
-__all__ = ["REGISTRY", "Options", "Strategy", "StrategyContext", "StrategyEntry", "build_strategy", "register"]
+__all__ = ["REGISTRY", "Options", "PeftTranslation", "Strategy", "StrategyContext", "StrategyEntry", "TaskInfo",
+           "build_strategy", "injected_prefixes", "refusal", "register"]

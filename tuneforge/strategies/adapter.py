@@ -75,6 +75,7 @@ class Adapter(Strategy):
     """Bottleneck adapters after attention and/or feed-forward blocks (Houlsby, Pfeiffer); cannot merge."""
 
     param_prefix = "adapter_"
+    parameter_efficient = True
     options: AdapterOptions
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:

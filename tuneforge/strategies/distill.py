@@ -66,6 +66,7 @@ class Distill(Strategy):
     """Distil a teacher (the frozen base or a model folder) into the trained model; optional smaller student."""
 
     family = "objective"
+    path_options = {"teacher": ("base",)}  # a model folder, or the keyword `base`
     options: DistillOptions
 
     def __init__(self, options: DistillOptions):

@@ -66,7 +66,7 @@ class EWC(Strategy):
         if ctx.retain_batches is not None:
             # Estimated at the first step (still the starting weights) unless a checkpoint restores it.
             self._pending_start = lambda: ctx.retain_batches(batch_size=1, device=ctx.device)
-        elif "task" not in ctx.extras:  # set by the continual schedule for each task of a sequence
+        elif ctx.current_task is None:  # set by the continual schedule for each task of a sequence
             raise ConfigError("ewc needs data whose knowledge to keep: set `retain:` (a text file or "
                               "builtin:shakespeare), or train a task sequence")
 

@@ -17,5 +17,16 @@ class FullOptions(Options):
 class FullFineTuning(Strategy):
     """Train every base-model parameter (the default when no parametrization is listed)."""
 
+    trains_base_weights = True
+
+    @classmethod
+    def refuses(cls, other: type[Strategy]) -> str | None:
+        if other.trains_base_weights:
+            return f"{other.name} chooses which base weights train, full trains all of them; list one of them"
+        if other.parameter_efficient:
+            return (f"{other.name} exists to train a few parameters while the base stays frozen, and full "
+                    f"trains every base weight anyway; list one of them")
+        return None
+
     def trainable(self, model: nn.Module, ctx: StrategyContext) -> set[str]:
         return {name for name, _ in model.named_parameters() if not is_injected(name)}

@@ -38,6 +38,7 @@ class TaskHeads(Strategy):
     """One classification head per task on a shared body; batches routed by their task id."""
 
     param_prefix = "head_"
+    provides_heads = True  # the run loads a headless body; this strategy adds one head per task
     options: HeadsOptions
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
@@ -81,7 +82,7 @@ class TaskHeads(Strategy):
         return {**self.options.model_dump(mode="json"), "tasks": self.resolved}
 
     def _task_heads(self, ctx: StrategyContext) -> list[tuple[int, str, int]]:
-        run_tasks = ctx.extras.get("tasks", [])  # [(name, task_type, labels)] in task-id order
+        run_tasks = [(t.name, t.task_type, t.labels) for t in ctx.tasks]  # in task-id order
         if self.options.tasks is not None:
             ids = {name: i for i, (name, _, _) in enumerate(run_tasks)}
             chosen = []

@@ -89,6 +89,7 @@ class IA3(Strategy):
     """IA3 rescaling vectors on keys, values and feed-forward inputs; merges exactly; PEFT layout."""
 
     param_prefix = "ia3_"
+    parameter_efficient = True
     options: IA3Options
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:

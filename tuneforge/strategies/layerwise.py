@@ -30,6 +30,7 @@ class Layerwise(Strategy):
     """Train chosen layers only, with optional layer-wise LR decay and gradual unfreezing."""
 
     options: LayerwiseOptions
+    trains_base_weights = True
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         self.total_layers = num_layers(model)

@@ -150,6 +150,7 @@ class LoRA(Strategy):
     """Low-rank adapters on chosen linear layers (LoRA, rsLoRA, DoRA); merge, unmerge, PEFT export."""
 
     param_prefix = "lora_"
+    parameter_efficient = True
     options: LoRAOptions
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:

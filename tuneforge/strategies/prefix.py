@@ -125,6 +125,7 @@ class PrefixTuning(Strategy):
     """Learned key/value prefixes in every attention layer (Li & Liang); generate, grad-ckpt; PEFT layout."""
 
     param_prefix = "prefix_"
+    parameter_efficient = True
     options: PrefixOptions
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:

@@ -113,6 +113,7 @@ class PromptTuning(Strategy):
     """A learned soft prompt prepended to every input (Lester et al.); works with generate; PEFT layout."""
 
     param_prefix = "prompt_"
+    parameter_efficient = True
     options: PromptOptions
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
