@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from tuneforge.config import StrategySpec, parse_strategies
@@ -44,6 +46,21 @@ def trainable_by_strategy(model: nn.Module, strategies: list[Strategy], ctx: Str
     if not has_parametrization(strategies):
         wanted["full"] = build_strategy("full", REGISTRY["full"].options()).trainable(model, ctx)
     return wanted
+
+
+def trainable_in_any_epoch(model: nn.Module, ctx: StrategyContext, strategies: list[Strategy] | None = None) -> set[str]:
+    """Names of parameters some strategy trains in some epoch the loop will start (`ctx.num_epochs`).
+
+    Gradual unfreezing adds layers by epoch; the optimizer, L2-SP and EWC all need the whole set. Without
+    `strategies`, those applied to the model; a model not prepared by tuneforge: what is trainable now.
+    """
+    strategies = applied_strategies(model) if strategies is None else strategies
+    if not strategies:
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+    names: set[str] = set()
+    for epoch in range(max(ctx.num_epochs, 1)):
+        names |= set().union(*trainable_by_strategy(model, strategies, replace(ctx, epoch=epoch)).values())
+    return names
 
 
 def set_trainable(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext) -> set[str]:

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tuneforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tuneforge.compose import set_trainable, trainable_by_strategy
+from tuneforge.compose import set_trainable, trainable_in_any_epoch
 from tuneforge.config import TrainConfig
 from tuneforge.data import collate
 from tuneforge.errors import TrainingError
@@ -66,10 +66,7 @@ def build_optimizer(model: nn.Module, strategies: list[Strategy], ctx: StrategyC
     Parameters frozen now but unfrozen later (gradual unfreezing) get no gradient until then, and
     AdamW skips parameters without a gradient, so they stay bit-identical while frozen.
     """
-    candidates: set[str] = set()
-    for epoch in range(max(ctx.num_epochs, 1)):
-        probe = StrategyContext(**{**ctx.__dict__, "epoch": epoch})
-        candidates |= set().union(*trainable_by_strategy(model, strategies, probe).values())
+    candidates = trainable_in_any_epoch(model, ctx, strategies)
     rates: dict[str, float] = {}
     for strategy in strategies:
         rates.update(strategy.param_groups(model, cfg.lr))

@@ -53,15 +53,6 @@ class L2SP(Strategy):
 
 
 def trainable_in_any_epoch(model: nn.Module, ctx: StrategyContext) -> set[str]:
-    """Names of parameters any applied strategy trains in some epoch (gradual unfreezing adds layers)."""
-    from dataclasses import replace
+    from tuneforge.compose import trainable_in_any_epoch as in_any_epoch
 
-    from tuneforge.compose import applied_strategies, trainable_by_strategy
-
-    strategies = applied_strategies(model)
-    if not strategies:  # a model not prepared by tuneforge: whatever is trainable now
-        return {name for name, p in model.named_parameters() if p.requires_grad}
-    names: set[str] = set()
-    for epoch in range(max(ctx.num_epochs, 1)):
-        names |= set().union(*trainable_by_strategy(model, strategies, replace(ctx, epoch=epoch)).values())
-    return names
+    return in_any_epoch(model, ctx)
