@@ -12,6 +12,7 @@ from torch import nn
 
 from tuneforge.data import IGNORE_INDEX, Example, collate
 from tuneforge.forward import model_inputs, routes_tasks
+from tuneforge.losses import token_losses
 
 
 def batches(items: list[dict], batch_size: int, pad_token_id: int, device) -> list[dict]:
@@ -22,20 +23,6 @@ def batches(items: list[dict], batch_size: int, pad_token_id: int, device) -> li
         batch = collate([items[i] for i in order[start:start + batch_size]], pad_token_id)
         out.append({k: v.to(device) for k, v in batch.items()})
     return out
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over labelled positions, and how many there were.
-
-    logits: (B, T, V); labels: (B, T) with IGNORE_INDEX where no loss is taken.
-    """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    return total, int((shift_labels != IGNORE_INDEX).sum())
 
 
 # Config keys of models whose logits are not a plain linear map of the last hidden state (soft-capping,

@@ -1,4 +1,5 @@
-"""Pure loss math for the objectives: distillation, retention, L2-SP, EWC and the Fisher diagonal.
+"""Pure loss math for the objectives: distillation, retention, L2-SP, EWC, the Fisher diagonal,
+and the summed next-token cross-entropy (`token_losses`) that evaluation and EWC share.
 
 No wiring here: strategies (`tuneforge/strategies/{distill,retention,l2sp,ewc}.py`) decide what to feed
 these functions and when. Every function works on plain tensors, so each is tested against a closed form.
@@ -12,6 +13,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from tuneforge.data.encode import IGNORE_INDEX
 
 
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
@@ -157,3 +160,17 @@ def _zero_like(params: Mapping[str, Tensor], anchors: Mapping[str, Tensor]) -> T
     first = next(iter(anchors), None)
     device = params[first].device if first is not None else None
     return torch.zeros((), device=device)
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and how many there were.
+
+    logits: (B, T, V); labels: (B, T) with IGNORE_INDEX where no loss is taken.
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return total, int((shift_labels != IGNORE_INDEX).sum())

@@ -33,9 +33,9 @@ from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
 from tuneforge.losses import hidden_cosine_loss, kd_loss
+from tuneforge.reference import FrozenReference, frozen_copy
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
-from tuneforge.strategies.retention import FrozenReference, frozen_copy
 from tuneforge.surgery import layer_index, num_layers, replace_module
 
 _LAYER_LISTS = ("layers", "layer", "h", "blocks", "block")

@@ -28,12 +28,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from tuneforge.errors import ConfigError
-from tuneforge.evaluate import token_losses
 from tuneforge.forward import model_inputs, routes_tasks
-from tuneforge.losses import ewc_penalty, fisher_diagonal, sampled_label_nll
+from tuneforge.losses import ewc_penalty, fisher_diagonal, sampled_label_nll, token_losses
+from tuneforge.reference import eval_mode
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
-from tuneforge.strategies.l2sp import trainable_in_any_epoch
 
 
 class EWCOptions(Options):
@@ -100,6 +99,8 @@ class EWC(Strategy):
     def add_task(self, model: nn.Module, batches, ctx: StrategyContext) -> None:
         """Estimate the Fisher at the current weights on `fisher_samples` single-sequence batches and
         add it as a penalty (or fold it into the running one when online)."""
+        from tuneforge.compose import trainable_in_any_epoch  # compose imports the registry
+
         names = trainable_in_any_epoch(model, ctx)
         params = {name: p for name, p in model.named_parameters() if name in names}
         frozen_now = [p for p in params.values() if not p.requires_grad]  # unfrozen in a later epoch
@@ -156,12 +157,8 @@ def estimate_fisher(
             return sampled_label_nll(logits[:, :-1], mask=batch["labels"][:, 1:] != -100)
         return token_losses(logits, batch["labels"])[0]
 
-    was_training = model.training
-    model.eval()  # no dropout noise in the Fisher
-    try:
+    with eval_mode(model):  # no dropout noise in the Fisher
         fisher = fisher_diagonal(params, batches, nll)
-    finally:
-        model.train(was_training)
     return {name: value.to(params[name].dtype) for name, value in fisher.items()}
 
 

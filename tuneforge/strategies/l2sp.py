@@ -40,6 +40,8 @@ class L2SP(Strategy):
         # sequence (called once per task) the anchors stay those of the first task's start.
         if self.anchors:
             return
+        from tuneforge.compose import trainable_in_any_epoch  # compose imports the registry
+
         names = trainable_in_any_epoch(model, ctx)
         self.anchors = {name: p.detach().clone() for name, p in model.named_parameters() if name in names}
 
@@ -51,8 +53,3 @@ class L2SP(Strategy):
         trainable = {name: anchor for name, anchor in self.anchors.items() if params[name].requires_grad}
         return {"l2sp": l2sp_penalty(params, trainable, self.options.weight)}
 
-
-def trainable_in_any_epoch(model: nn.Module, ctx: StrategyContext) -> set[str]:
-    from tuneforge.compose import trainable_in_any_epoch as in_any_epoch
-
-    return in_any_epoch(model, ctx)

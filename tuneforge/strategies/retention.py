@@ -14,7 +14,6 @@ adds modules (LoRA, adapters, IA3, prefix, prompt): no second copy in memory. Wh
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -25,63 +24,9 @@ from torch import Tensor, nn
 
 from tuneforge.errors import ConfigError
 from tuneforge.losses import retention_kl
+from tuneforge.reference import FrozenReference
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
-from tuneforge.surgery import disabled_adapters, is_injected
-
-
-class FrozenReference:
-    """The model as it was before training, run without gradients (a teacher or a retention target).
-
-    Uses `disabled_adapters(model)` when every trainable parameter belongs to a module that can be
-    disabled; otherwise a frozen deep copy taken now (call it before the first optimizer step).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.copy: nn.Module | None = None
-        if not self.adapters_only(model):
-            self.copy = frozen_copy(model)
-        self.model = model
-
-    @staticmethod
-    def adapters_only(model: nn.Module) -> bool:
-        """True when only injected parameters train and each sits in a module that `disabled_adapters` turns off."""
-        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-        switchable = {name for name, m in model.named_modules() if hasattr(m, "injected_disabled")}
-        return bool(trainable) and all(is_injected(n) and _under_any(n, switchable) for n in trainable)
-
-    @torch.no_grad()
-    def __call__(self, **inputs: Any) -> Any:
-        if self.copy is not None:
-            return self.copy(**inputs)
-        was_training = self.model.training
-        self.model.eval()  # the reference has no dropout
-        try:
-            with disabled_adapters(self.model):
-                return self.model(**inputs)
-        finally:
-            self.model.train(was_training)
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode with no parameter requiring grad; strategy objects riding on the model
-    (they may hold teachers or Fisher tensors) are not copied."""
-    from tuneforge.compose import STRATEGIES_ATTR
-
-    riding = model.__dict__.pop(STRATEGIES_ATTR, None)
-    try:
-        duplicate = copy.deepcopy(model)
-    finally:
-        if riding is not None:
-            object.__setattr__(model, STRATEGIES_ATTR, riding)
-    duplicate.eval()
-    duplicate.requires_grad_(False)
-    return duplicate
-
-
-def _under_any(name: str, modules: set[str]) -> bool:
-    parts = name.split(".")
-    return any(".".join(parts[:i]) in modules for i in range(len(parts), 0, -1))
 
 
 class RetentionOptions(Options):
