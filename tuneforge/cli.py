@@ -11,9 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would hang ~50 s before failing
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 
 def _quiet_libraries() -> None:
     import transformers
@@ -48,13 +45,14 @@ def cmd_train(args) -> int:
 
 def cmd_validate(args) -> int:
     from tuneforge.run import validate_run
+    from tuneforge.strategies import default_parametrization
 
     config = _load(args)
     summary = validate_run(config)
     labels = f", labels: {', '.join(summary['labels'])}" if summary["labels"] else ""
     print(f"{args.config}: ok ({summary['task_type']}: {summary['train_examples']} train, "
           f"{summary['eval_examples']} eval examples{labels}; strategies: "
-          f"{', '.join(s.name for s in config.strategies) or 'full (default)'})")
+          f"{', '.join(s.name for s in config.strategies) or f'{default_parametrization().name} (default)'})")
     if summary.get("skipped"):
         print(f"skipped {len(summary['skipped'])} invalid record(s) (data.skip_invalid), first: {summary['skipped'][0]}")
     return 0
@@ -113,15 +111,16 @@ def cmd_generate(args) -> int:
     import torch
 
     from tuneforge.api import load_adapter
+    from tuneforge.export import ADAPTER_DIR
     from tuneforge.models import load_model
 
     model_name, adapter = args.model, args.adapter
     run_dir = Path(args.model)
-    if (run_dir / "config.yaml").is_file() and (run_dir / "adapter").is_dir():
+    if (run_dir / "config.yaml").is_file() and (run_dir / ADAPTER_DIR).is_dir():
         import yaml
 
         model_name = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
-        adapter = adapter or str(run_dir / "adapter")
+        adapter = adapter or str(run_dir / ADAPTER_DIR)
     model, tokenizer, _ = load_model(model_name)
     if adapter:
         model = load_adapter(model, adapter, tokenizer)
@@ -144,15 +143,15 @@ def cmd_export(args) -> int:
 
     from tuneforge.api import load_adapter
     from tuneforge.errors import ConfigError
-    from tuneforge.export import export_merged
+    from tuneforge.export import ADAPTER_DIR, export_merged
     from tuneforge.models import load_model
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "adapter").is_dir():
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / ADAPTER_DIR).is_dir():
         raise ConfigError(f"{run_dir}: not a finished run directory (needs config.yaml and adapter/)")
     model_name = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
     model, tokenizer, _ = load_model(model_name)
-    model = load_adapter(model, run_dir / "adapter", tokenizer)
+    model = load_adapter(model, run_dir / ADAPTER_DIR, tokenizer)
     check = tokenizer(["The quick brown fox", "Hello"], return_tensors="pt", padding=True)
     report = export_merged(model, tokenizer, Path(args.merged), dict(check))
     print(f"merged model written to {args.merged}: {json.dumps(report)}")
@@ -221,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from tuneforge.errors import TuneforgeError
 
+    # The CLI is the program, so it may set the process environment (importing tuneforge never does); the
+    # training processes `compare` starts inherit it.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would hang ~50 s before failing
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (`train cfg.yaml --resume train.lr=1e-4`)

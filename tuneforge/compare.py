@@ -62,15 +62,18 @@ def fairness(configs: dict[str, dict]) -> list[str]:
 
 
 def strategies_label(results: dict) -> str:
-    """`lora + ewc`; a variant where its option names one (`lora (dora)`); `none (prompt only)` untrained."""
+    """`lora + ewc`; each strategy names itself with its options (`label`, e.g. `lora (dora)`); `none
+    (prompt only)` untrained; the implied default parametrization when the list is empty."""
+    from tuneforge.strategies import REGISTRY, default_parametrization
+
     if results.get("steps", 0) == 0:
         return "none (prompt only)"
     names = []
     for spec in results["strategies"]:
         (name, options), = spec.items()
-        variant = [flag for flag in ("dora", "rslora") if (options or {}).get(flag)]
-        names.append(f"{name} ({', '.join(variant)})" if variant else name)
-    return " + ".join(names) or "full"
+        entry = REGISTRY.get(name)  # a run made by another version may name a strategy this one lacks
+        names.append(entry.cls.label(options or {}) if entry else name)
+    return " + ".join(names) or default_parametrization().name
 
 
 def row_of(name: str, results: dict) -> dict:

@@ -8,7 +8,14 @@ from torch import nn
 
 from tuneforge.config import StrategySpec, parse_strategies
 from tuneforge.errors import ModelError
-from tuneforge.strategies import REGISTRY, Strategy, StrategyContext, build_strategy, refusal
+from tuneforge.strategies import (
+    REGISTRY,
+    Strategy,
+    StrategyContext,
+    build_strategy,
+    default_parametrization,
+    refusal,
+)
 
 STRATEGIES_ATTR = "tuneforge_strategies"  # the applied strategies ride on the model for save_adapter
 
@@ -44,7 +51,8 @@ def trainable_by_strategy(model: nn.Module, strategies: list[Strategy], ctx: Str
     """Parameter names each strategy trains. With no parametrization listed, full fine-tuning is implied."""
     wanted = {strategy.name: strategy.trainable(model, ctx) for strategy in strategies}
     if not has_parametrization(strategies):
-        wanted["full"] = build_strategy("full", REGISTRY["full"].options()).trainable(model, ctx)
+        default = default_parametrization()
+        wanted[default.name] = build_strategy(default.name, REGISTRY[default.name].options()).trainable(model, ctx)
     return wanted
 
 

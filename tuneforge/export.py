@@ -21,9 +21,10 @@ from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
 from tuneforge.peft_layout import peft_config, strategies_from_peft
-from tuneforge.strategies import REGISTRY, Strategy
+from tuneforge.strategies import Strategy
 from tuneforge.surgery import is_injected
 
+ADAPTER_DIR = "adapter"  # a run directory's adapter folder (a folder name, not the strategy)
 PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -80,41 +81,32 @@ def read_adapter(directory: Path) -> tuple[list[dict], dict[str, Tensor]]:
     return strategies, tensors
 
 
-def _merge_functions() -> dict[str, tuple]:
-    """Parametrizations that fold into the base weights: name -> (wrapped modules of a model, unload)."""
-    from tuneforge.strategies.ia3 import ia3_modules, unload_ia3
-    from tuneforge.strategies.lora import lora_modules, unload_lora
-
-    return {"lora": (lora_modules, unload_lora), "ia3": (ia3_modules, unload_ia3)}
-
-
-TRAINS_BASE_WEIGHTS = ("full", "layerwise")  # nothing to fold: the trained weights are the model
-
-
 @torch.no_grad()
 def export_merged(model: nn.Module, tokenizer, output: Path, check_inputs: dict | None = None) -> dict:
-    """Fold LoRA, DoRA and IA3 into the base weights and write a plain model folder transformers loads alone.
+    """Fold every merging parametrization (`merged_modules`, `unload`: LoRA, DoRA, IA3) into the base weights
+    and write a plain model folder transformers loads alone.
 
     Before writing, checks that the merge changed the weights and that merged logits equal the
     unmerged ones on `check_inputs` (silently unchanged merges are a common failure of other tools).
     """
     from tuneforge.compose import applied_strategies
 
-    mergers = _merge_functions()
     strategies = applied_strategies(model)
-    unmergeable = [s.name for s in strategies if REGISTRY[s.name].family == "parametrization"
-                   and s.name not in mergers and s.name not in TRAINS_BASE_WEIGHTS]
+    # Objectives and schedules leave no weights behind; a parametrization either folds into the base
+    # weights (`merged_modules`), or its trained base weights are the model already.
+    parametrizations = [s for s in strategies if s.family == "parametrization" and not s.trains_base_weights]
+    found = {id(s): s.merged_modules(model) for s in parametrizations}
+    unmergeable = [s.name for s in parametrizations if found[id(s)] is None]
     if unmergeable:
         raise ModelError(f"cannot merge {', '.join(unmergeable)} into the base weights (not a weight "
                          f"update); ship the run's adapter/ directory instead (PEFT loads it)")
-    used = [mergers[s.name] for s in strategies if s.name in mergers]
-    wrapped = [(name, module) for find, _ in used for name, module in find(model)]
+    wrapped = [(name, module) for s in parametrizations for name, module in found[id(s)]]
     before = {name: module.weight.detach().clone() for name, module in wrapped}
     report = {"merged_layers": len(wrapped)}
     model.eval()
     reference = model(**check_inputs).logits if check_inputs else None
-    for _, unload in used:
-        unload(model)
+    for strategy in parametrizations:
+        strategy.unload(model)
     if before:
         changed = max((model.get_submodule(n).weight - w).abs().max().item() for n, w in before.items())
         report["max_weight_change"] = changed

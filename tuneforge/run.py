@@ -38,7 +38,7 @@ from tuneforge.models import (
     resolve_model_path,
 )
 from tuneforge.packing import check_packing, packing_plan
-from tuneforge.strategies import REGISTRY, Strategy, StrategyContext, TaskInfo
+from tuneforge.strategies import REGISTRY, Strategy, StrategyContext, TaskInfo, default_parametrization
 from tuneforge.surgery import disabled_adapters
 from tuneforge.tasks import TaskData, encode_task, load_tasks, mixture_plan
 
@@ -339,7 +339,7 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
     session.accelerator.print(
         f"tuneforge: {sum(sizes)} train / {sum(len(t.eval_items) for t in session.data.tasks)} eval / "
         f"{len(session.data.retain_items)} retain items; trainable {params['trainable_params']:,} of "
-        f"{params['total_params']:,} parameters ({', '.join(config_names(config)) or 'full'})"
+        f"{params['total_params']:,} parameters ({', '.join(config_names(config)) or default_parametrization().name})"
     )
     before = evaluate_before(session, resume)
     if config.schedule.mode == "sequence" and session.data.multi_task:

@@ -41,6 +41,14 @@ def injected_prefixes() -> tuple[str, ...]:
     return tuple(sorted({entry.cls.param_prefix for entry in REGISTRY.values() if entry.cls.param_prefix}))
 
 
+def default_parametrization() -> type[Strategy]:
+    """The parametrization a strategy list implies when it names none (the one declaring `is_default`)."""
+    defaults = [entry.cls for entry in REGISTRY.values() if entry.cls.is_default]
+    if len(defaults) != 1:
+        raise RuntimeError(f"exactly one strategy must declare is_default (found {len(defaults)})")
+    return defaults[0]
+
+
 def refusal(names: list[str]) -> str | None:
     """Why a strategy list cannot mean anything (None when it can): a strategy twice, or a pair that one of
     its two members refuses (each strategy declares its own refusals)."""
@@ -69,4 +77,4 @@ def _import_all() -> None:
 _import_all()
 
 __all__ = ["REGISTRY", "Options", "PeftTranslation", "Strategy", "StrategyContext", "StrategyEntry", "TaskInfo",
-           "build_strategy", "injected_prefixes", "refusal", "register"]
+           "build_strategy", "default_parametrization", "injected_prefixes", "refusal", "register"]

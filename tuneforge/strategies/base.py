@@ -73,6 +73,7 @@ class Strategy:
     trains_base_weights: ClassVar[bool] = False  # full, layerwise: the trained base weights are the result
     parameter_efficient: ClassVar[bool] = False  # trains a few injected parameters while the base stays frozen
     provides_heads: ClassVar[bool] = False  # owns the output heads: the model loads as a headless body
+    is_default: ClassVar[bool] = False  # the parametrization implied when a list names none (one strategy)
     # options naming a file or folder (resolved like data paths), each with its keywords that are not paths
     path_options: ClassVar[dict[str, tuple[str, ...]]] = {}
     peft_type: ClassVar[str | None] = None  # PEFT's `peft_type` this strategy reads and writes

@@ -190,9 +190,9 @@ def load_teacher(path: Path, task_type: str) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if task_type == "classification":
-        teacher = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        teacher = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     else:
-        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher

@@ -18,6 +18,7 @@ class FullFineTuning(Strategy):
     """Train every base-model parameter (the default when no parametrization is listed)."""
 
     trains_base_weights = True
+    is_default = True
 
     @classmethod
     def refuses(cls, other: type[Strategy]) -> str | None:

@@ -12,6 +12,8 @@ stored as `ia3_l` with PEFT's shapes, so adapters load in PEFT unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -19,8 +21,9 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from tuneforge.errors import ModelError
+from tuneforge.peft_layout import peft_targets, short_targets
 from tuneforge.strategies import register
-from tuneforge.strategies.base import Options, Strategy, StrategyContext
+from tuneforge.strategies.base import Options, PeftTranslation, Strategy, StrategyContext
 from tuneforge.surgery import ensure_unwrapped, find_linear_targets, plain_layer, replace_module
 
 
@@ -90,6 +93,7 @@ class IA3(Strategy):
 
     param_prefix = "ia3_"
     parameter_efficient = True
+    peft_type = "IA3"
     options: IA3Options
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
@@ -105,6 +109,29 @@ class IA3(Strategy):
             ensure_unwrapped(name, module, "ia3")
             replace_module(model, name, IA3Linear(module, feedforward=name in feedforward))
         return model
+
+    def merged_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return ia3_modules(model)
+
+    def unload(self, model: nn.Module) -> None:
+        unload_ia3(model)
+
+    def to_peft(self, model: nn.Module) -> PeftTranslation:
+        modules = ia3_modules(model)
+        targets, _ = short_targets(model, [n for n, _ in modules], restricted=False)
+        feedforward = [n for n, m in modules if m.feedforward]
+        short = len(targets) == 0 or "." not in targets[0]
+        feedforward = sorted({n.rsplit(".", 1)[-1] for n in feedforward}) if short else sorted(feedforward)
+        return PeftTranslation({
+            "peft_type": self.peft_type, "target_modules": targets, "feedforward_modules": feedforward,
+            "fan_in_fan_out": any(m.fan_in_fan_out for _, m in modules), "init_ia3_weights": True,
+        })
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        feedforward = config.get("feedforward_modules") or []
+        feedforward = [feedforward] if isinstance(feedforward, str) else list(feedforward)
+        return {"targets": peft_targets(config), "feedforward_targets": feedforward}, {}
 
 
 def ia3_modules(model: nn.Module) -> list[tuple[str, IA3Linear]]:

@@ -16,7 +16,7 @@ Options: rsLoRA scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732) a
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,9 @@ from pydantic import Field
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from tuneforge.peft_layout import peft_targets, short_targets
 from tuneforge.strategies import register
-from tuneforge.strategies.base import Options, Strategy, StrategyContext
+from tuneforge.strategies.base import Options, PeftTranslation, Strategy, StrategyContext
 from tuneforge.surgery import (
     ensure_unwrapped,
     find_linear_targets,
@@ -151,7 +152,14 @@ class LoRA(Strategy):
 
     param_prefix = "lora_"
     parameter_efficient = True
+    peft_type = "LORA"
     options: LoRAOptions
+
+    @classmethod
+    def label(cls, options: dict[str, Any]) -> str:
+        """`lora`, or with the variant its options turn on: `lora (dora)`, `lora (dora, rslora)`."""
+        variant = [flag for flag in ("dora", "rslora") if (options or {}).get(flag)]
+        return f"{cls.name} ({', '.join(variant)})" if variant else cls.name
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         opts = self.options
@@ -163,6 +171,35 @@ class LoRA(Strategy):
             replace_module(model, name, wrapped)
             self.target_names.append(name)
         return model
+
+    def merged_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return lora_modules(model)
+
+    def unload(self, model: nn.Module) -> None:
+        unload_lora(model)
+
+    def to_peft(self, model: nn.Module) -> PeftTranslation:
+        opts = self.options
+        modules = lora_modules(model)
+        targets, layers = short_targets(model, [n for n, _ in modules], restricted=opts.layers is not None)
+        return PeftTranslation({
+            "peft_type": self.peft_type, "r": opts.rank, "lora_alpha": opts.alpha, "lora_dropout": opts.dropout,
+            "target_modules": targets, "layers_to_transform": layers, "layers_pattern": None,
+            "use_rslora": opts.rslora, "use_dora": opts.dora, "bias": "none", "init_lora_weights": True,
+            "fan_in_fan_out": any(m.fan_in_fan_out for _, m in modules),
+        })
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        options = {
+            "rank": config["r"], "alpha": config.get("lora_alpha", config["r"]),
+            "dropout": config.get("lora_dropout", 0.0), "targets": peft_targets(config),
+            "rslora": bool(config.get("use_rslora", False)), "dora": bool(config.get("use_dora", False)),
+        }
+        if config.get("layers_to_transform") is not None:
+            layers = config["layers_to_transform"]
+            options["layers"] = layers if isinstance(layers, list) else [layers]
+        return options, {}
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:

@@ -20,6 +20,9 @@ the rotary embedding applies.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
@@ -28,12 +31,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from tuneforge.errors import ModelError
+from tuneforge.peft_layout import PROMPT_KEY
 from tuneforge.strategies import register
-from tuneforge.strategies.base import Options, Strategy, StrategyContext
+from tuneforge.strategies.base import Options, PeftTranslation, Strategy, StrategyContext
 
 ATTENTION_NAME = "tuneforge_prefix"
 ENCODER_ATTR = "prefix_encoder"
 LINK_ATTR = "tuneforge_prefix_encoder"  # plain (unregistered) attribute on each attention module
+WEIGHT_NAME = f"{ENCODER_ATTR}.embedding"  # the one tensor an adapter holds (P, folded)
 
 
 class PrefixEncoder(nn.Module):
@@ -104,8 +109,12 @@ def _with_prefix_columns(mask: Tensor | None, query: Tensor, key: Tensor, length
     return torch.cat([prefix, mask], dim=-1)
 
 
-AttentionInterface.register(ATTENTION_NAME, prefix_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+@functools.cache
+def register_attention() -> None:
+    """Make `prefix_attention` known to transformers under ATTENTION_NAME, once, at the first setup (not at
+    import: importing tuneforge changes no global registry)."""
+    AttentionInterface.register(ATTENTION_NAME, prefix_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 class PrefixOptions(Options):
@@ -126,11 +135,13 @@ class PrefixTuning(Strategy):
 
     param_prefix = "prefix_"
     parameter_efficient = True
+    peft_type = "PREFIX_TUNING"
     options: PrefixOptions
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         if hasattr(model, ENCODER_ATTR):
             raise ModelError("prefix: the model already has a prefix (prefix listed twice?)")
+        register_attention()
         attentions, rotaries = _check_supported(model)
         config = model.config.get_text_config()
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -152,10 +163,24 @@ class PrefixTuning(Strategy):
         return model
 
     def adapter_state(self, model: nn.Module) -> dict[str, Tensor]:
-        return {f"{ENCODER_ATTR}.embedding": getattr(model, ENCODER_ATTR).folded()}
+        return {WEIGHT_NAME: getattr(model, ENCODER_ATTR).folded()}
 
     def adapter_options(self) -> dict:
         return {"length": self.options.length, "reparam": False, "reparam_hidden": None}
+
+    def to_peft(self, model: nn.Module) -> PeftTranslation:
+        encoder = getattr(model, ENCODER_ATTR)
+        return PeftTranslation({
+            "peft_type": self.peft_type, "num_virtual_tokens": encoder.length, "num_layers": encoder.layers,
+            "token_dim": encoder.kv_heads * encoder.head_dim, "num_attention_heads": encoder.kv_heads,
+            "num_transformer_submodules": 1, "prefix_projection": False,
+            "encoder_hidden_size": model.config.get_text_config().hidden_size,
+        }, {WEIGHT_NAME: PROMPT_KEY})
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        # PEFT saves the reparametrised prefix already folded, like tuneforge.
+        return {"length": config["num_virtual_tokens"]}, {PROMPT_KEY: WEIGHT_NAME}
 
 
 def _check_supported(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:

@@ -14,17 +14,19 @@ paper. Wiring (forward hooks on the top-level model, so base parameter names nev
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
+from tuneforge.peft_layout import PROMPT_KEY
 from tuneforge.strategies import register
-from tuneforge.strategies.base import Options, Strategy, StrategyContext
+from tuneforge.strategies.base import Options, PeftTranslation, Strategy, StrategyContext
 
 ENCODER_ATTR = "prompt_encoder"
+WEIGHT_NAME = f"{ENCODER_ATTR}.embedding"  # the one tensor an adapter holds
 
 
 class PromptEncoder(nn.Module):
@@ -114,6 +116,7 @@ class PromptTuning(Strategy):
 
     param_prefix = "prompt_"
     parameter_efficient = True
+    peft_type = "PROMPT_TUNING"
     options: PromptOptions
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
@@ -147,3 +150,16 @@ class PromptTuning(Strategy):
     def adapter_options(self) -> dict:
         # The saved prompt replaces any initialisation, so a reload needs no tokenizer.
         return {"length": self.options.length, "init": "random", "init_text": None}
+
+    def to_peft(self, model: nn.Module) -> PeftTranslation:
+        config = model.config.get_text_config()
+        return PeftTranslation({
+            "peft_type": self.peft_type, "num_virtual_tokens": getattr(model, ENCODER_ATTR).length,
+            "token_dim": config.hidden_size, "num_transformer_submodules": 1,
+            "num_attention_heads": config.num_attention_heads, "num_layers": config.num_hidden_layers,
+            "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
+        }, {WEIGHT_NAME: PROMPT_KEY})
+
+    @classmethod
+    def from_peft(cls, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        return {"length": config["num_virtual_tokens"], "init": "random"}, {PROMPT_KEY: WEIGHT_NAME}

@@ -18,7 +18,6 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
-import torch
 from pydantic import Field
 from torch import Tensor, nn
 
