@@ -93,7 +93,7 @@ def test_central_code_names_no_strategy():
         for line, dotted in _imported_modules(tree):
             if _strategy_module(dotted):
                 found.append(f"{where}:{line}: imports {dotted}")
-    assert not found, "central modules must read strategy declarations, not name strategies:\n" + "\n".join(found)
+    assert not found, "central modules read declarations, never strategy names:\n" + "\n".join(found)
 
 
 def test_whitelist_is_still_needed():
@@ -115,7 +115,7 @@ def test_strategies_import_no_other_strategy():
             other = _strategy_module(dotted)
             if other is not None and other != name:
                 found.append(f"strategies/{name}.py:{line}: imports {dotted}")
-    assert not found, "strategies never import each other (shared helpers go below them):\n" + "\n".join(found)
+    assert not found, "strategies never import each other (shared helpers sit below):\n" + "\n".join(found)
 
 
 def test_scanner_sees_literals_imports_and_fstring_pieces():
@@ -146,7 +146,8 @@ def test_exactly_one_default_parametrization():
 IMPORT_CHECK = """
 import json, os, pkgutil, importlib
 # Third-party imports first: transformers' modeling_utils sets TORCHINDUCTOR_CACHE_DIR itself.
-import torch, transformers, transformers.modeling_utils, transformers.masking_utils, accelerate, pydantic, yaml
+import torch, transformers, transformers.modeling_utils, transformers.masking_utils
+import accelerate, pydantic, yaml
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 before = dict(os.environ)
@@ -171,3 +172,47 @@ def test_importing_tuneforge_changes_no_global_state():
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report == {"changed": [], "registered": []}
+
+
+def test_design_doc_example_strategy_plugs_in_alone():
+    """The new-strategy example of docs/design.md registers and composes with no other file changed."""
+    from conftest import tiny_llama
+
+    from tuneforge.compose import applied_strategies
+    from tuneforge.strategies import refusal
+
+    text = (PACKAGE.parent / "docs" / "design.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    try:
+        exec(compile(code, "docs/design.md", "exec"), {"__name__": "bitfit_example"})  # noqa: S102 (our doc)
+        assert refusal(["full", "bitfit"]) and refusal(["lora", "bitfit"]) is None
+        model = tuneforge.prepare(tiny_llama(layers=2), [{"bitfit": {"norms": True}}, "ewc"])
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all("norm" in name for name in trainable)
+        assert REGISTRY["bitfit"].cls.label({"norms": True}) == "bitfit (+norms)"
+        assert [s.name for s in applied_strategies(model)] == ["bitfit", "ewc"]
+    finally:
+        REGISTRY.pop("bitfit", None)
+
+
+def test_reference_eval_mode_restores_the_training_flag():
+    from torch import nn
+
+    from tuneforge.reference import eval_mode
+
+    model = nn.Sequential(nn.Dropout(0.5))
+    for flag in (True, False):
+        model.train(flag)
+        with eval_mode(model):
+            assert not model.training and not model[0].training
+        assert model.training is flag and model[0].training is flag
+
+
+def test_variant_labels_come_from_the_strategy():
+    from tuneforge.compare import strategies_label
+    from tuneforge.strategies import default_parametrization
+
+    specs = [{"lora": {"dora": True, "rslora": True}}, {"ewc": {}}, {"removed-strategy": {}}]
+    expected = "lora (dora, rslora) + ewc + removed-strategy"
+    assert strategies_label({"steps": 3, "strategies": specs}) == expected
+    assert strategies_label({"steps": 3, "strategies": []}) == default_parametrization().name

@@ -52,7 +52,8 @@ def trainable_by_strategy(model: nn.Module, strategies: list[Strategy], ctx: Str
     wanted = {strategy.name: strategy.trainable(model, ctx) for strategy in strategies}
     if not has_parametrization(strategies):
         default = default_parametrization()
-        wanted[default.name] = build_strategy(default.name, REGISTRY[default.name].options()).trainable(model, ctx)
+        implied = build_strategy(default.name, REGISTRY[default.name].options())
+        wanted[default.name] = implied.trainable(model, ctx)
     return wanted
 
 

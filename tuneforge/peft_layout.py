@@ -64,7 +64,9 @@ def _task_type(model: nn.Module) -> str | None:
     return "CAUSAL_LM" if hasattr(model, "generate") and hasattr(model, "lm_head") else None
 
 
-def short_targets(model: nn.Module, wrapped: list[str], restricted: bool) -> tuple[list[str], list[int] | None]:
+def short_targets(
+    model: nn.Module, wrapped: list[str], restricted: bool
+) -> tuple[list[str], list[int] | None]:
     """Short names (q_proj), plus layer indices when `restricted`, if they select exactly the wrapped modules;
     else the full module names (PEFT matches both)."""
     short = sorted({name.rsplit(".", 1)[-1] for name in wrapped})

@@ -43,7 +43,7 @@ class FrozenReference:
 
     @staticmethod
     def adapters_only(model: nn.Module) -> bool:
-        """True when only injected parameters train and each sits in a module that `disabled_adapters` turns off."""
+        """True when only injected parameters train, each in a module `disabled_adapters` turns off."""
         trainable = [name for name, p in model.named_parameters() if p.requires_grad]
         switchable = {name for name, m in model.named_modules() if hasattr(m, "injected_disabled")}
         return bool(trainable) and all(is_injected(n) and _under_any(n, switchable) for n in trainable)

@@ -96,7 +96,8 @@ def write_report(run_dir: Path, results: dict) -> Path:
     from tuneforge.strategies import default_parametrization
 
     plot = write_loss_plot(run_dir)
-    strategies = ", ".join(next(iter(s)) for s in results["strategies"]) or f"{default_parametrization().name} (default)"
+    listed = ", ".join(next(iter(s)) for s in results["strategies"])
+    strategies = listed or f"{default_parametrization().name} (default)"
     lines = [f"# tuneforge run: {run_dir.name}", "", f"Model `{results['model']}`; strategies: {strategies}.", ""]
     lines += ["## What it learned and what it forgot", "", "| metric | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {m} | {b} | {a} | {c} |" for m, b, a, c in metric_rows(results)]

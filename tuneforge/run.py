@@ -339,7 +339,8 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
     session.accelerator.print(
         f"tuneforge: {sum(sizes)} train / {sum(len(t.eval_items) for t in session.data.tasks)} eval / "
         f"{len(session.data.retain_items)} retain items; trainable {params['trainable_params']:,} of "
-        f"{params['total_params']:,} parameters ({', '.join(config_names(config)) or default_parametrization().name})"
+        f"{params['total_params']:,} parameters "
+        f"({', '.join(config_names(config)) or default_parametrization().name})"
     )
     before = evaluate_before(session, resume)
     if config.schedule.mode == "sequence" and session.data.multi_task:

@@ -190,7 +190,8 @@ def load_teacher(path: Path, task_type: str) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if task_type == "classification":
-        teacher = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        teacher = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
+                                                                     local_files_only=True)
     else:
         teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
     teacher.eval()

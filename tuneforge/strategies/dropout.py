@@ -88,9 +88,9 @@ def set_hidden_dropout(model: nn.Module, rate: float) -> int:
 def set_lora_dropout(model: nn.Module, rate: float) -> int:
     """Give every LoRA layer an input dropout of `rate` (identity at 0, as LoRA builds it).
 
-    LoRA layers are found by what they have, a `lora_dropout` submodule, so this file imports no other strategy.
+    LoRA layers are found by what they have, a `lora_dropout` submodule: no other strategy is imported.
     """
-    modules = [module for module in model.modules() if isinstance(getattr(module, "lora_dropout", None), nn.Module)]
+    modules = [m for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), nn.Module)]
     for module in modules:
         module.lora_dropout = nn.Dropout(rate) if rate > 0 else nn.Identity()
     return len(modules)

@@ -183,7 +183,8 @@ class LoRA(Strategy):
         modules = lora_modules(model)
         targets, layers = short_targets(model, [n for n, _ in modules], restricted=opts.layers is not None)
         return PeftTranslation({
-            "peft_type": self.peft_type, "r": opts.rank, "lora_alpha": opts.alpha, "lora_dropout": opts.dropout,
+            "peft_type": self.peft_type, "r": opts.rank, "lora_alpha": opts.alpha,
+            "lora_dropout": opts.dropout,
             "target_modules": targets, "layers_to_transform": layers, "layers_pattern": None,
             "use_rslora": opts.rslora, "use_dora": opts.dora, "bias": "none", "init_lora_weights": True,
             "fan_in_fan_out": any(m.fan_in_fan_out for _, m in modules),
