@@ -23,7 +23,8 @@ def prepare(model: nn.Module, strategies: list[dict] | list[str], tokenizer=None
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write the injected (and any trained base) weights plus the strategy list needed to rebuild them.
 
-    LoRA-only adapters are also valid PEFT adapters (`adapter_config.json` + `adapter_model.safetensors`).
+    An adapter of one strategy PEFT can express (one that declares a `peft_type`: LoRA/DoRA, IA3, prefix,
+    prompt) is also a valid PEFT adapter (`adapter_config.json` + `adapter_model.safetensors`).
     """
     from tuneforge.export import write_adapter
 
@@ -36,7 +37,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 def load_adapter(model: nn.Module, directory: str | Path, tokenizer=None) -> nn.Module:
     """Apply the saved strategies to a fresh base model and load the saved weights into it.
 
-    Reads directories written by `save_adapter`, and plain PEFT LoRA adapters.
+    Reads directories written by `save_adapter`, and PEFT adapters of every `peft_type` a strategy declares.
     """
     from tuneforge.export import read_adapter
 

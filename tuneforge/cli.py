@@ -50,9 +50,9 @@ def cmd_validate(args) -> int:
     config = _load(args)
     summary = validate_run(config)
     labels = f", labels: {', '.join(summary['labels'])}" if summary["labels"] else ""
+    strategies = ", ".join(s.name for s in config.strategies) or f"{default_parametrization().name} (default)"
     print(f"{args.config}: ok ({summary['task_type']}: {summary['train_examples']} train, "
-          f"{summary['eval_examples']} eval examples{labels}; strategies: "
-          f"{', '.join(s.name for s in config.strategies) or f'{default_parametrization().name} (default)'})")
+          f"{summary['eval_examples']} eval examples{labels}; strategies: {strategies})")
     if summary.get("skipped"):
         print(f"skipped {len(summary['skipped'])} invalid record(s) (data.skip_invalid), first: {summary['skipped'][0]}")
     return 0
