@@ -155,8 +155,7 @@ import tuneforge
 for module in pkgutil.walk_packages(tuneforge.__path__, "tuneforge."):
     importlib.import_module(module.name)
 after = dict(os.environ)
-registered = [k for k in (*AttentionInterface._global_mapping, *AttentionMaskInterface._global_mapping)
-              if k.startswith("tuneforge")]
+registered = [k for k in (*AttentionInterface(), *AttentionMaskInterface()) if k.startswith("tuneforge")]
 changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 print(json.dumps({"changed": changed, "registered": registered}))
 """
