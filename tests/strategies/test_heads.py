@@ -15,6 +15,7 @@ import tuneforge
 from tuneforge.config import validate_config
 from tuneforge.forward import routes_tasks
 from tuneforge.run import train_run
+from tuneforge.surgery import disabled_adapters
 
 TOKENS = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
 TOPIC = {"heads": {"tasks": {"topic": {"num_labels": 3}}}}
@@ -63,7 +64,8 @@ def test_full_heads_and_retention_compare_against_a_frozen_original(tmp_path, ti
         "retain": write_jsonl(tmp_path / "retain.jsonl", retain),
         "tasks": [
             {"name": "qa", "data": {"train": write_jsonl(tmp_path / "qa.jsonl", task_records(16))}},
-            {"name": "colour", "data": {"train": write_jsonl(tmp_path / "c.jsonl", classification_records("colour"))}},
+            {"name": "colour",
+             "data": {"train": write_jsonl(tmp_path / "c.jsonl", classification_records("colour"))}},
         ],
         "strategies": [{"full": {}}, {"heads": {}}, {"retention": {"weight": 1.0}}],
         "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "max_seq_len": 48, "log_every": 1},
@@ -92,12 +94,17 @@ def test_heads_and_prompt_compose_in_either_order(order):
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
     loss = loss + model(input_ids=TOKENS, attention_mask=mask).logits.logsumexp(-1).mean()  # the LM path too
     loss.backward()
-    assert model.prompt_encoder.embedding.grad.abs().sum() > 0 and model.head_topic.weight.grad.abs().sum() > 0
+    assert model.prompt_encoder.embedding.grad.abs().sum() > 0
+    assert model.head_topic.weight.grad.abs().sum() > 0
     optimizer.step()
 
     # the head reads the last real token: a right-padded row scores as it does alone
     model.eval()
     with torch.no_grad():
+        with disabled_adapters(model):
+            without_prompt = model(input_ids=TOKENS, task_id=task_id(0)).logits
+        with_prompt = model(input_ids=TOKENS, task_id=task_id(0)).logits
+        assert not torch.allclose(with_prompt, without_prompt, atol=1e-4)
         padded = model(input_ids=TOKENS, attention_mask=mask, task_id=task_id(0)).logits[1]
         alone = model(input_ids=TOKENS[1:, :6], task_id=task_id(0, 1)).logits[0]
         torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
@@ -126,4 +133,5 @@ def test_heads_model_saves_and_loads_its_adapter(strategies, tmp_path):
     tuneforge.save_adapter(model, tmp_path / "adapter")
     loaded = tuneforge.load_adapter(tiny_llama(), tmp_path / "adapter").eval()
     torch.testing.assert_close(loaded(input_ids=TOKENS).logits, trained[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loaded(input_ids=TOKENS, task_id=task_id(0)).logits, trained[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loaded(input_ids=TOKENS, task_id=task_id(0)).logits, trained[1],
+                               atol=1e-5, rtol=1e-5)

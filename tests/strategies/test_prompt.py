@@ -52,7 +52,8 @@ def test_decoder_classifier_with_a_prompt_evaluates_the_same_in_any_batch():
     items = [{"input_ids": TOKENS[row, :length].tolist(), "labels": row % 3}
              for row, length in enumerate(LENGTHS)]
     together = evaluate_classification(model, items, batch_size=3, pad_token_id=0, device="cpu")
-    singles = [evaluate_classification(model, [item], batch_size=1, pad_token_id=0, device="cpu") for item in items]
+    singles = [evaluate_classification(model, [item], batch_size=1, pad_token_id=0, device="cpu")
+               for item in items]
     assert abs(together["loss"] - sum(s["loss"] for s in singles) / len(singles)) < 1e-5
 
 

@@ -40,7 +40,8 @@ class TaskHeadsModel(nn.Module):
 
     routes_tasks: ClassVar[bool] = True  # read by tuneforge.forward: batches are given with their task_id
 
-    def __init__(self, model: nn.Module, heads: dict[int, tuple[str, nn.Module]], pooling: str, dropout: float):
+    def __init__(self, model: nn.Module, heads: dict[int, tuple[str, nn.Module]], pooling: str,
+                 dropout: float):
         super().__init__()
         if "wrapped_model" in model._modules:
             raise ModelError(f"heads: {type(model).__name__} already has a submodule named wrapped_model")
@@ -59,11 +60,12 @@ class TaskHeadsModel(nn.Module):
         if task_id is not None and bool((task_id != task_id[0]).any()):
             raise ModelError("heads: a batch mixes tasks; every micro-batch must hold one task's items")
         name = self._head_of_task.get(int(task_id[0])) if task_id is not None else None
+        if inputs_embeds is not None:  # a caller's own embeddings (a soft prompt is added inside the body)
+            kwargs["inputs_embeds"] = inputs_embeds
         if name is None:  # no task or a language-modelling task: the model as it was
-            return self.wrapped_model(input_ids=input_ids, attention_mask=attention_mask,
-                                      inputs_embeds=inputs_embeds, **kwargs)
-        states = self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                      **kwargs).last_hidden_state  # (B, T, H)
+            return self.wrapped_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        body = self.base_model  # hidden states (B, T, H): real tokens only (see prompt.py)
+        states = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         pooled = pool(states, attention_mask, self._pooling)  # (B, H)
         pooled = F.dropout(pooled, self._dropout_rate, training=self.training)
         return SequenceClassifierOutput(logits=self._modules[name](pooled))
@@ -114,7 +116,7 @@ class HeadSpec(BaseModel):
 
 
 class HeadsOptions(Options):
-    tasks: dict[str, HeadSpec] | None = None  # default: every classification task of the run, labels from data
+    tasks: dict[str, HeadSpec] | None = None  # default: each classification task of the run, labels from data
     pooling: Literal["auto", "mean", "first", "last"] = "auto"
     dropout: float = Field(0.1, ge=0, lt=1)
 
@@ -135,7 +137,9 @@ class TaskHeads(Strategy):
             raise ModelError("heads: the model already has task heads (heads listed twice?)")
         hidden = model.config.hidden_size
         is_decoder = hasattr(model, "lm_head") or getattr(model.config, "is_decoder", False)
-        pooling = self.options.pooling if self.options.pooling != "auto" else ("last" if is_decoder else "mean")
+        pooling = self.options.pooling
+        if pooling == "auto":
+            pooling = "last" if is_decoder else "mean"
         device = next(model.parameters()).device
         heads: dict[int, tuple[str, nn.Module]] = {}
         self.resolved = {name: {"num_labels": num_labels} for _, name, num_labels in tasks}
@@ -161,7 +165,8 @@ class TaskHeads(Strategy):
                     raise ModelError(f"heads: task {name!r} needs `labels` or `num_labels`")
                 chosen.append((ids.get(name, index), name, count))
             return chosen
-        return [(i, name, len(labels)) for i, (name, kind, labels) in enumerate(run_tasks) if kind == "classification"]
+        return [(i, name, len(labels)) for i, (name, kind, labels) in enumerate(run_tasks)
+                if kind == "classification"]
 
 
 def pool(states: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:

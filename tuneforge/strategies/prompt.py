@@ -35,7 +35,7 @@ ENCODER_ATTR = "prompt_encoder"
 
 
 class PromptEncoder(nn.Module):
-    """Holds the soft prompt `embedding` (length, hidden) and prepends it through hooks on the model's body."""
+    """Holds the soft prompt `embedding` (length, hidden); its hooks on the model's body prepend it."""
 
     def __init__(self, embedding: Tensor):
         super().__init__()
