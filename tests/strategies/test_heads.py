@@ -52,6 +52,18 @@ def test_deepcopy_of_a_heads_model_is_independent():
                                    atol=0, rtol=0)
 
 
+def test_frozen_reference_of_full_heads_keeps_the_original_outputs():
+    from tuneforge.strategies.retention import FrozenReference  # retention's and distill's (teacher: base)
+
+    model = heads_model({"full": {}}, TOPIC).eval()
+    with torch.no_grad():
+        original = model(input_ids=TOKENS).logits.clone()
+    reference = FrozenReference(model)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(0.5)
+    torch.testing.assert_close(reference(input_ids=TOKENS).logits, original, atol=0, rtol=0)
+
+
 def write_jsonl(path: Path, records: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)

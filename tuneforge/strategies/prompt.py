@@ -15,8 +15,9 @@ Everything above the body sees the real tokens only, with its own inputs untouch
 loss, task heads (`heads`, in either list order), and a decoder classifier (`LlamaForSequenceClassification`)
 whose pooling picks the last non-pad token of `input_ids`. Prepending at the top would hand that classifier
 `inputs_embeds` only, and it would pool position -1, a pad in every shorter row of a right-padded batch;
-here a padded row scores as it does alone. Encoders that pool inside the body (BERT's pooler) read the
-first position, the prompt's, as PEFT's prompt tuning does.
+here a padded row scores as it does alone. An encoder pooling inside the body (BERT's pooler) reads the
+first position, the prompt's, as under PEFT's prompt tuning; a classifier reading the first hidden state
+above the body (RoBERTa's head) reads the real first token, which has attended to the prompt.
 """
 
 from __future__ import annotations
