@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Protocol
+
 from torch import nn
 
-TASK_ROUTING_ATTR = "tuneforge_routes_tasks"  # set by the `heads` strategy on models that take task_id
+
+class RoutesTasks(Protocol):
+    """A model class whose forward takes a `task_id` (B,) and routes the batch by it (task-specific heads).
+
+    Declared on the class by the wrapper module a strategy returns, never tagged on a model instance.
+    """
+
+    routes_tasks: ClassVar[bool]
 
 
 def routes_tasks(model: nn.Module) -> bool:
-    return bool(getattr(model, TASK_ROUTING_ATTR, False))
+    """Whether batches are given to `model` with their `task_id` (see `RoutesTasks`)."""
+    return bool(getattr(type(model), "routes_tasks", False))
 
 
 def model_inputs(batch: dict, with_task: bool = False) -> dict:

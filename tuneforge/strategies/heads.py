@@ -4,11 +4,17 @@ Each classification task `name` gets `head_<name>`: dropout + a linear layer on 
 representation (mean over tokens for encoders, the last real token for decoders). Batches carry their
 `task_id`; a batch of a classification task is routed through the body and that task's head only, so a
 head never receives another task's gradient. Batches of language-modelling tasks use the model as usual.
+
+Wiring: `setup` returns a `TaskHeadsModel`, a real wrapper module (no patched `forward`), so a deep copy
+(the frozen reference of `retention` or `distill: {teacher: base}`) is a fully independent model. The wrapper
+shares the base model's registries of children, parameters and buffers: parameter names stay the base's
+(`model.layers.0...`) plus `head_<task>.*`, a module that later surgery replaces is replaced for both, and
+`deepcopy` keeps the sharing (one memo). Central code finds the routing on the class (`routes_tasks`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +23,91 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from tuneforge.errors import ModelError
-from tuneforge.forward import TASK_ROUTING_ATTR
+from tuneforge.forward import routes_tasks
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
+
+_REGISTRIES = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules")
+
+
+class TaskHeadsModel(nn.Module):
+    """A model plus one classification head per task; `forward` routes a batch by its `task_id`.
+
+    Without a task id, or for a language-modelling task, the wrapped model runs as it is (logits (B, T, V));
+    for a task with a head, the body's last hidden states (B, T, H) are pooled to (B, H) and that head
+    gives (B, labels).
+    """
+
+    routes_tasks: ClassVar[bool] = True  # read by tuneforge.forward: batches are given with their task_id
+
+    def __init__(self, model: nn.Module, heads: dict[int, tuple[str, nn.Module]], pooling: str,
+                 dropout: float):
+        super().__init__()
+        if "wrapped_model" in model._modules:
+            raise ModelError(f"heads: {type(model).__name__} already has a submodule named wrapped_model")
+        for registry in _REGISTRIES:  # one set of registries for both (see the module docstring)
+            object.__setattr__(self, registry, getattr(model, registry))
+        object.__setattr__(self, "wrapped_model", model)  # plain attribute: not registered a second time
+        # plain attributes with names no model gives a child (the registries are the base's)
+        self._head_of_task = {task_id: name for task_id, (name, _) in heads.items()}  # task id -> module name
+        self._pooling, self._dropout_rate = pooling, dropout
+        for name, head in heads.values():
+            self.add_module(name, head)
+        self.train(model.training)
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                task_id: Tensor | None = None, inputs_embeds: Tensor | None = None, **kwargs: Any):
+        if task_id is not None and bool((task_id != task_id[0]).any()):
+            raise ModelError("heads: a batch mixes tasks; every micro-batch must hold one task's items")
+        name = self._head_of_task.get(int(task_id[0])) if task_id is not None else None
+        if inputs_embeds is not None:  # a caller's own embeddings (a soft prompt is added inside the body)
+            kwargs["inputs_embeds"] = inputs_embeds
+        if name is None:  # no task or a language-modelling task: the model as it was
+            return self.wrapped_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        body = self.base_model  # hidden states (B, T, H): real tokens only (see prompt.py)
+        states = body(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        pooled = pool(states, attention_mask, self._pooling)  # (B, H)
+        pooled = F.dropout(pooled, self._dropout_rate, training=self.training)
+        return SequenceClassifierOutput(logits=self._modules[name](pooled))
+
+    def train(self, mode: bool = True) -> TaskHeadsModel:
+        super().train(mode)
+        self.wrapped_model.training = mode  # its children are ours, already switched
+        return self
+
+    # ---- what the rest of tuneforge calls on a model, answered by the wrapped one ----
+    @property
+    def config(self):
+        return self.wrapped_model.config
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The shared body the heads read (a strategy added after `heads` wires into it)."""
+        return getattr(self.wrapped_model, "base_model", self.wrapped_model)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """Text generation by the wrapped language model (the heads take no part)."""
+        if not hasattr(self.wrapped_model, "generate"):
+            raise ModelError(f"heads: {type(self.wrapped_model).__name__} cannot generate text")
+        return self.wrapped_model.generate(*args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.wrapped_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.wrapped_model.get_output_embeddings()
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.wrapped_model.gradient_checkpointing_enable(**kwargs)
+
+    def disable_input_require_grads(self) -> None:
+        self.wrapped_model.disable_input_require_grads()
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        self.wrapped_model.set_attn_implementation(implementation)
+
+    def _can_set_attn_implementation(self) -> bool:
+        return self.wrapped_model._can_set_attn_implementation()
 
 
 class HeadSpec(BaseModel):
@@ -28,7 +116,7 @@ class HeadSpec(BaseModel):
 
 
 class HeadsOptions(Options):
-    tasks: dict[str, HeadSpec] | None = None  # default: every classification task of the run, labels from data
+    tasks: dict[str, HeadSpec] | None = None  # default: each classification task of the run, labels from data
     pooling: Literal["auto", "mean", "first", "last"] = "auto"
     dropout: float = Field(0.1, ge=0, lt=1)
 
@@ -45,37 +133,22 @@ class TaskHeads(Strategy):
         tasks = self._task_heads(ctx)
         if not tasks:
             raise ModelError("heads: no classification task to put a head on (tasks need text/label data)")
-        body = getattr(model, "base_model", model)
+        if routes_tasks(model):
+            raise ModelError("heads: the model already has task heads (heads listed twice?)")
         hidden = model.config.hidden_size
         is_decoder = hasattr(model, "lm_head") or getattr(model.config, "is_decoder", False)
-        pooling = self.options.pooling if self.options.pooling != "auto" else ("last" if is_decoder else "mean")
+        pooling = self.options.pooling
+        if pooling == "auto":
+            pooling = "last" if is_decoder else "mean"
         device = next(model.parameters()).device
-        heads: dict[int, nn.Linear] = {}
+        heads: dict[int, tuple[str, nn.Module]] = {}
         self.resolved = {name: {"num_labels": num_labels} for _, name, num_labels in tasks}
         for task_id, name, num_labels in tasks:
             head = nn.Linear(hidden, num_labels, device=device)
             nn.init.normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
-            model.add_module(f"head_{name}", head)
-            heads[task_id] = head
-        original_forward = model.forward
-        dropout = self.options.dropout
-
-        def forward(input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                    task_id: Tensor | None = None, **kwargs):
-            if task_id is not None and bool((task_id != task_id[0]).any()):
-                raise ModelError("heads: a batch mixes tasks; every micro-batch must hold one task's items")
-            head = heads.get(int(task_id[0])) if task_id is not None else None
-            if head is None:  # no task or a language-modelling task: the model as it was
-                return original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            states = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-            pooled = pool(states, attention_mask, pooling)  # (B, H)
-            pooled = F.dropout(pooled, dropout, training=model.training)
-            return SequenceClassifierOutput(logits=head(pooled))
-
-        object.__setattr__(model, "forward", forward)  # an instance attribute: nn.Module.__call__ uses it
-        object.__setattr__(model, TASK_ROUTING_ATTR, True)
-        return model
+            heads[task_id] = (f"head_{name}", head)
+        return TaskHeadsModel(model, heads, pooling, self.options.dropout)
 
     def adapter_options(self) -> dict:
         """Saved with the head sizes, so `load_adapter` rebuilds the heads without the run's data."""
@@ -92,7 +165,8 @@ class TaskHeads(Strategy):
                     raise ModelError(f"heads: task {name!r} needs `labels` or `num_labels`")
                 chosen.append((ids.get(name, index), name, count))
             return chosen
-        return [(i, name, len(labels)) for i, (name, kind, labels) in enumerate(run_tasks) if kind == "classification"]
+        return [(i, name, len(labels)) for i, (name, kind, labels) in enumerate(run_tasks)
+                if kind == "classification"]
 
 
 def pool(states: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
@@ -101,8 +175,9 @@ def pool(states: Tensor, attention_mask: Tensor | None, how: str) -> Tensor:
         attention_mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
     if how == "first":
         return states[:, 0]
-    if how == "last":
-        last = attention_mask.sum(dim=1) - 1  # right padding: the last real token
+    if how == "last":  # the last real token, whichever side the padding is on
+        positions = torch.arange(states.size(1), device=states.device)
+        last = (positions * attention_mask.to(positions.dtype)).argmax(dim=1)  # (B,)
         return states[torch.arange(states.size(0), device=states.device), last]
     mask = attention_mask.unsqueeze(-1).to(states.dtype)
     return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)

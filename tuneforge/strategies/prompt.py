@@ -4,12 +4,20 @@
 
 The prompt is initialised from random vectors at the scale of the embedding matrix, from the embeddings of
 random vocabulary tokens, or from the embeddings of a text (`init_text`, repeated to `length`), as in the
-paper. Wiring (forward hooks on the top-level model, so base parameter names never change):
-- the first forward of a sequence (no KV cache yet) gets the prompt prepended and the attention mask,
-  position ids and any token labels extended by `length` positions;
+paper. The prompt `prompt_encoder.embedding` sits on the top-level model (base parameter names never change);
+it is prepended inside the model's body (`model.base_model`: the transformer under the LM head or the
+classifier), through forward hooks that are bound methods of the encoder, so a deep copy runs its own prompt:
+- the body's first forward of a sequence (no KV cache yet) gets the prompt prepended and the attention mask,
+  position ids and token type ids extended by `length` positions;
 - later forwards of `generate` (the cache already holds the prompt) only get the mask and positions extended;
-- logits (and hidden states) come back aligned with `input_ids`: the virtual positions are stripped, so the
-  training loop and evaluation never see them.
+- the body's hidden states come back stripped of the virtual positions, aligned with `input_ids`.
+Everything above the body sees the real tokens only, with its own inputs untouched: the LM head and its
+loss, task heads (`heads`, in either list order), and a decoder classifier (`LlamaForSequenceClassification`)
+whose pooling picks the last non-pad token of `input_ids`. Prepending at the top would hand that classifier
+`inputs_embeds` only, and it would pool position -1, a pad in every shorter row of a right-padded batch;
+here a padded row scores as it does alone. An encoder pooling inside the body (BERT's pooler) reads the
+first position, the prompt's, as under PEFT's prompt tuning; a classifier reading the first hidden state
+above the body (RoBERTa's head) reads the real first token, which has attended to the prompt.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ WEIGHT_NAME = f"{ENCODER_ATTR}.embedding"  # the one tensor an adapter holds
 
 
 class PromptEncoder(nn.Module):
-    """Holds the soft prompt `embedding` (length, hidden) and prepends it through hooks on the model."""
+    """Holds the soft prompt `embedding` (length, hidden); its hooks on the model's body prepend it."""
 
     def __init__(self, embedding: Tensor):
         super().__init__()
@@ -42,7 +50,7 @@ class PromptEncoder(nn.Module):
     def length(self) -> int:
         return self.embedding.shape[0]
 
-    def before_forward(self, model: nn.Module, args: tuple, kwargs: dict):
+    def before_forward(self, body: nn.Module, args: tuple, kwargs: dict):
         if self.injected_disabled:
             self._stripped.append((0, 0))
             return None
@@ -59,14 +67,11 @@ class PromptEncoder(nn.Module):
             embeds = kwargs.pop("inputs_embeds", None)
             input_ids = kwargs.pop("input_ids", None)
             if embeds is None:
-                embeds = model.get_input_embeddings()(input_ids)  # (B, T, H)
+                embeds = body.get_input_embeddings()(input_ids)  # (B, T, H)
             batch, real = embeds.shape[:2]
             prompt = self.embedding.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
             kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)  # (B, length + T, H)
             _prepend(kwargs, "token_type_ids", 0, length)
-            labels = kwargs.get("labels")
-            if labels is not None and labels.dim() == 2:  # token labels: no loss on virtual positions
-                _prepend(kwargs, "labels", -100, length)
             positions = kwargs.get("position_ids")
             if positions is not None:
                 virtual = torch.arange(length, device=positions.device).expand(*positions.shape[:-1], length)
@@ -81,11 +86,15 @@ class PromptEncoder(nn.Module):
             _prepend(kwargs, "attention_mask", 1, length)
         return (), kwargs
 
-    def after_forward(self, model: nn.Module, args: tuple, kwargs: dict, output):
+    def after_forward(self, body: nn.Module, args: tuple, kwargs: dict, output):
         length, real = self._stripped.pop() if self._stripped else (0, 0)
-        logits = getattr(output, "logits", None)
-        if length and logits is not None and logits.dim() == 3 and logits.shape[1] == length + real:
-            output.logits = logits[:, length:]  # aligned with input_ids again
+        if not length:
+            return output
+        if isinstance(output, tuple):  # return_dict=False: the last hidden state comes first
+            return (output[0][:, length:], *output[1:]) if output[0].shape[1] == length + real else output
+        states = getattr(output, "last_hidden_state", None)
+        if states is not None and states.dim() == 3 and states.shape[1] == length + real:
+            output.last_hidden_state = states[:, length:]  # (B, T, H): aligned with input_ids again
             if getattr(output, "hidden_states", None) is not None:
                 output.hidden_states = tuple(h[:, length:] for h in output.hidden_states)
         return output
@@ -126,10 +135,13 @@ class PromptTuning(Strategy):
         if not isinstance(embeddings, nn.Embedding):
             raise ModelError(f"prompt: {type(model).__name__} has no input embedding layer "
                              f"to prepend a prompt to")
+        body = getattr(model, "base_model", model)
+        if not hasattr(body, "get_input_embeddings"):
+            raise ModelError(f"prompt: the body of {type(model).__name__} has no input embedding layer")
         encoder = PromptEncoder(self._initial_prompt(embeddings.weight.detach(), ctx))
         model.add_module(ENCODER_ATTR, encoder)
-        model.register_forward_pre_hook(encoder.before_forward, with_kwargs=True)
-        model.register_forward_hook(encoder.after_forward, with_kwargs=True, always_call=True)
+        body.register_forward_pre_hook(encoder.before_forward, with_kwargs=True)
+        body.register_forward_hook(encoder.after_forward, with_kwargs=True, always_call=True)
         return model
 
     def _initial_prompt(self, table: Tensor, ctx: StrategyContext) -> Tensor:  # table: (vocab, hidden)
