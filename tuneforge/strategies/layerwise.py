@@ -93,11 +93,12 @@ def embedding_parameter_names(model: nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if not name or is_injected(name):
             continue
-        if isinstance(module, nn.Embedding):
-            blocks.append(module)
-        elif any(child is input_embeddings for child in module.children()) and not any(
-            layer_index(inner) is not None for inner, _ in module.named_modules()
-        ):
+        holds_input = any(child is input_embeddings for child in module.children())
+        if isinstance(module, nn.Embedding) or (holds_input and not _holds_layers(module)):
             blocks.append(module)
     ids = {id(parameter) for block in blocks for parameter in block.parameters()}
     return {name for name, parameter in model.named_parameters() if id(parameter) in ids and not is_injected(name)}
+
+
+def _holds_layers(module: nn.Module) -> bool:
+    return any(layer_index(name) is not None for name, _ in module.named_modules())
