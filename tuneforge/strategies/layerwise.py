@@ -88,7 +88,10 @@ def embedding_parameter_names(model: nn.Module) -> set[str]:
     """Base parameters below the first transformer layer: every non-injected `nn.Embedding` (token,
     position, token-type tables), the input embeddings (matched by identity), and an embedding block
     holding the input embeddings but no transformer layer (BERT's `embeddings`, with its LayerNorm)."""
-    input_embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        input_embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # not a transformers model, or one without the method
+        input_embeddings = None
     blocks = [input_embeddings] if isinstance(input_embeddings, nn.Module) else []
     for name, module in model.named_modules():
         if not name or is_injected(name):
