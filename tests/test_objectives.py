@@ -65,7 +65,10 @@ def test_objective_runs_in_the_loop_and_starts_at_zero(run_config, retain_file, 
     results = train_run(config)
     values = [record[term] for record in metric_records(config)]
     assert len(values) == 4 and all(torch.isfinite(torch.tensor(v)) for v in values)
-    assert values[0] == pytest.approx(0.0, abs=1e-6)  # nothing has moved yet
+    if name == "l2sp" and parametrization is LORA:  # LoRA is new to the model: L2-SP pulls it toward zero
+        assert values[0] > 0.0
+    else:
+        assert values[0] == pytest.approx(0.0, abs=1e-6)  # nothing has moved yet
     assert max(values[1:]) > 0.0
     assert results["after"]["eval"]["loss"] < results["before"]["eval"]["loss"]
 

@@ -8,6 +8,10 @@ reports them:
     ACC = 1/T  sum_j R[T-1][j]                          average metric after the last task
     BWT = 1/(T-1) sum_{j<T-1} (R[T-1][j] - R[j][j])      backward transfer (negative = forgetting)
     FWT = 1/(T-1) sum_{j>0} (R[j-1][j] - b[j])           forward transfer (zero-shot gain on task j)
+
+Deviation: Lopez-Paz & Ranzato's b_i is the score of a randomly initialised model on task i; ours is the
+base (pretrained) model's score before any training. FWT here is the gain that training on the earlier
+tasks gives over the pretrained model, not over chance (which would mostly credit pretraining).
 """
 
 from __future__ import annotations

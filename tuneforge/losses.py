@@ -82,17 +82,30 @@ def hidden_cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Ten
     return _masked_mean(1.0 - cosine, mask)
 
 
-def l2sp_penalty(params: Mapping[str, Tensor], anchors: Mapping[str, Tensor], weight: float) -> Tensor:
+def l2sp_penalty(
+    params: Mapping[str, Tensor],
+    anchors: Mapping[str, Tensor],
+    weight: float,
+    new: Iterable[str] = (),
+    new_weight: float | None = None,
+) -> Tensor:
     """L2-SP: pull weights toward the starting point (Li, Grandvalet & Davoine 2018, arXiv:1802.01483).
 
-        Omega(theta) = weight / 2 * sum_i ||theta_i - theta0_i||^2
+        Omega(w) = alpha / 2 * ||w_S - w0_S||^2 + beta / 2 * ||w_new||^2
 
-    over the parameters named in `anchors` (theta0 = the pretrained or starting values).
+    w_S: the parameters named in `anchors`, which the source (pretrained) model had, pulled toward their
+    starting values w0_S with alpha = `weight`; w_new: the parameters named in `new`, which it did not have
+    (classification heads, LoRA, adapters), pulled toward zero with beta = `new_weight` (None: `weight`).
     """
-    total = _zero_like(params, anchors)
-    for name in sorted(anchors):  # a fixed order: the same float sum however the dict was built (resume)
-        total = total + (params[name] - anchors[name]).pow(2).sum()
-    return 0.5 * weight * total
+    new = sorted(new)  # a fixed order: the same float sum however the names were gathered (resume)
+    to_start = _zero_like(params, anchors or dict.fromkeys(new))
+    for name in sorted(anchors):
+        to_start = to_start + (params[name] - anchors[name]).pow(2).sum()
+    total = 0.5 * weight * to_start
+    if new:
+        to_zero = sum(params[name].pow(2).sum() for name in new)
+        total = total + 0.5 * (weight if new_weight is None else new_weight) * to_zero
+    return total
 
 
 def ewc_penalty(

@@ -9,6 +9,14 @@ W_up (weight and bias) starts at zero, so the model is unchanged at step 0. Plac
 - `houlsby`: after the attention block and after the feed-forward block of every layer;
 - `pfeiffer`: after the feed-forward block only (half the parameters, similar quality in the paper).
 
+Where exactly: on the sub-layer's output, before the layer's residual add. Pre-norm decoders (Llama,
+Mistral, Qwen, GPT-2; hooks on `self_attn`/`attn` and `mlp`): `h + adapter(mlp(norm(h)))`. BERT (hooks on
+`attention.output.dropout` and `output.dropout`): `LayerNorm(x + adapter(dropout(dense(.))))`, i.e.
+before the block's add & LayerNorm. Deviation: `pfeiffer` uses that same feed-forward site, while
+AdapterHub's `seq_bn` (its Pfeiffer config; `original_ln_before: true`) feeds the adapter the output of
+the feed-forward block's add & LayerNorm and applies that LayerNorm again after it (`original_ln_after:
+true`). Same parameter count, different function: AdapterHub `seq_bn` weights are not equivalent here.
+
 The adapters are child modules of each transformer layer (`...layers.3.adapter_ffn.down.weight`) and run
 as forward hooks on the sub-layer, so no base module is replaced and base parameter names never change.
 Adapters cannot be merged into the base weights (the non-linearity sits in between): ship them as adapters.

@@ -19,7 +19,9 @@ Teachers:
 DistilBERT-style students: `student: {keep_layers: [0, 2, 4]}` or `{every: 2}` keeps that subset of the
 run model's transformer layers, initialised from them (Sanh et al. 2019, Sec. 3: "taking one layer out
 of two"), renumbered 0..k-1 with the config updated, so `save_pretrained` (or `tuneforge export`)
-writes a normal model folder of the smaller model.
+writes a normal model folder of the smaller model. Deviation: `every: 2` keeps layers 0, 2, 4, ..., so on
+a 12-layer teacher it drops the top layer (11); the released DistilBERT was initialised from teacher layers
+[0, 2, 4, 7, 9, 11]. `keep_layers: [0, 2, 4, 7, 9, 11]` reproduces DistilBERT's choice exactly.
 """
 
 from __future__ import annotations

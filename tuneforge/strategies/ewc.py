@@ -8,7 +8,8 @@ diagonal Fisher F_k estimated there (`tuneforge.losses.fisher_diagonal`), over t
   retain sequences (one sequence per gradient: the per-sequence empirical Fisher, or the true Fisher with
   `fisher: true`) at the starting weights, before the first update;
 - each finished task of a sequence (`on_task_end`): F on `fisher_samples` of that task's training
-  sequences (the first ones the loop fed it, kept on the CPU), anchored at the weights after the task.
+  sequences (the first ones the loop fed it, kept on the CPU; a packed row is split into its documents,
+  `train.packing`), anchored at the weights after the task.
   In a sequence without retain data the first task trains unpenalised.
 With `online: true` (online EWC: Schwarz et al. 2018, arXiv:1805.06370; Huszar 2018) there is one
 running penalty, F <- decay * F + F_new, anchored at the latest weights, so memory does not grow with
@@ -163,7 +164,13 @@ def estimate_fisher(
 
 
 def single_examples(batch: dict) -> list[dict[str, Tensor]]:
-    """A padded batch as one-example batches on the CPU, padding cut off (collate pads on the right)."""
+    """A batch as one-sequence batches on the CPU, so the Fisher squares one sequence's gradient at a time.
+
+    A padded batch: each row, padding cut off (collate pads on the right). A packed batch (it carries
+    `position_ids`, see `tuneforge.packing`): each document of each row on its own, as if never packed.
+    """
+    if "position_ids" in batch:
+        return _unpacked_documents(batch)
     lengths = batch["attention_mask"].sum(-1).tolist()
     examples = []
     for row, length in enumerate(lengths):
@@ -174,6 +181,24 @@ def single_examples(batch: dict) -> list[dict[str, Tensor]]:
             value = value[row:row + 1]
             example[key] = (value[:, :length] if value.dim() == 2 else value).detach().cpu().clone()
         examples.append(example)
+    return examples
+
+
+def _unpacked_documents(batch: dict) -> list[dict[str, Tensor]]:
+    """The documents of packed rows, each its own example: input_ids, labels, an attention mask of ones
+    (and the row's task_id), without `position_ids`. Run as one sequence it sees only itself, as in the
+    packed forward; re-running the whole row without its positions would attend across documents."""
+    examples = []
+    for row in range(batch["input_ids"].shape[0]):
+        length = int(batch["attention_mask"][row].sum())  # real tokens come first; padding ends the row
+        starts = (batch["position_ids"][row, :length] == 0).nonzero().flatten().tolist()  # positions restart
+        starts = sorted({0, *starts})
+        for start, end in zip(starts, [*starts[1:], length], strict=True):
+            example = {key: batch[key][row:row + 1, start:end] for key in ("input_ids", "labels")}
+            example["attention_mask"] = torch.ones_like(example["input_ids"])
+            if "task_id" in batch:
+                example["task_id"] = batch["task_id"][row:row + 1]
+            examples.append({key: value.detach().cpu().clone() for key, value in example.items()})
     return examples
 
 

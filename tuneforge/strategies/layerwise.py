@@ -2,7 +2,10 @@
 
 - Freezing lower layers keeps general features and saves compute (Yosinski et al. 2014).
 - Layer-wise LR decay: layer i of L gets `lr * lr_decay ** (L - 1 - i)`, embeddings `lr * lr_decay ** L`
-  (discriminative fine-tuning, Howard & Ruder 2018, ULMFiT; as used by ELECTRA and BEiT).
+  (discriminative fine-tuning, Howard & Ruder 2018, ULMFiT; as used by ELECTRA and BEiT). The rates
+  cover the base model's parameters only: injected ones (LoRA, adapters, prefix, prompt, heads) keep
+  the run's `lr`. "Embeddings" are the base model's `nn.Embedding` tables (token, position, token type)
+  and the rest of an embedding block that holds no transformer layer (BERT's `embeddings.LayerNorm`).
 - Gradual unfreezing: start with the top chosen layer, unfreeze one more every `unfreeze_every_epochs`
   epochs, from the top down (Howard & Ruder 2018).
 """
@@ -47,6 +50,7 @@ class Layerwise(Strategy):
 
     def trainable(self, model: nn.Module, ctx: StrategyContext) -> set[str]:
         active = set(self.active_layers(ctx.epoch))
+        embeddings = embedding_parameter_names(model)
         names = set()
         for name, _ in model.named_parameters():
             if is_injected(name):
@@ -55,7 +59,7 @@ class Layerwise(Strategy):
             if index is not None:
                 if index in active:
                     names.add(name)
-            elif _is_embedding(name):
+            elif name in embeddings:
                 if self.options.train_embeddings:
                     names.add(name)
             elif self.options.train_head:
@@ -67,15 +71,37 @@ class Layerwise(Strategy):
         if decay is None:
             return {}
         top = self.total_layers - 1
+        embeddings = embedding_parameter_names(model)
         rates = {}
         for name, _ in model.named_parameters():
+            if is_injected(name):  # `prompt_encoder.embedding` is no input embedding; LoRA has its own lr
+                continue
             index = layer_index(name)
             if index is not None:
                 rates[name] = base_lr * decay ** (top - index)
-            elif _is_embedding(name):
+            elif name in embeddings:
                 rates[name] = base_lr * decay ** self.total_layers
         return rates
 
 
-def _is_embedding(name: str) -> bool:
-    return "embed" in name or name.endswith(("wte.weight", "wpe.weight"))
+def embedding_parameter_names(model: nn.Module) -> set[str]:
+    """Base parameters below the first transformer layer: every non-injected `nn.Embedding` (token,
+    position, token-type tables), the input embeddings (matched by identity), and an embedding block
+    holding the input embeddings but no transformer layer (BERT's `embeddings`, with its LayerNorm)."""
+    try:
+        input_embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # not a transformers model, or one without the method
+        input_embeddings = None
+    blocks = [input_embeddings] if isinstance(input_embeddings, nn.Module) else []
+    for name, module in model.named_modules():
+        if not name or is_injected(name):
+            continue
+        holds_input = any(child is input_embeddings for child in module.children())
+        if isinstance(module, nn.Embedding) or (holds_input and not _holds_layers(module)):
+            blocks.append(module)
+    ids = {id(parameter) for block in blocks for parameter in block.parameters()}
+    return {name for name, parameter in model.named_parameters() if id(parameter) in ids and not is_injected(name)}
+
+
+def _holds_layers(module: nn.Module) -> bool:
+    return any(layer_index(name) is not None for name, _ in module.named_modules())

@@ -8,6 +8,13 @@ Options: rsLoRA scaling alpha / sqrt(r) (Kalajdzievski 2023, arXiv:2312.03732) a
 
     W' = m * (W + s B A) / ||W + s B A||_row      (the norm is treated as a constant in backward, Sec. 4.3)
 
+LoRA dropout drops the input of the low-rank branch only: `W x + s B A drop(x)`. With DoRA the forward
+is `m / ||W + s B A||_row * (W x + s B A drop(x)) + b`, the base output on the un-dropped x. Deviation:
+PEFT (0.21.2, `DoraLinearVariant`) in training with dropout > 0 computes `W x + b + (scale - 1) W drop(x)
++ scale * s B A drop(x)` (scale = m / ||.||_row): its magnitude correction of the base part sees the
+dropped x. Without dropout, and in eval mode, the two are equal (and equal W' x + b), so adapters,
+merged weights and inference agree; training steps with DoRA and dropout > 0 differ from PEFT's.
+
 `LoRALinear` keeps the wrapped layer's own `weight` and `bias` parameters, so base parameter names
 (`...q_proj.weight`) never change and base checkpoints still load. Merging folds the update into
 `weight` for inference at the base model's speed; unmerging restores it.
