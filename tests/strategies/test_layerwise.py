@@ -43,12 +43,16 @@ def test_injected_encoders_are_not_embeddings_to_train():
     assert model.prompt_encoder.embedding.requires_grad  # prompt trains its own parameter
 
 
-def test_lora_inside_a_layer_keeps_the_base_rate():
+def test_lora_inside_a_layer_decays_with_its_layer():
+    """Discriminative rates are per layer: what was injected into layer i learns at layer i's rate."""
     model = tuneforge.prepare(tiny_llama(layers=LAYERS),
                               [{"layerwise": {"lr_decay": DECAY}}, {"lora": {"rank": 2}}])
     rates = learning_rates(model)
     lora = [name for name in rates if ".lora_" in name]
-    assert lora and all(rates[name] == 1.0 for name in lora)
+    assert lora
+    for name in lora:
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        assert rates[name] == pytest.approx(DECAY ** (LAYERS - 1 - layer)), name
     assert rates["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(DECAY ** (LAYERS - 1))
 
 

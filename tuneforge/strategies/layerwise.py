@@ -74,12 +74,11 @@ class Layerwise(Strategy):
         embeddings = embedding_parameter_names(model)
         rates = {}
         for name, _ in model.named_parameters():
-            if is_injected(name):  # `prompt_encoder.embedding` is no input embedding; LoRA has its own lr
-                continue
             index = layer_index(name)
-            if index is not None:
+            if index is not None:  # a layer's base weights and what was injected into it (LoRA, adapters)
                 rates[name] = base_lr * decay ** (top - index)
-            elif name in embeddings:
+            elif name in embeddings and not is_injected(name):  # `prompt_encoder.embedding` is no input
+                # embedding: a soft prompt or prefix sits outside every layer and keeps the base lr
                 rates[name] = base_lr * decay ** self.total_layers
         return rates
 
