@@ -28,6 +28,8 @@ class L2SPOptions(Options):
 class L2SP(Strategy):
     """L2 penalty pulling trainable weights toward their starting values (L2-SP, Li et al. 2018)."""
 
+    identity_start = True  # an objective: the model is untouched
+
     family = "objective"
     options: L2SPOptions
 
