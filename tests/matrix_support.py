@@ -47,8 +47,20 @@ KIND_OPTIONS: dict[tuple[str, str], dict] = {
 }
 
 
-def options(name: str, kind: str) -> dict:
-    return {**OPTIONS.get(name, {}), **KIND_OPTIONS.get((name, kind), {})}
+# Options a strategy needs next to another: LoRA on all-linear would wrap IA3's layers again (refused at setup:
+# "already wrapped ... give the two strategies different targets"), so with IA3 it takes the other layers.
+WITH_OPTIONS: dict[tuple[str, str, str], dict] = {
+    ("lora", "ia3", "lm"): {"targets": ["q_proj", "o_proj", "gate_proj", "up_proj"]},
+    ("lora", "ia3", "dec_cls"): {"targets": ["q_proj", "o_proj", "gate_proj", "up_proj"]},
+    ("lora", "ia3", "enc_cls"): {"targets": ["query", "dense"]},
+}
+
+
+def options(name: str, kind: str, names: tuple[str, ...] = ()) -> dict:
+    found = {**OPTIONS.get(name, {}), **KIND_OPTIONS.get((name, kind), {})}
+    for other in names:
+        found.update(WITH_OPTIONS.get((name, other, kind), {}))
+    return found
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,7 @@ class Case:
 
     @property
     def strategies(self) -> list[dict]:
-        return [{name: options(name, self.kind)} for name in self.names]
+        return [{name: options(name, self.kind, self.names)} for name in self.names]
 
     @property
     def declared_identity(self) -> bool:
