@@ -187,6 +187,43 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def build_assets(directory: Path, tokenizer, llama: Path | None = None) -> Assets:
+    """Tiny model folders (a BERT with dropout 0; the conftest Llama unless given) and the tasks' data."""
+    from conftest import classification_records, task_records, tiny_llama
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if llama is None:
+        llama = directory / "llama"
+        tiny_llama(vocab_size=len(tokenizer)).save_pretrained(llama, safe_serialization=True)
+        tokenizer.save_pretrained(llama)
+    bert = directory / "bert"
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.2)
+    BertForSequenceClassification(config).bert.save_pretrained(bert, safe_serialization=True)
+    tokenizer.save_pretrained(bert)
+    second = [{**r, "completion": r["completion"].replace("is", "was")} for r in task_records(16)]
+    lm = [write_jsonl(directory / "lm0.jsonl", task_records(16)), write_jsonl(directory / "lm1.jsonl", second)]
+    cls = [write_jsonl(directory / "cls0.jsonl", classification_records("animal", 16)),
+           write_jsonl(directory / "cls1.jsonl", classification_records("colour", 16))]
+    documents = [{"text": " ".join(r["prompt"] + r["completion"] for r in task_records(8)[i:] * 2)} for i in range(6)]
+    return Assets(llama, bert, lm, cls, write_jsonl(directory / "retain.jsonl", documents))
+
+
+def refused_at_setup(selected: list[Case], assets: Assets, workdir: Path) -> list[tuple[Case, str]]:
+    """(case, reason) for every case whose strategies a model kind refuses when the run sets them up."""
+    from tuneforge.run import start_session
+
+    found = []
+    for case in selected:
+        try:
+            start_session(make_config(case, assets, workdir / case.id), resume=False, overwrite=True)
+        except (ModelError, ConfigError) as exc:
+            found.append((case, str(exc)))
+    return found
+
+
 def make_config(case: Case, assets: Assets, output: Path, **train):
     from tuneforge.config import validate_config
 

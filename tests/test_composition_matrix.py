@@ -10,8 +10,8 @@ training, before any step), or it holds these invariants, one test function each
 1. identity start: where every strategy declares `identity_start`, the prepared model's logits at step 0
    equal the base model's (atol 1e-6);
 2. every parameter that requires grad is in the optimizer (`build_optimizer`) and gets a nonzero gradient
-   within the first two steps (zero-initialised pairs such as LoRA's A under B = 0 get none at step 1 by
-   construction), and no frozen parameter moves over training;
+   in the trial's steps (3 steps, or 2 per task of a sequence: LoRA's A under B = 0 gets none at step 1 by
+   construction, a later task's head none before its task), and no frozen parameter moves over training;
 3. a frozen copy kept as a teacher or reference is bit-unchanged after training and its outputs differ from
    the trained model's; every reference (copy or disabled adapters) still computes the base model's outputs;
 4. batch B x accum 1 trains like batch B/2 x accum 2: the same data, final weights equal to 1e-5 after 3
@@ -23,19 +23,22 @@ training, before any step), or it holds these invariants, one test function each
    `resume=True` from a copy of what the first had on disk after checkpoint 2, end with identical weights.
 
 Contexts: replay and EWC get a sequence of two tasks (EWC on the LM also gets retain text, which retention
-needs); heads get classification tasks; a kind that cannot give the context is skipped with the reason in
-its parametrization id. Invariants 1-3, 5, 6 come from one short trial per case (`matrix_support.run_trial`:
+needs); heads get classification tasks; a kind that cannot give the context is skipped (id suffix
+`-skipped`) with the reason as the skip message; LoRA next to IA3 takes the layers IA3 leaves free. Invariants 1-3, 5, 6 come from one short trial per case (`matrix_support.run_trial`:
 the run path's setup, `start_session`, then the loop's arithmetic with `build_optimizer`). Invariants 4 and 7
-cost two `train_run`s each, so they run on a fixed subset (`EXPENSIVE`, 18 cases): pairs and hybrids chosen
+cost two `train_run`s each, so they run on a fixed subset (`EXPENSIVE`, 20 cases): pairs and hybrids chosen
 so that every strategy appears in at least two of them, across all three kinds (the whole matrix through
-`train_run` would take about ten times the 5-minute budget on 2 cores).
+`train_run` would take several times the 5-minute budget on 2 cores). A kill is simulated by copying the
+uninterrupted run's files as they were after the checkpoint (same schedule, unlike a shorter max_steps).
 In a sequence with replay, invariant 4 compares the first task's weights (the replayed second task is
 drawn in a batch-size-dependent order); a two-task mixture is left out of 4 for the same reason.
 
 Known bugs being fixed elsewhere are strict xfails (`XFAILS`): when a fix merges, its entries turn red and
 must be removed; failures this matrix found that are not yet filed are strict xfails too ("found by the
-matrix: ..."), so the suite stays green while each stays visible. `python -m tests.test_composition_matrix` (from the repository root) prints the refused
-combinations as a Markdown table.
+matrix: ..."), so the suite stays green while each stays visible.
+
+`python -m tests.test_composition_matrix [--setup]` (from the repository root) prints the refused
+combinations as a Markdown table for the README (`--setup` adds those a model kind refuses at setup).
 """
 
 from __future__ import annotations
@@ -51,14 +54,15 @@ sys.path.insert(0, str(Path(__file__).parent))  # matrix_support, conftest: also
 from matrix_support import (
     Assets,
     Case,
+    build_assets,
     cases,
     copy_killed_run,
     final_weights,
     last_task,
     make_config,
+    refused_at_setup,
     refused_combos,
     run_trial,
-    write_jsonl,
 )
 
 CASES = cases()
@@ -87,6 +91,9 @@ HEADS_RELOAD = ("found by the matrix: heads on a mixture whose classification ta
                 "language-model task's batches into it")
 L2SP_RESUME = ("found by the matrix: l2sp in a task sequence resumed after the first task re-anchors at that task's "
                "end weights (on_train_start of the resumed task), not at the weights before training")
+RETENTION_RESUME = ("found by the matrix: retention with base weights training (a frozen copy) in a task sequence "
+                    "resumed after the first task copies that task's end weights as the reference (on_train_start "
+                    "of the resumed task), not the model before training")
 VALIDATE = ("found by the matrix: `tuneforge validate` never runs check_combination, so a refused list validates "
             "as ok (only train refuses it)")
 
@@ -105,6 +112,8 @@ XFAILS: dict[tuple[str, str], str] = {
        for c in ("prompt", "adapter+prompt", "distill+prompt", "dropout+prompt", "l2sp+prompt", "ia3+prompt",
                  "layerwise+prompt", "lora+prompt", "prefix+prompt")},
     ("resume", "l2sp+replay-lm"): L2SP_RESUME,
+    ("resume", "retention+ewc-lm"): RETENTION_RESUME,
+    ("resume", "retention+replay-lm"): RETENTION_RESUME,
 }
 
 
@@ -133,26 +142,7 @@ def params(selected: list[Case], invariant: str):
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory, tiny_model_dir, tokenizer) -> Assets:
-    from conftest import classification_records, task_records
-    from transformers import BertConfig, BertForSequenceClassification
-
-    directory = tmp_path_factory.mktemp("matrix")
-    bert = directory / "bert"
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.2)
-    BertForSequenceClassification(config).bert.save_pretrained(bert, safe_serialization=True)
-    tokenizer.save_pretrained(bert)
-    lm = [write_jsonl(directory / "lm0.jsonl", task_records(16)),
-          write_jsonl(directory / "lm1.jsonl", [{**r, "completion": r["completion"].replace("is", "was")}
-                                                for r in task_records(16)])]
-    cls = [write_jsonl(directory / "cls0.jsonl", classification_records("animal", 16)),
-           write_jsonl(directory / "cls1.jsonl", classification_records("colour", 16))]
-    retain = write_jsonl(directory / "retain.jsonl", [{"text": " ".join(r["prompt"] + r["completion"]
-                                                                          for r in task_records(8)[i:] * 2)}
-                                                      for i in range(6)])
-    return Assets(tiny_model_dir, bert, lm, cls, retain)
+    return build_assets(tmp_path_factory.mktemp("matrix"), tokenizer, tiny_model_dir)
 
 
 _TRIALS: dict[str, object] = {}
@@ -298,7 +288,7 @@ EXPENSIVE = _pick([
     "full+heads-dec_cls", "distill+full-enc_cls", "layerwise+retention-lm", "l2sp+layerwise-enc_cls",
     "ewc+lora-lm", "heads+lora-enc_cls", "adapter+distill-dec_cls", "adapter+replay-lm", "l2sp+prefix-dec_cls",
     "prefix+retention-lm", "distill+prompt-lm", "dropout+prompt-enc_cls", "heads+ia3-dec_cls", "dropout+ia3-lm",
-    "ewc+replay-lm", "l2sp+replay-lm",
+    "ewc+replay-lm", "l2sp+replay-lm", "ewc+retention-lm", "replay+retention-lm",  # sequences, resumed in task 2
     # the named hybrids that are more than a pair (layerwise+prefix and adapter+distill are pairs above/in the matrix)
     "lora+ewc+distill-lm", "multitask-lora+heads+ewc-lm",
 ])
@@ -370,15 +360,32 @@ def test_every_xfail_names_a_real_case():
 # The README table
 
 
-def refusal_table() -> str:
-    """The combinations refused before any model loads, and why, as a Markdown table."""
-    rows = ["| strategies | refused because |", "| --- | --- |"]
+def refusal_table(setup: list[tuple[Case, str]] | None = None) -> str:
+    """The refused combinations and why, as Markdown: those refused before any model loads, and (given
+    `setup`, from `refused_at_setup`) those a model kind refuses when the strategies are applied."""
+    rows = ["| strategies | model kinds | refused because |", "| --- | --- | --- |"]
     for combo, _, reason in REFUSED:
-        rows.append(f"| `{combo}` | {reason.replace('|', '/')} |")
+        rows.append(f"| `{combo}` | all (before loading) | {reason.replace('|', '/')} |")
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for case, reason in setup or []:
+        by_reason.setdefault((case.combo, reason.split(": ", 1)[0]), []).append(case.kind)
+    for case, reason in setup or []:
+        kinds = by_reason.pop((case.combo, reason.split(": ", 1)[0]), None)
+        if kinds:
+            rows.append(f"| `{case.combo}` | {', '.join(kinds)} | {reason.replace('|', '/')} |")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    print(refusal_table())
-    print(f"\n{len(REFUSED)} refused; {len({c.combo for c in CASES})} accepted combinations "
-          f"x {len({c.kind for c in CASES})} model kinds = {len(CASES)} cases ({len(LIVE)} apply)")
+    setup = None
+    if "--setup" in sys.argv:  # also apply every case to its tiny model (about a minute)
+        import tempfile
+
+        from conftest import make_tokenizer
+
+        with tempfile.TemporaryDirectory() as directory:
+            setup = refused_at_setup(LIVE, build_assets(Path(directory), make_tokenizer()), Path(directory))
+    print(refusal_table(setup))
+    print(f"\n{len(REFUSED)} refused before loading; {len({c.combo for c in CASES})} accepted combinations "
+          f"x {len({c.kind for c in CASES})} model kinds = {len(CASES)} cases ({len(LIVE)} apply)"
+          + (f"; {len(setup)} of them refused at setup" if setup is not None else ""))
