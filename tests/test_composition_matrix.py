@@ -231,13 +231,13 @@ def test_setup_refusal_reason(case, assets, tmp_path_factory):
 # Invariants 1-3, 5, 6 (one trial per case)
 
 
-@pytest.mark.parametrize("case", params([c for c in LIVE if c.declared_identity], "identity"))
+@pytest.mark.parametrize("case", params([c for c in CASES if c.declared_identity], "identity"))
 def test_1_identity_start(case, trial):
     raise_recorded(trial, "identity")
     assert trial.identity <= 1e-6, f"step-0 logits differ from the base's by {trial.identity:.3g}"
 
 
-@pytest.mark.parametrize("case", params(LIVE, "frozen"))
+@pytest.mark.parametrize("case", params(CASES, "frozen"))
 def test_2_trainable_in_optimizer_get_gradients_frozen_stay(case, trial):
     raise_recorded(trial, "train")
     assert trial.trainable, "nothing trains"
@@ -246,7 +246,7 @@ def test_2_trainable_in_optimizer_get_gradients_frozen_stay(case, trial):
     assert not trial.moved_frozen, f"frozen but moved: {trial.moved_frozen[:5]} ({len(trial.moved_frozen)})"
 
 
-@pytest.mark.parametrize("case", params([c for c in LIVE if c.keeps_reference], "reference"))
+@pytest.mark.parametrize("case", params([c for c in CASES if c.keeps_reference], "reference"))
 def test_3_references_unchanged(case, trial):
     raise_recorded(trial, "references")
     assert trial.references, "a strategy holding a teacher/reference kept none after on_train_start"
@@ -257,13 +257,13 @@ def test_3_references_unchanged(case, trial):
             assert entry["differs"] > 1e-6, f"{entry['label']}: the copy computes what the trained model does"
 
 
-@pytest.mark.parametrize("case", params(LIVE, "padding"))
+@pytest.mark.parametrize("case", params(CASES, "padding"))
 def test_5_padded_row_scores_as_alone(case, trial):
     raise_recorded(trial, "padding")
     assert trial.padding <= 1e-5, f"padded row differs from the row alone by {trial.padding:.3g}"
 
 
-@pytest.mark.parametrize("case", params(LIVE, "reload"))
+@pytest.mark.parametrize("case", params(CASES, "reload"))
 def test_6_save_then_load_into_fresh_base(case, trial):
     raise_recorded(trial, "reload")
     assert trial.reload <= 1e-5, f"reloaded outputs differ by {trial.reload:.3g}"
