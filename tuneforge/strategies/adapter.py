@@ -82,6 +82,8 @@ class AdapterOptions(Options):
 class Adapter(Strategy):
     """Bottleneck adapters after attention and/or feed-forward blocks (Houlsby, Pfeiffer); cannot merge."""
 
+    identity_start = True  # the up-projection starts at zero
+
     param_prefix = "adapter_"
     parameter_efficient = True
     options: AdapterOptions

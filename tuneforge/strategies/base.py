@@ -77,6 +77,9 @@ class Strategy:
     # options naming a file or folder (resolved like data paths), each with its keywords that are not paths
     path_options: ClassVar[dict[str, tuple[str, ...]]] = {}
     peft_type: ClassVar[str | None] = None  # PEFT's `peft_type` this strategy reads and writes
+    # with default options, the prepared model's outputs at step 0 equal the base model's (zero-init or
+    # identity-init injections, or nothing injected); the composition matrix checks it for every such list
+    identity_start: ClassVar[bool] = False
 
     @classmethod
     def refuses(cls, other: type[Strategy]) -> str | None:

@@ -67,6 +67,8 @@ class DistillOptions(Options):
 class Distill(Strategy):
     """Distil a teacher (the frozen base or a model folder) into the trained model; optional smaller student."""
 
+    identity_start = True  # an objective: the model is untouched (a student option drops layers)
+
     family = "objective"
     path_options = {"teacher": ("base",)}  # a model folder, or the keyword `base`
     options: DistillOptions

@@ -36,6 +36,8 @@ class DropoutOptions(Options):
 class Dropout(Strategy):
     """Override attention, hidden-state and LoRA dropout rates."""
 
+    identity_start = True  # rates only: eval-mode outputs are untouched
+
     family = "objective"
     options: DropoutOptions
 

@@ -48,6 +48,8 @@ class EWCOptions(Options):
 class EWC(Strategy):
     """Elastic weight consolidation: Fisher-weighted pull toward the weights that knew the old data."""
 
+    identity_start = True  # an objective: the model is untouched
+
     family = "objective"
     options: EWCOptions
 

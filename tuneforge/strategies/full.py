@@ -17,6 +17,8 @@ class FullOptions(Options):
 class FullFineTuning(Strategy):
     """Train every base-model parameter (the default when no parametrization is listed)."""
 
+    identity_start = True  # nothing is injected
+
     trains_base_weights = True
     is_default = True
 

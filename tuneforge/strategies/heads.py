@@ -125,6 +125,8 @@ class HeadsOptions(Options):
 class TaskHeads(Strategy):
     """One classification head per task on a shared body; batches routed by their task id."""
 
+    identity_start = False  # a classification task gets new, randomly initialised outputs
+
     param_prefix = "head_"
     provides_heads = True  # the run loads a headless body; this strategy adds one head per task
     options: HeadsOptions

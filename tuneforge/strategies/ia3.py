@@ -91,6 +91,8 @@ class IA3Options(Options):
 class IA3(Strategy):
     """IA3 rescaling vectors on keys, values and feed-forward inputs; merges exactly; PEFT layout."""
 
+    identity_start = True  # every scale starts at one
+
     param_prefix = "ia3_"
     parameter_efficient = True
     peft_type = "IA3"

@@ -39,6 +39,8 @@ class L2SP(Strategy):
     """L2 penalty pulling pretrained weights toward their starting values and new ones toward zero (L2-SP,
     Li et al. 2018)."""
 
+    identity_start = True  # an objective: the model is untouched
+
     family = "objective"
     options: L2SPOptions
 

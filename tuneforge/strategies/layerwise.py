@@ -32,6 +32,8 @@ class LayerwiseOptions(Options):
 class Layerwise(Strategy):
     """Train chosen layers only, with optional layer-wise LR decay and gradual unfreezing."""
 
+    identity_start = True  # nothing is injected
+
     options: LayerwiseOptions
     trains_base_weights = True
 

@@ -157,6 +157,8 @@ class LoRAOptions(Options):
 class LoRA(Strategy):
     """Low-rank adapters on chosen linear layers (LoRA, rsLoRA, DoRA); merge, unmerge, PEFT export."""
 
+    identity_start = True  # B starts at zero
+
     param_prefix = "lora_"
     parameter_efficient = True
     peft_type = "LORA"

@@ -133,6 +133,8 @@ class PrefixOptions(Options):
 class PrefixTuning(Strategy):
     """Learned key/value prefixes in every attention layer (Li & Liang); generate, grad-ckpt; PEFT layout."""
 
+    identity_start = False  # the prefix is attended to from step 0
+
     param_prefix = "prefix_"
     parameter_efficient = True
     peft_type = "PREFIX_TUNING"

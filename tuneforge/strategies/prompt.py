@@ -123,6 +123,8 @@ class PromptOptions(Options):
 class PromptTuning(Strategy):
     """A learned soft prompt prepended to every input (Lester et al.); works with generate; PEFT layout."""
 
+    identity_start = False  # the soft prompt is prepended from step 0
+
     param_prefix = "prompt_"
     parameter_efficient = True
     peft_type = "PROMPT_TUNING"

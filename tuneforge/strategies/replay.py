@@ -28,6 +28,8 @@ class ReplayOptions(Options):
 class Replay(Strategy):
     """Mix a reservoir sample of earlier tasks' examples into each new task's training data."""
 
+    identity_start = True  # a data schedule: the model is untouched
+
     family = "schedule"
     options: ReplayOptions
 

@@ -37,6 +37,8 @@ class RetentionOptions(Options):
 class Retention(Strategy):
     """KL to the frozen original model on retain batches interleaved with training (LwF-style)."""
 
+    identity_start = True  # an objective: the model is untouched
+
     family = "objective"
     options: RetentionOptions
 
