@@ -54,7 +54,8 @@ def trainable_by_strategy(model: nn.Module, strategies: list[Strategy], ctx: Str
         default = default_parametrization()
         implied = build_strategy(default.name, REGISTRY[default.name].options())
         wanted[default.name] = implied.trainable(model, ctx)
-    return wanted
+    unused = set().union(*(strategy.unused_parameters(model, ctx) for strategy in strategies))
+    return {name: names - unused for name, names in wanted.items()}
 
 
 def trainable_in_any_epoch(model: nn.Module, ctx: StrategyContext, strategies: list[Strategy] | None = None) -> set[str]:

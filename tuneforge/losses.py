@@ -146,11 +146,14 @@ def fisher_diagonal(
     fisher = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in names}
     count = 0
     for batch in batches:
-        grads = torch.autograd.grad(loss_fn(batch), tensors, allow_unused=True)
+        loss = loss_fn(batch)
+        count += 1
+        if not loss.requires_grad:  # no parameter reaches this loss (task heads on retain text): F = 0 there
+            continue
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
         for name, grad in zip(names, grads, strict=True):
             if grad is not None:
                 fisher[name].add_(grad.detach().float().pow(2))
-        count += 1
     if count == 0:
         raise ValueError("fisher_diagonal: no batches given")
     return {name: value / count for name, value in fisher.items()}

@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from tuneforge.checkpoint import write_atomic
-from tuneforge.compose import apply_strategies, build_strategies, trainable_by_strategy
+from tuneforge.compose import apply_strategies, check_combination, build_strategies, trainable_by_strategy
 from tuneforge.config import RunConfig, check_output_location, config_location
 from tuneforge.data import Example, collate, encode_text_chunks, load_examples
 from tuneforge.errors import ConfigError
@@ -410,7 +410,9 @@ def inspect_config(config: RunConfig) -> dict:
 
 
 def validate_run(config: RunConfig) -> dict:
-    """Check everything that can be checked before a model loads: data files, every record, the model."""
+    """Check everything that can be checked before a model loads: the strategy list, data files, every record,
+    the model."""
+    check_combination([spec.name for spec in config.strategies])
     run_data = load_run_data(config)
     check_model_available(config.model)
     check_sequence_length(config.model, config.train.max_seq_len, config_location(config, "train.max_seq_len"))

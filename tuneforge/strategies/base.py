@@ -106,6 +106,11 @@ class Strategy:
             return set()
         return {name for name, _ in model.named_parameters() if has_prefix(name, self.param_prefix)}
 
+    def unused_parameters(self, model: nn.Module, ctx: StrategyContext) -> set[str]:
+        """Base parameters no forward reaches once this strategy is applied (e.g. an output layer its routing
+        bypasses). They stay frozen whatever other strategies ask: trained, they would get no gradient."""
+        return set()
+
     def param_groups(self, model: nn.Module, base_lr: float) -> dict[str, float]:
         """Optional per-parameter learning rates, `{name: lr}`; parameters not listed use `base_lr`."""
         return {}

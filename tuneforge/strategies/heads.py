@@ -113,6 +113,7 @@ class TaskHeadsModel(nn.Module):
 class HeadSpec(BaseModel):
     labels: list[str] | None = None
     num_labels: int | None = Field(None, ge=2)
+    task_id: int | None = Field(None, ge=0)  # default: the task's place in the run (saved adapters record it)
 
 
 class HeadsOptions(Options):
@@ -144,7 +145,7 @@ class TaskHeads(Strategy):
             pooling = "last" if is_decoder else "mean"
         device = next(model.parameters()).device
         heads: dict[int, tuple[str, nn.Module]] = {}
-        self.resolved = {name: {"num_labels": num_labels} for _, name, num_labels in tasks}
+        self.resolved = {name: {"num_labels": num_labels, "task_id": task_id} for task_id, name, num_labels in tasks}
         for task_id, name, num_labels in tasks:
             head = nn.Linear(hidden, num_labels, device=device)
             nn.init.normal_(head.weight, std=0.02)
@@ -152,8 +153,19 @@ class TaskHeads(Strategy):
             heads[task_id] = (f"head_{name}", head)
         return TaskHeadsModel(model, heads, pooling, self.options.dropout)
 
+    def unused_parameters(self, model: nn.Module, ctx: StrategyContext) -> set[str]:
+        """When every task has a head, the body's own outputs (a language-model head, BERT's pooler) are
+        bypassed: the heads pool the last hidden states. Weights shared with the input (tied) stay usable."""
+        if any(task.task_type != "classification" for task in ctx.tasks) or not routes_tasks(model):
+            return set()
+        bypassed = [model.get_output_embeddings(), getattr(model.base_model, "pooler", None)]
+        used = {id(parameter) for parameter in model.get_input_embeddings().parameters()}
+        skipped = {id(p) for module in bypassed if module is not None for p in module.parameters()} - used
+        return {name for name, parameter in model.named_parameters() if id(parameter) in skipped}
+
     def adapter_options(self) -> dict:
-        """Saved with the head sizes, so `load_adapter` rebuilds the heads without the run's data."""
+        """Saved with the head sizes and task ids, so `load_adapter` rebuilds and routes the heads without the
+        run's data (a classification task need not be task 0 of a mixture)."""
         return {**self.options.model_dump(mode="json"), "tasks": self.resolved}
 
     def _task_heads(self, ctx: StrategyContext) -> list[tuple[int, str, int]]:
@@ -165,7 +177,8 @@ class TaskHeads(Strategy):
                 count = len(spec.labels) if spec.labels else spec.num_labels
                 if count is None:
                     raise ModelError(f"heads: task {name!r} needs `labels` or `num_labels`")
-                chosen.append((ids.get(name, index), name, count))
+                task_id = spec.task_id if spec.task_id is not None else ids.get(name, index)
+                chosen.append((task_id, name, count))
             return chosen
         return [(i, name, len(labels)) for i, (name, kind, labels) in enumerate(run_tasks)
                 if kind == "classification"]
