@@ -49,6 +49,7 @@ class EWC(Strategy):
     """Elastic weight consolidation: Fisher-weighted pull toward the weights that knew the old data."""
 
     family = "objective"
+    step_penalty = True  # a weight penalty: counted once per optimizer step
     options: EWCOptions
 
     def __init__(self, options: EWCOptions):

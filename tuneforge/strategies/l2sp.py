@@ -29,6 +29,7 @@ class L2SP(Strategy):
     """L2 penalty pulling trainable weights toward their starting values (L2-SP, Li et al. 2018)."""
 
     family = "objective"
+    step_penalty = True  # a weight penalty: counted once per optimizer step
     options: L2SPOptions
 
     def __init__(self, options: L2SPOptions):
