@@ -86,5 +86,19 @@ def test_splitting_a_step_into_micro_batches_changes_nothing(case, run_config, r
             assert whole_log[0][key] == pytest.approx(split_log[0][key], abs=1e-5), key
     assert whole.keys() == split.keys()
     gap = max(float((whole[name] - split[name]).abs().max()) for name in whole)
-    print(f"GAP {case} {gap:.3g} step1", whole_log[0]["loss"], split_log[0]["loss"])
     assert gap < 1e-5, f"{case}: weights differ by {gap:.3g} between B=4 x 1 and B=2 x 2"
+
+
+def test_a_sequence_run_packs_like_a_mixture_run(tmp_path, tiny_model_dir):
+    from test_continual import sequence_config
+
+    lora = [{"lora": {"rank": 4, "targets": "all-linear"}}]
+    steps = {}
+    for packing in (False, True):
+        config = sequence_config(tmp_path, tiny_model_dir, lora, name=f"packing-{packing}", max_steps=None,
+                                 epochs=1, batch_size=2, max_seq_len=64, packing=packing)
+        steps[packing] = train_run(config)["steps"]
+        lines = (tmp_path / f"packing-{packing}" / "metrics.jsonl").read_text().splitlines()
+        assert {json.loads(line)["task"] for line in lines} == {"t0", "t1", "t2"}
+    # every task: 24 examples a pass; unpacked 12 steps of 2, packed a few rows of 64 tokens hold them
+    assert steps[False] == 3 * 12 and steps[True] < steps[False] / 2

@@ -238,39 +238,23 @@ def fit(
     # set before anything reads what is trainable in any epoch (optimizer, L2-SP and EWC anchors)
     num_steps, ctx.num_epochs = plan_length(plan, cfg, world)
     ctx.total_steps, ctx.base_lr = num_steps, cfg.lr
-    optimizer = build_optimizer(model, strategies, ctx, cfg)
-    scheduler = build_scheduler(optimizer, cfg, num_steps)
-    optimized = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
-    if world > 1:  # DDP syncs only what requires grad when it wraps the model: wrap with everything any
-        # epoch trains (gradual unfreezing); set_trainable narrows it per epoch, find_unused_parameters copes
-        for group in optimizer.param_groups:
-            for parameter in group["params"]:
-                parameter.requires_grad_(True)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler = prepare_training(model, strategies, ctx, cfg, accelerator, num_steps)
     raw_model = accelerator.unwrap_model(model)
+    optimized = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, extra=log_extra)
     checkpoints = checkpoints or run_dir / "checkpoints"
     with_task = routes_tasks(raw_model)
     head = None if any(strategy.needs_logits() for strategy in strategies) else label_head(raw_model)
     make_batch = functools.partial(packed_collate, capacity=cfg.max_seq_len) if cfg.packing else collate
-
     for strategy in strategies:
         strategy.on_train_start(raw_model, ctx)
     state = LoopState()
     if resume:
-        latest = latest_checkpoint(checkpoints)
-        if latest is None:
-            raise TrainingError(f"--resume: no valid checkpoint in {checkpoints}")
-        loop = load_checkpoint(latest, raw_model, optimizer, scheduler, strategies)
-        state = LoopState.from_checkpoint(loop, cfg.grad_accum)
+        state, latest = resumed_state(checkpoints, raw_model, optimizer, scheduler, strategies, cfg)
         logger.truncate_after(state.step)
         accelerator.print(f"tuneforge: resumed from {latest.name} (step {state.step} of {num_steps})")
-
-    def checkpoint() -> None:
-        if accelerator.is_main_process:
-            save_checkpoint(checkpoints, state.step, raw_model, optimizer, scheduler, strategies,
-                            state.__dict__, keep=cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
+    checkpoint = functools.partial(save_state, checkpoints, raw_model, optimizer, scheduler, strategies, state,
+                                   cfg, accelerator)
 
     model.train()
     progress = tqdm(total=num_steps, initial=state.step, desc="train", unit="step",
@@ -290,16 +274,9 @@ def fit(
             if not finite_everywhere(result.total, accelerator):  # every process stops at the same step
                 progress.close()  # the error goes on a line of its own
                 raise non_finite_error(result.total, state.step + 1, checkpoints)
-            grad_norm = None
-            if cfg.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            model.zero_grad(set_to_none=True)  # every parameter's, not only the optimizer's
+            grad_norm = optimizer_step(model, optimizer, scheduler, cfg, accelerator)
             state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
-            state.tokens += result.tokens * world
-            window_tokens += result.tokens * world
+            state.tokens, window_tokens = state.tokens + result.tokens * world, window_tokens + result.tokens * world
             state.elapsed += time.perf_counter() - step_start
             ctx.step = state.step
 
@@ -312,7 +289,6 @@ def fit(
                                      tok_s=f"{state.tokens / max(state.elapsed, 1e-9):.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
             progress.update(1)
-
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
                 metrics = evaluate(raw_model)
                 state.history.append({"step": state.step, **metrics})
@@ -328,6 +304,51 @@ def fit(
     checkpoint()
     logger.close()
     return state
+
+
+def prepare_training(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext, cfg: TrainConfig,
+                     accelerator: Accelerator, num_steps: int):
+    """(model, optimizer, scheduler) prepared by Accelerate; the optimizer holds what any epoch trains."""
+    optimizer = build_optimizer(model, strategies, ctx, cfg)
+    scheduler = build_scheduler(optimizer, cfg, num_steps)
+    if accelerator.num_processes > 1:  # DDP syncs only what requires grad when it wraps the model: wrap with
+        # everything any epoch trains (gradual unfreezing); set_trainable narrows it per epoch,
+        # find_unused_parameters copes
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.requires_grad_(True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler
+
+
+def resumed_state(checkpoints: Path, model: nn.Module, optimizer, scheduler, strategies: list[Strategy],
+                  cfg: TrainConfig) -> tuple[LoopState, Path]:
+    """Load the latest valid checkpoint into model, optimizer, scheduler and strategies: (its loop state, it)."""
+    latest = latest_checkpoint(checkpoints)
+    if latest is None:
+        raise TrainingError(f"--resume: no valid checkpoint in {checkpoints}")
+    loop = load_checkpoint(latest, model, optimizer, scheduler, strategies)
+    return LoopState.from_checkpoint(loop, cfg.grad_accum), latest
+
+
+def save_state(checkpoints: Path, model: nn.Module, optimizer, scheduler, strategies: list[Strategy],
+               state: LoopState, cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """Checkpoint from the main process; every process waits until it is written."""
+    if accelerator.is_main_process:
+        save_checkpoint(checkpoints, state.step, model, optimizer, scheduler, strategies, state.__dict__,
+                        keep=cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def optimizer_step(model: nn.Module, optimizer, scheduler, cfg: TrainConfig, accelerator: Accelerator) -> Tensor | None:
+    """Clip, step, schedule, and zero every parameter's gradient; returns the gradient norm (a tensor)."""
+    grad_norm = None
+    if cfg.max_grad_norm is not None:
+        grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    model.zero_grad(set_to_none=True)  # every parameter's, not only the optimizer's
+    return grad_norm
 
 
 def step_record(state: LoopState, result: StepResult, grad_norm: Tensor | None, lr: float, tokens_per_s: float,
