@@ -102,3 +102,46 @@ def test_a_sequence_run_packs_like_a_mixture_run(tmp_path, tiny_model_dir):
         assert {json.loads(line)["task"] for line in lines} == {"t0", "t1", "t2"}
     # every task: 24 examples a pass; unpacked 12 steps of 2, packed a few rows of 64 tokens hold them
     assert steps[False] == 3 * 12 and steps[True] < steps[False] / 2
+
+
+def test_retention_weights_each_micro_batch_by_its_retain_tokens():
+    import tuneforge
+    from tuneforge.strategies import StrategyContext
+
+    model = tuneforge.prepare(tiny_llama(), [{"lora": {"rank": 4, "targets": "all-linear"}}])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # away from the reference, so the KL is not zero
+                parameter.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    lengths = [3, 9, 5, 12]  # unequal retain sequences: a row-weighted split would differ
+
+    def retain_batches(batch_size=None, device=None):
+        for step in range(1000):
+            length = lengths[step % 4]
+            ids = torch.randint(3, 300, (1, length), generator=torch.Generator().manual_seed(step))
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def step_term(micro_rows: list[int]) -> torch.Tensor:
+        from tuneforge.strategies.retention import Retention, RetentionOptions
+
+        retention = Retention(RetentionOptions(weight=1.0))
+        ctx = StrategyContext(retain_batches=retain_batches, step_rows=sum(micro_rows), micro_count=len(micro_rows))
+        retention.on_train_start(model, ctx)
+        total = torch.zeros(())
+        for index, rows in enumerate(micro_rows):
+            ctx.micro_index = index
+            total = total + retention.loss(model, {"input_ids": torch.zeros(rows, 2)}, None, ctx)["retention"]
+        return total.detach()
+
+    whole, split = step_term([4]), step_term([2, 2])
+    assert float(whole) > 0 and float(split) == pytest.approx(float(whole), rel=1e-5)
+    assert float(step_term([1, 3])) == pytest.approx(float(whole), rel=1e-5)
+
+
+def test_old_checkpoints_resume_at_the_step_their_micro_batch_count_meant():
+    from tuneforge.train import LoopState
+
+    old = {"step": 7, "epoch": 1, "micro_in_epoch": 6, "tokens": 10, "elapsed": 1.0, "history": []}
+    state = LoopState.from_checkpoint(old, grad_accum=2)
+    assert state.step_in_epoch == 3 and state.step == 7
+    assert LoopState.from_checkpoint(state.__dict__, grad_accum=2) == state
