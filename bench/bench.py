@@ -207,7 +207,8 @@ def worker_synthetic(spec: dict) -> dict:
     labelled = [batch_size * 255] * steps
     model = synthetic_model()
     if spec["side"] == "ours":
-        marks, model = run_ours(model, ours, items, lambda epoch, rank, world: plan_batches, steps, options, pad=0)
+        marks, model = run_ours(model, ours, items, lambda epoch, rank, world: [[b] for b in plan_batches], steps, options,
+                                pad=0)
         from tuneforge.data import collate
         from tuneforge.evaluate import label_head
         from tuneforge.train import task_loss
@@ -287,7 +288,7 @@ def worker_smollm2(spec: dict) -> dict:
             plan = packing_plan([len(i["input_ids"]) for i in train], [len(train)], 2, SMOLLM2_LEN, seed=0)
         else:
             plan = mixture_plan([len(train)], 8, ScheduleConfig(), seed=0)
-        step_batches = [[train[i] for i in batch] for batch in plan(0, 0, 1)]
+        step_batches = [[train[i] for i in batch] for step in plan(0, 0, 1) for batch in step]  # accum 1
         marks, model = run_ours(model, [{"lora": LORA_QV}], train, plan, len(step_batches), options, pad,
                                 tokenizer=tokenizer)
     tokens = [sum(len(i["input_ids"]) for i in batch) for batch in step_batches]

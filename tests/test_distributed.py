@@ -109,14 +109,17 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, t
     sampling=st.sampled_from(["proportional", "temperature", "round_robin"]),
 )
 def test_every_process_gets_the_same_number_of_micro_batches(sizes, batch_size, world, seed, epoch, sampling):
-    plan = mixture_plan(sizes, batch_size, ScheduleConfig(sampling=sampling), seed)
+    plan = mixture_plan(sizes, batch_size, ScheduleConfig(sampling=sampling), seed, grad_accum=2)
     shards = [plan(epoch, rank, world) for rank in range(world)]
-    assert len({len(shard) for shard in shards}) == 1  # otherwise one process waits forever in a collective
-    assert all(batch for shard in shards for batch in shard)  # no process ever gets an empty micro-batch
+    # otherwise one process waits forever in a collective
+    assert len({tuple(len(step) for step in shard) for shard in shards}) == 1
+    assert all(batch for shard in shards for step in shard for batch in step)  # no empty micro-batch anywhere
     if sampling == "proportional" and len(sizes) == 1:  # the processes split exactly one process's batches
-        whole = mixture_plan(sizes, batch_size * world, ScheduleConfig(sampling=sampling), seed)(epoch, 0, 1)
-        kept = [batch for batch in whole if len(batch) >= world]
-        assert [sorted(i for shard in shards for i in shard[b]) for b in range(len(kept))] == [sorted(b) for b in kept]
+        whole = mixture_plan(sizes, batch_size * world, ScheduleConfig(sampling=sampling), seed, 2)(epoch, 0, 1)
+        kept = [[batch for batch in step if len(batch) >= world] for step in whole]
+        kept = [batch for step in kept for batch in step]
+        mine = [[batch for step in shard for batch in step] for shard in shards]
+        assert [sorted(i for shard in mine for i in shard[b]) for b in range(len(kept))] == [sorted(b) for b in kept]
 
 
 ACCELERATE_CONFIGS = sorted((REPO / "examples" / "accelerate").glob("*.yaml"))

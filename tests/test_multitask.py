@@ -15,6 +15,11 @@ from tuneforge.run import train_run
 from tuneforge.tasks import mixture_plan, task_probabilities
 
 
+def micro_batches(steps: list[list[list[int]]]) -> list[list[int]]:
+    """A plan's steps as one list of micro-batches."""
+    return [micro for step in steps for micro in step]
+
+
 def task_of(index: int, sizes: list[int]) -> int:
     bound = 0
     for task, size in enumerate(sizes):
@@ -26,7 +31,7 @@ def task_of(index: int, sizes: list[int]) -> int:
 
 def test_proportional_sampling_sees_every_example_once_in_single_task_batches():
     sizes = [30, 90]
-    batches = mixture_plan(sizes, 4, ScheduleConfig(sampling="proportional"), seed=0)(0, 0, 1)
+    batches = micro_batches(mixture_plan(sizes, 4, ScheduleConfig(sampling="proportional"), seed=0)(0, 0, 1))
     assert sorted(i for b in batches for i in b) == list(range(120))
     assert all(len({task_of(i, sizes) for i in b}) == 1 for b in batches)
     shares = Counter(task_of(b[0], sizes) for b in batches)
@@ -38,14 +43,14 @@ def test_temperature_sampling_matches_the_configured_proportions():
     expected = task_probabilities(sizes, schedule)
     assert expected == pytest.approx([10 / 40, 30 / 40])  # sqrt(100) : sqrt(900)
     plan = mixture_plan(sizes, 2, schedule, seed=0)
-    drawn = Counter(task_of(b[0], sizes) for epoch in range(8) for b in plan(epoch, 0, 1))
+    drawn = Counter(task_of(b[0], sizes) for epoch in range(8) for b in micro_batches(plan(epoch, 0, 1)))
     total = sum(drawn.values())
     assert drawn[0] / total == pytest.approx(expected[0], abs=0.03)
 
 
 def test_round_robin_alternates_tasks():
     sizes = [8, 8, 8]
-    batches = mixture_plan(sizes, 2, ScheduleConfig(sampling="round_robin"), seed=0)(0, 0, 1)
+    batches = micro_batches(mixture_plan(sizes, 2, ScheduleConfig(sampling="round_robin"), seed=0)(0, 0, 1))
     assert [task_of(b[0], sizes) for b in batches[:6]] == [0, 1, 2, 0, 1, 2]
 
 

@@ -175,10 +175,10 @@ def test_plan_shards_the_same_permutation():
     from tuneforge.config import ScheduleConfig
 
     plan = mixture_plan([10], 4, ScheduleConfig(), seed=0)
-    single = plan(1, 0, 1)
+    single = [micro for step in plan(1, 0, 1) for micro in step]
     assert sorted(i for b in single for i in b) == list(range(10))
-    assert plan(1, 0, 1) == single and plan(2, 0, 1) != single
-    shards = [mixture_plan([10], 2, ScheduleConfig(), 0)(1, rank, 2) for rank in (0, 1)]
+    assert plan(1, 0, 1) == plan(1, 0, 1) and plan(2, 0, 1) != plan(1, 0, 1)
+    shards = [[m for s in mixture_plan([10], 2, ScheduleConfig(), 0)(1, rank, 2) for m in s] for rank in (0, 1)]
     assert len(shards[0]) == len(shards[1])
     assert sorted(i for shard in shards for b in shard for i in b) == list(range(10))
 

@@ -20,6 +20,7 @@ import json
 import time
 
 from tuneforge.checkpoint import latest_checkpoint, load_weights_and_strategies
+from tuneforge.tasks import grouped_by_task  # noqa: F401  (public here before it moved)
 
 
 def continual_metrics(matrix: list[list[float]], baseline: list[float]) -> dict[str, float]:
@@ -45,7 +46,7 @@ def train_sequence(session, before: dict, resume: bool) -> tuple:
     run skips finished tasks (restoring the weights and strategy state they ended with) and resumes the
     current one exactly.
     """
-    from tuneforge.tasks import mixture_plan
+    from tuneforge.tasks import training_plan
     from tuneforge.train import LoopState, fit
 
     config, accelerator, ctx = session.config, session.accelerator, session.ctx
@@ -65,8 +66,8 @@ def train_sequence(session, before: dict, resume: bool) -> tuple:
         items = task.train_items
         for strategy in session.strategies:
             items = strategy.task_items(items, ctx)
-        items, sizes = grouped_by_task(items)  # replayed items keep their own task: one task per micro-batch
-        plan = mixture_plan(sizes, config.train.batch_size, config.schedule, config.train.seed + index)
+        # the mixture path's plan (packing included); replayed items keep their own task per micro-batch
+        items, plan = training_plan(items, config.train, config.schedule, config.train.seed + index)
         accelerator.print(f"tuneforge: task {index + 1}/{len(tasks)}: {task.name} ({len(items)} items)")
         resuming = resume and latest_checkpoint(checkpoints) is not None
         state = fit(session.model, session.strategies, ctx, items, plan, config.train, accelerator, session.run_dir,
@@ -102,16 +103,3 @@ def _metric_name(tasks) -> str:
     if kinds == {"classification"}:
         return "accuracy"
     return "negative eval loss" if kinds == {"causal_lm"} else "accuracy (classification) or negative eval loss"
-
-
-def grouped_by_task(items: list[dict]) -> tuple[list[dict], list[int]]:
-    """Items reordered so each task's sit together (current task first), and the group sizes.
-
-    Replay mixes earlier tasks' items into the current task's; task-specific heads need every micro-batch
-    to hold one task only, which `mixture_plan` guarantees for consecutive groups.
-    """
-    order: dict[object, list[dict]] = {}
-    for item in items:
-        order.setdefault(item.get("task_id"), []).append(item)
-    groups = list(order.values())
-    return [item for group in groups for item in group], [len(group) for group in groups]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,10 @@ from torch import nn
 from tuneforge.data import IGNORE_INDEX, Example, collate
 from tuneforge.forward import model_inputs, routes_tasks
 from tuneforge.losses import token_losses
+
+if TYPE_CHECKING:
+    from tuneforge.config import RunConfig
+    from tuneforge.tasks import RunData, TaskData
 
 
 def batches(items: list[dict], batch_size: int, pad_token_id: int, device) -> list[dict]:
@@ -232,3 +237,35 @@ def _user_part(example: Example) -> str:
 def forgetting(before: dict, after: dict) -> dict:
     """Retain-set change: after minus before, for every metric both have (positive loss = forgot)."""
     return {key: after[key] - before[key] for key in ("loss", "perplexity", "accuracy") if key in before and key in after}
+
+
+def evaluate_task(model: nn.Module, task: TaskData, batch_size: int, pad: int, device) -> dict:
+    """A task's eval metrics: accuracy for classification, loss and perplexity for language modelling."""
+    if task.task_type == "classification":
+        return evaluate_classification(model, task.eval_items, batch_size, pad, device)
+    return evaluate_lm(model, task.eval_items, batch_size, pad, device)
+
+
+def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig, device, samples: bool = True) -> dict:
+    """Per-task metrics on the eval sets (`eval` is their mean), retain metrics, and a few greedy samples."""
+    batch_size = config.evaluation.batch_size or config.train.batch_size
+    pad = tokenizer.pad_token_id
+    per_task = {task.name: evaluate_task(model, task, batch_size, pad, device) for task in run_data.tasks}
+    result = {"eval": mean_metrics(list(per_task.values()))}
+    if run_data.multi_task:
+        result["tasks"] = per_task
+    if run_data.retain_items:
+        result["retain"] = evaluate_lm(model, run_data.retain_items, batch_size, pad, device)
+    lm_task = next((t for t in run_data.tasks if t.task_type == "causal_lm"), None)
+    if samples and config.evaluation.samples and lm_task is not None:
+        chosen = lm_task.eval_examples[:config.evaluation.samples]
+        result["samples"] = generate_samples(model, tokenizer, chosen, config.evaluation.max_new_tokens, device)
+    return result
+
+
+def mean_metrics(results: list[dict]) -> dict:
+    """Metric-wise mean over tasks, for the metrics every task has."""
+    if len(results) == 1:
+        return results[0]
+    shared = set.intersection(*(set(r) for r in results)) if results else set()
+    return {key: sum(r[key] for r in results) / len(results) for key in sorted(shared)}

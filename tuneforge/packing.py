@@ -20,6 +20,7 @@ micro-batch holds as many whole examples as first-fit places into that many rows
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,7 +28,9 @@ from torch import nn
 from tuneforge.data import IGNORE_INDEX
 from tuneforge.errors import ConfigError
 from tuneforge.forward import model_inputs
-from tuneforge.tasks import Plan
+
+if TYPE_CHECKING:
+    from tuneforge.tasks import Plan
 
 LOOKAHEAD = 64  # examples a micro-batch may look ahead to fill its rows (later ones wait for the next)
 
@@ -57,20 +60,22 @@ def first_fit_rows(lengths: list[int], capacity: int, max_rows: int | None = Non
     return rows, left_out
 
 
-def packing_plan(lengths: list[int], sizes: list[int], rows: int, capacity: int, seed: int) -> Plan:
-    """A plan of micro-batches that each fill at most `rows` rows of `capacity` tokens.
+def packing_plan(lengths: list[int], sizes: list[int], rows: int, capacity: int, seed: int,
+                 grad_accum: int = 1) -> Plan:
+    """A plan of optimizer steps of `grad_accum` micro-batches that each fill at most `rows` rows.
 
     `lengths` are the items' token counts; `sizes` split them into consecutive tasks (one task per
     micro-batch, as in `mixture_plan`). Every example is used once per epoch, in an order seeded by
     `seed + epoch`; tasks' micro-batches are interleaved at random (proportional sampling). Each process
-    takes every `world`-th micro-batch; the last ones that do not make a full round are left out, so every
-    process runs the same number of steps.
+    takes every `world`-th micro-batch (the last ones that do not make a full round are left out, so every
+    process runs the same number of steps) and groups its micro-batches into steps; an epoch's last step
+    may have fewer.
     """
     if sum(sizes) != len(lengths):
         raise ValueError(f"packing_plan: task sizes {sizes} do not add up to {len(lengths)} items")
     offsets = [sum(sizes[:task]) for task in range(len(sizes))]
 
-    def plan(epoch: int, rank: int, world: int) -> list[list[int]]:
+    def plan(epoch: int, rank: int, world: int) -> list[list[list[int]]]:
         generator = torch.Generator().manual_seed(seed + epoch)
         batches = []
         for task, size in enumerate(sizes):
@@ -79,7 +84,8 @@ def packing_plan(lengths: list[int], sizes: list[int], rows: int, capacity: int,
         if len(sizes) > 1:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         usable = len(batches) // world * world
-        return batches[rank:usable:world]
+        mine = batches[rank:usable:world]
+        return [mine[start:start + grad_accum] for start in range(0, len(mine), grad_accum)]
 
     return plan
 

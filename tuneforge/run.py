@@ -12,21 +12,22 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
 from tuneforge.checkpoint import write_atomic
-from tuneforge.compose import apply_strategies, check_combination, build_strategies, trainable_by_strategy
+from tuneforge.compose import apply_strategies, build_strategies, check_combination, trainable_by_strategy
 from tuneforge.config import RunConfig, check_output_location, config_location
-from tuneforge.data import Example, collate, encode_text_chunks, load_examples
+from tuneforge.data import load_examples
+from tuneforge.data.retain import split_retain_documents  # noqa: F401  (public here before it moved)
+from tuneforge.distributed import SHARDED_LAUNCHES, make_accelerator  # noqa: F401  (public here before)
 from tuneforge.errors import ConfigError
-from tuneforge.evaluate import evaluate_classification, evaluate_lm, forgetting, generate_samples
+from tuneforge.evaluate import evaluate_all, evaluate_task, forgetting, mean_metrics  # noqa: F401  (public here)
 from tuneforge.metrics import peak_memory_mb
 from tuneforge.models import (
     BUNDLED_MODELS,
@@ -37,109 +38,16 @@ from tuneforge.models import (
     model_kind,
     resolve_model_path,
 )
-from tuneforge.packing import check_packing, packing_plan
+from tuneforge.packing import check_packing
 from tuneforge.strategies import REGISTRY, Strategy, StrategyContext, TaskInfo, default_parametrization
 from tuneforge.surgery import disabled_adapters
-from tuneforge.tasks import TaskData, encode_task, load_tasks, mixture_plan
-
-
-@dataclass
-class RunData:
-    """The run's tasks and its retain data."""
-
-    tasks: list[TaskData]
-    retain_items: list[dict] = field(default_factory=list)  # measures forgetting
-    retain_pool: list[Example] = field(default_factory=list)  # disjoint retain text for regularisers
-
-    @property
-    def task_type(self) -> str:
-        """`classification` when every task is; otherwise the run is a causal-LM run."""
-        return "classification" if all(t.task_type == "classification" for t in self.tasks) else "causal_lm"
-
-    @property
-    def multi_task(self) -> bool:
-        return len(self.tasks) > 1
-
-
-def load_run_data(config: RunConfig) -> RunData:
-    """Read every task's examples (validating every record); no model needed."""
-    return RunData(load_tasks(config))
-
-
-def encode_run_data(run_data: RunData, config: RunConfig, tokenizer, tag_tasks: bool) -> RunData:
-    max_len = config.train.max_seq_len
-    for task in run_data.tasks:
-        encode_task(task, tokenizer, max_len, tag=tag_tasks)
-    if config.retain and run_data.task_type == "causal_lm":
-        measure, regularize = split_retain_documents(load_examples(config.retain, "text"))
-        run_data.retain_items = encode_text_chunks(measure, tokenizer, max_len, config.evaluation.retain_examples)
-        run_data.retain_pool = regularize
-    return run_data
-
-
-def split_retain_documents(documents: list[Example]) -> tuple[list[Example], list[Example]]:
-    """Retain documents for measuring forgetting, and disjoint ones that regularisers may train on.
-
-    Objectives such as EWC or the retention loss must not see the text forgetting is measured on, or
-    "forgets less" would partly be "memorised the test". Every third document goes to the regulariser pool.
-    """
-    if len(documents) < 3:
-        return documents, documents
-    return [d for i, d in enumerate(documents) if i % 3 != 2], [d for i, d in enumerate(documents) if i % 3 == 2]
-
-
-def retain_batch_source(run_data: RunData, tokenizer, config: RunConfig):
-    """A callable giving an endless, seeded stream of padded batches from the regulariser retain pool.
-
-    Encoded on first use, so runs whose strategies never ask for retain data pay nothing.
-    """
-    cache: list[dict] = []
-
-    def stream(batch_size: int | None = None, device=None):
-        if not cache:
-            cache.extend(encode_text_chunks(run_data.retain_pool, tokenizer, config.train.max_seq_len,
-                                            max(64, 4 * config.evaluation.retain_examples)))
-        size = min(batch_size or config.train.batch_size, len(cache))  # a small pool must not loop forever
-        generator = torch.Generator().manual_seed(config.train.seed + 1)
-        while True:
-            order = torch.randperm(len(cache), generator=generator).tolist()
-            for start in range(0, len(order) - size + 1, size):
-                batch = collate([cache[i] for i in order[start:start + size]], tokenizer.pad_token_id)
-                yield {k: v.to(device) for k, v in batch.items()} if device is not None else batch
-
-    return stream if run_data.retain_pool else None
-
-
-def evaluate_task(model: nn.Module, task: TaskData, batch_size: int, pad: int, device) -> dict:
-    if task.task_type == "classification":
-        return evaluate_classification(model, task.eval_items, batch_size, pad, device)
-    return evaluate_lm(model, task.eval_items, batch_size, pad, device)
-
-
-def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig, device, samples: bool = True) -> dict:
-    """Per-task metrics on the eval sets (`eval` is their mean), retain metrics, and a few greedy samples."""
-    batch_size = config.evaluation.batch_size or config.train.batch_size
-    pad = tokenizer.pad_token_id
-    per_task = {task.name: evaluate_task(model, task, batch_size, pad, device) for task in run_data.tasks}
-    result = {"eval": mean_metrics(list(per_task.values()))}
-    if run_data.multi_task:
-        result["tasks"] = per_task
-    if run_data.retain_items:
-        result["retain"] = evaluate_lm(model, run_data.retain_items, batch_size, pad, device)
-    lm_task = next((t for t in run_data.tasks if t.task_type == "causal_lm"), None)
-    if samples and config.evaluation.samples and lm_task is not None:
-        chosen = lm_task.eval_examples[:config.evaluation.samples]
-        result["samples"] = generate_samples(model, tokenizer, chosen, config.evaluation.max_new_tokens, device)
-    return result
-
-
-def mean_metrics(results: list[dict]) -> dict:
-    """Metric-wise mean over tasks, for the metrics every task has."""
-    if len(results) == 1:
-        return results[0]
-    shared = set.intersection(*(set(r) for r in results)) if results else set()
-    return {key: sum(r[key] for r in results) / len(results) for key in sorted(shared)}
-
+from tuneforge.tasks import (
+    RunData,
+    encode_run_data,
+    load_run_data,
+    retain_batch_source,
+    training_plan,
+)
 
 RUN_WORK = ("metrics.jsonl", "evaluation_before.json", "checkpoints", "results.json", "adapter")
 
@@ -177,30 +85,6 @@ def prepare_output(config: RunConfig, resume: bool, overwrite: bool, accelerator
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return run_dir
-
-
-def make_accelerator() -> Accelerator:
-    """The run's Accelerator, the same under `python`, `torchrun` and `accelerate launch`.
-
-    torchrun on a machine without GPUs: Accelerate only sets up CPU processes (gloo) when told `cpu=True`.
-    `find_unused_parameters`: a step may leave trainable parameters unused (a task's head, layers that
-    gradual unfreezing has not reached yet), which plain DDP refuses.
-    """
-    for variable, name in SHARDED_LAUNCHES.items():
-        if os.environ.get(variable, "").lower() in ("1", "true"):
-            raise ConfigError(
-                f"{name} is not supported yet: it shards parameters or optimizer state, and tuneforge's "
-                "checkpoints, adapters and evaluation need whole tensors; launch data parallel instead "
-                "(examples/accelerate/ddp.yaml, docs/distributed.md)"
-            )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu = world > 1 and not torch.accelerator.is_available()
-    return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-
-
-# what `accelerate launch` sets for sharded training (see docs/distributed.md for why it is refused)
-SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
 def load_base_model(config: RunConfig, run_data: RunData, strategy_names: list[str]):
@@ -351,12 +235,7 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
     items = [item for task in session.data.tasks for item in task.train_items]
     for strategy in session.strategies:
         items = strategy.task_items(items, session.ctx)
-    plan = mixture_plan(sizes, config.train.batch_size, config.schedule, config.train.seed)
-    if len(items) != sum(sizes):  # a data schedule changed the stream: one task-less mixture over it
-        plan = mixture_plan([len(items)], config.train.batch_size, config.schedule, config.train.seed)
-    if config.train.packing:  # micro-batches of batch_size rows of max_seq_len tokens, filled with whole examples
-        plan = packing_plan([len(item["input_ids"]) for item in items], sizes if len(items) == sum(sizes) else [len(items)],
-                            config.train.batch_size, config.train.max_seq_len, config.train.seed)
+    items, plan = training_plan(items, config.train, config.schedule, config.train.seed)
     started = time.perf_counter()
     if config.train.max_steps == 0:  # evaluate only: the prompt-engineering baseline
         from tuneforge.train import LoopState

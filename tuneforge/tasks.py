@@ -1,14 +1,16 @@
-"""Tasks of a run: their data, and how micro-batches are drawn from several of them.
+"""Tasks of a run: their data, and how optimizer steps are drawn from several of them.
 
 A single `data:` section is one task; `tasks:` lists several. Items of task k carry `task_id = k`
-(for task-specific heads). Every micro-batch holds items of one task only, so a head or a per-task
-loss never sees another task's examples.
+(for task-specific heads). A plan draws whole optimizer steps of `batch_size * grad_accum * world`
+items, each of one task, then cuts every step into micro-batches of `batch_size` items per process. So
+a head or a per-task loss never sees another task's examples, and how a step is split (batch_size 4 x
+grad_accum 1 or 2 x 2) does not change which data it holds.
 
-Sampling across tasks (one "epoch" has as many micro-batches as the tasks' batch counts added up):
+Sampling across tasks (one "epoch" has as many steps as the tasks' step counts added up):
 - proportional: every example once per epoch, tasks interleaved at random (p_i ~ n_i);
 - temperature: tasks drawn with p_i ~ n_i^(1/T) (T = 1 proportional, T -> inf uniform; Arivazhagan
   et al. 2019, "Massively Multilingual NMT"), smaller tasks revisited, larger ones subsampled;
-- round_robin: tasks in turn, one micro-batch each.
+- round_robin: tasks in turn, one step each.
 """
 
 from __future__ import annotations
@@ -20,11 +22,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tuneforge.config import RunConfig, ScheduleConfig, TaskConfig
-from tuneforge.data import Example, encode_dataset, label_vocabulary, load_examples, split_train_eval
+from tuneforge.config import RunConfig, ScheduleConfig, TaskConfig, TrainConfig
+from tuneforge.data import (
+    Example,
+    encode_dataset,
+    encode_text_chunks,
+    label_vocabulary,
+    load_examples,
+    split_train_eval,
+)
+from tuneforge.data.retain import retain_stream, split_retain_documents
 from tuneforge.errors import DataError
 
-Plan = Callable[[int, int, int], list[list[int]]]  # (epoch, rank, world) -> micro-batches of item indices
+# (epoch, rank, world) -> this process's optimizer steps, each a list of micro-batches of item indices
+Plan = Callable[[int, int, int], list[list[list[int]]]]
 
 
 @dataclass
@@ -81,6 +92,52 @@ def encode_task(task: TaskData, tokenizer, max_seq_len: int, tag: bool) -> TaskD
     return task
 
 
+@dataclass
+class RunData:
+    """The run's tasks and its retain data."""
+
+    tasks: list[TaskData]
+    retain_items: list[dict] = field(default_factory=list)  # measures forgetting
+    retain_pool: list[Example] = field(default_factory=list)  # disjoint retain text for regularisers
+
+    @property
+    def task_type(self) -> str:
+        """`classification` when every task is; otherwise the run is a causal-LM run."""
+        return "classification" if all(t.task_type == "classification" for t in self.tasks) else "causal_lm"
+
+    @property
+    def multi_task(self) -> bool:
+        return len(self.tasks) > 1
+
+
+def load_run_data(config: RunConfig) -> RunData:
+    """Read every task's examples (validating every record); no model needed."""
+    return RunData(load_tasks(config))
+
+
+def encode_run_data(run_data: RunData, config: RunConfig, tokenizer, tag_tasks: bool) -> RunData:
+    """Tokenize every task; split the retain text into the part measured and the part regularisers use."""
+    max_len = config.train.max_seq_len
+    for task in run_data.tasks:
+        encode_task(task, tokenizer, max_len, tag=tag_tasks)
+    if config.retain and run_data.task_type == "causal_lm":
+        measure, regularize = split_retain_documents(load_examples(config.retain, "text"))
+        run_data.retain_items = encode_text_chunks(measure, tokenizer, max_len, config.evaluation.retain_examples)
+        run_data.retain_pool = regularize
+    return run_data
+
+
+
+
+def retain_batch_source(run_data: RunData, tokenizer, config: RunConfig):
+    """`ctx.retain_batches`: a callable `(batch_size=None, device=None)` giving an endless, seeded stream of
+    padded batches from the regulariser retain pool (None without one); see `data.retain.retain_stream`."""
+    if not run_data.retain_pool:
+        return None
+    return retain_stream(run_data.retain_pool, tokenizer, config.train.max_seq_len,
+                         max(64, 4 * config.evaluation.retain_examples), config.train.batch_size, config.train.seed + 1)
+
+
 def _subset(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
     if limit is None or len(examples) <= limit:
         return examples
@@ -100,19 +157,21 @@ def task_probabilities(sizes: list[int], schedule: ScheduleConfig) -> list[float
     return [w / total for w in weights]
 
 
-def mixture_plan(sizes: list[int], batch_size: int, schedule: ScheduleConfig, seed: int) -> Plan:
-    """A plan of single-task micro-batches over tasks whose items sit at consecutive offsets.
+def mixture_plan(sizes: list[int], batch_size: int, schedule: ScheduleConfig, seed: int, grad_accum: int = 1) -> Plan:
+    """A plan of single-task optimizer steps over tasks whose items sit at consecutive offsets.
 
-    Deterministic in (seed, epoch), so resuming at a micro-batch offset sees exactly the same stream.
-    Each process takes its `rank::world` slice of every global batch (all of one task).
+    A step draws `batch_size * grad_accum * world` items of one task (a task's last step in a
+    proportional epoch may be short), cut into `grad_accum` (or fewer) global micro-batches of
+    `batch_size * world`; each process takes its `rank::world` slice of every global micro-batch.
+    Deterministic in (seed, epoch), and the draw never depends on how a step is split.
     """
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     probabilities = task_probabilities(sizes, schedule)
 
-    def plan(epoch: int, rank: int, world: int) -> list[list[int]]:
+    def plan(epoch: int, rank: int, world: int) -> list[list[list[int]]]:
         generator = torch.Generator().manual_seed(seed + epoch)
-        global_batch = batch_size * world
-        counts = [math.ceil(n / global_batch) for n in sizes]
+        step_items, micro_items = batch_size * grad_accum * world, batch_size * world
+        counts = [math.ceil(n / step_items) for n in sizes]
         total = sum(counts)
         if schedule.sampling == "proportional":
             choices = [task for task, count in enumerate(counts) for _ in range(count)]
@@ -124,19 +183,50 @@ def mixture_plan(sizes: list[int], batch_size: int, schedule: ScheduleConfig, se
             choices = [i % len(sizes) for i in range(total)]
         orders = [torch.randperm(n, generator=generator).tolist() for n in sizes]
         cursors = [0] * len(sizes)
-        batches = []
+        steps = []
         for task in choices:
             chunk = []
-            while len(chunk) < min(global_batch, sizes[task]):
+            while len(chunk) < min(step_items, sizes[task]):
                 if cursors[task] == sizes[task]:  # a revisited small task starts a new pass
                     orders[task], cursors[task] = torch.randperm(sizes[task], generator=generator).tolist(), 0
-                take = min(global_batch - len(chunk), sizes[task] - cursors[task])
+                take = min(step_items - len(chunk), sizes[task] - cursors[task])
                 chunk += orders[task][cursors[task]:cursors[task] + take]
                 cursors[task] += take
                 if schedule.sampling == "proportional":
-                    break  # each example once per epoch: the task's last batch may be short
-            if len(chunk) >= world:
-                batches.append([offsets[task] + i for i in chunk[rank::world]])
-        return batches
+                    break  # each example once per epoch: the task's last step may be short
+            micro = [chunk[start:start + micro_items] for start in range(0, len(chunk), micro_items)]
+            # every process needs an item of every micro-batch (the collectives must match)
+            step = [[offsets[task] + i for i in part[rank::world]] for part in micro if len(part) >= world]
+            if step:
+                steps.append(step)
+        return steps
 
     return plan
+
+
+def training_plan(items: list[dict], train: TrainConfig, schedule: ScheduleConfig, seed: int) -> tuple[list[dict], Plan]:
+    """The items of a training stream, grouped by task, and the plan the loop draws its steps from.
+
+    The one place mixture runs and each task of a sequence get their plan, so `train.packing` and the
+    sampling options mean the same in both.
+    """
+    from tuneforge.packing import packing_plan  # packing builds on this module
+
+    items, sizes = grouped_by_task(items)  # replayed items keep their own task: one task per micro-batch
+    if train.packing:  # micro-batches of batch_size rows of max_seq_len tokens, filled with whole examples
+        lengths = [len(item["input_ids"]) for item in items]
+        return items, packing_plan(lengths, sizes, train.batch_size, train.max_seq_len, seed, train.grad_accum)
+    return items, mixture_plan(sizes, train.batch_size, schedule, seed, train.grad_accum)
+
+
+def grouped_by_task(items: list[dict]) -> tuple[list[dict], list[int]]:
+    """Items reordered so each task's sit together (first-seen task first), and the group sizes.
+
+    Replay mixes earlier tasks' items into the current task's; task-specific heads need every micro-batch
+    to hold one task only, which the plans guarantee for consecutive groups.
+    """
+    order: dict[object, list[dict]] = {}
+    for item in items:
+        order.setdefault(item.get("task_id"), []).append(item)
+    groups = list(order.values())
+    return [item for group in groups for item in group], [len(group) for group in groups]

@@ -1,15 +1,15 @@
 """THE training loop. One file, read top to bottom; strategies plug in through their hooks only.
 
-    for each optimizer step:
-        for each micro-batch of the step:            (gradient accumulation)
+    for each optimizer step the plan draws:           (a step: its micro-batches, gradient accumulation)
+        for each micro-batch of the step:
             task loss (summed over label tokens / the step's label-token count)
-            + every strategy's named loss terms
+            + every strategy's named loss terms (each this micro-batch's share of the step's term)
             backward
-        clip, optimizer step, scheduler step
+        clip, optimizer step, scheduler step, zero every gradient
         log; maybe evaluate; maybe checkpoint
 
-The data order of epoch e is a permutation seeded by `seed + e`, so a resumed run skips exactly the
-micro-batches already consumed and sees the same data as an uninterrupted one.
+The data order of epoch e is seeded by `seed + e` and the plan draws whole steps, so a resumed run skips
+exactly the steps already taken, and B x accum 1 and B/2 x accum 2 train on the same data.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tuneforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tuneforge.compose import set_trainable, trainable_in_any_epoch
 from tuneforge.config import TrainConfig
 from tuneforge.data import collate
+from tuneforge.distributed import finite_everywhere, mean_over_processes, step_targets
 from tuneforge.errors import TrainingError
 from tuneforge.evaluate import head_skipped, hidden_token_losses, label_head, token_losses
 from tuneforge.forward import is_classification_batch, model_inputs, routes_tasks
@@ -47,17 +48,40 @@ class LoopState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    micro_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    step_in_epoch: int = 0  # optimizer steps of this epoch already taken
     tokens: int = 0  # non-padding input tokens seen
     elapsed: float = 0.0  # seconds spent training (excluding evaluation)
     history: list[dict] = field(default_factory=list)  # periodic eval results
 
+    @classmethod
+    def from_checkpoint(cls, loop: dict, grad_accum: int) -> LoopState:
+        """The state a checkpoint saved; older ones counted micro-batches (`micro_in_epoch`), all full steps."""
+        loop = dict(loop)
+        if "micro_in_epoch" in loop:
+            loop["step_in_epoch"] = math.ceil(loop.pop("micro_in_epoch") / grad_accum)
+        return cls(**loop)
+
+
+def plan_length(plan: Plan, cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps of the run, epochs the loop will start): `max_steps` steps, else `epochs` passes.
+
+    With `max_steps` past the end of `epochs` the loop goes on into further epochs; what is trainable in
+    them (gradual unfreezing) must be known before the optimizer is built.
+    """
+    if cfg.max_steps is None:
+        return sum(len(plan(epoch, 0, world)) for epoch in range(cfg.epochs)), cfg.epochs
+    steps, epochs = 0, 0
+    while steps < cfg.max_steps:
+        in_epoch = len(plan(epochs, 0, world))
+        if in_epoch == 0:
+            raise TrainingError("no training batches: the data is smaller than one batch per process")
+        steps, epochs = steps + in_epoch, epochs + 1
+    return cfg.max_steps, max(epochs, 1)
+
 
 def total_steps(plan: Plan, cfg: TrainConfig, world: int = 1) -> int:
     """Optimizer steps of the run: `max_steps`, or `epochs` passes over the plan."""
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    return cfg.epochs * math.ceil(len(plan(0, 0, world)) / cfg.grad_accum)
+    return plan_length(plan, cfg, world)[0]
 
 
 def build_optimizer(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext, cfg: TrainConfig):
@@ -126,39 +150,68 @@ def task_loss(model: nn.Module, batch: dict, with_task: bool = False, head: nn.L
 
 
 def loss_targets(batch: dict) -> int:
+    """The task loss's target count of a batch: labels (classification) or labelled next tokens."""
     if is_classification_batch(batch):
         return batch["labels"].numel()
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def step_targets(count: int, accelerator: Accelerator) -> float:
-    """What this process divides its summed loss by, so that a step's loss is the global token mean.
+def check_optimized(model: nn.Module, optimized: set[int]) -> None:
+    """Every parameter that requires grad must be in the optimizer: one outside it would keep a gradient
+    nobody steps or zeroes, and its growing norm would shrink every clipped update."""
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and id(parameter) not in optimized:
+            raise TrainingError(f"parameter {name} is trainable now but not in the optimizer (built for the "
+                                f"parameters trainable in the epochs the loop starts)")
 
-    DDP averages gradients over the `world` processes, so each divides by (all processes' targets / world):
-    the average is then exactly the loss one process would take over the whole global batch.
+
+@dataclass
+class StepResult:
+    """One optimizer step's numbers, still on the device (read at logging time: no host sync per step)."""
+
+    loss: Tensor  # the task loss (token mean over the step)
+    terms: dict[str, Tensor]  # each strategy term, summed over the micro-batches: the step's term
+    total: Tensor  # what was backpropagated, summed over the micro-batches
+    tokens: int  # non-padding input tokens of the step on this process
+
+
+def train_step(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext, batches: list[dict],
+               accelerator: Accelerator, cfg: TrainConfig, with_task: bool, head: nn.Linear | None) -> StepResult:
+    """Forward and backward over the micro-batches (on the CPU) of one optimizer step; no optimizer update.
+
+    The task loss is summed over each micro-batch and divided by the whole step's target count; strategy
+    terms are already the micro-batch's share (see `Strategy.loss`), except weight penalties
+    (`step_penalty`), which get the share of the step's rows here. So the gradient does not depend on how
+    the step is split.
     """
-    if accelerator.num_processes == 1:
-        return max(1, count)
-    total = accelerator.reduce(torch.tensor(float(count), device=accelerator.device), "sum").item()
-    return max(1.0, total) / accelerator.num_processes
-
-
-def finite_everywhere(loss: torch.Tensor, accelerator: Accelerator) -> bool:
-    """Whether the loss is finite on every process (one process stopping alone would hang the others)."""
-    if accelerator.num_processes == 1:
-        return bool(torch.isfinite(loss))
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    return accelerator.reduce(bad, "sum").item() == 0
-
-
-def mean_over_processes(loss: float, terms: dict[str, float], accelerator: Accelerator) -> tuple[float, dict]:
-    """The step's loss and named terms averaged over processes (each holds its part of the global batch)."""
-    if accelerator.num_processes == 1:
-        return loss, terms
-    names = sorted(terms)
-    values = torch.tensor([loss, *(terms[n] for n in names)], dtype=torch.float64, device=accelerator.device)
-    values = accelerator.reduce(values, "mean").tolist()
-    return values[0], dict(zip(names, values[1:], strict=True))
+    raw_model = accelerator.unwrap_model(model)
+    ctx.micro_count = len(batches)
+    ctx.step_rows = sum(len(batch["input_ids"]) for batch in batches)
+    ctx.step_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    ctx.step_targets = step_targets(sum(loss_targets(batch) for batch in batches), accelerator)
+    task_weight = math.prod(strategy.task_weight(ctx) for strategy in strategies)  # distill's alpha
+    result = StepResult(torch.zeros((), device=accelerator.device), {}, torch.zeros((), device=accelerator.device),
+                        ctx.step_tokens)
+    for index, batch in enumerate(batches):
+        ctx.micro_index = index
+        rows_share = len(batch["input_ids"]) / ctx.step_rows
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        last = index == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):  # DDP syncs once per step
+            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                loss_sum, _, outputs = task_loss(model, batch, with_task, head)
+                loss = loss_sum / ctx.step_targets  # this micro-batch's share of the step's token mean
+                terms = {}
+                for strategy in strategies:
+                    share = rows_share if strategy.step_penalty else 1.0
+                    terms.update({name: term * share for name, term in strategy.loss(raw_model, batch, outputs, ctx).items()})
+                total = task_weight * loss + sum(terms.values())
+            accelerator.backward(total)
+        result.loss += loss.detach()
+        result.total += total.detach()
+        for name, term in terms.items():
+            result.terms[name] = result.terms.get(name, 0.0) + term.detach()
+    return result
 
 
 def fit(
@@ -176,45 +229,32 @@ def fit(
     checkpoints: Path | None = None,
     log_extra: dict | None = None,
 ) -> LoopState:
-    """Train `model` on `train_items` in the micro-batches `plan` draws; returns the final loop state.
+    """Train `model` on `train_items` in the optimizer steps `plan` draws; returns the final loop state.
 
     Checkpoints go to `checkpoints` (default `run_dir/checkpoints`); `log_extra` (e.g. the task of a
     continual run) is added to every metrics record.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
-    num_steps = total_steps(plan, cfg, world)
+    # set before anything reads what is trainable in any epoch (optimizer, L2-SP and EWC anchors)
+    num_steps, ctx.num_epochs = plan_length(plan, cfg, world)
     ctx.total_steps, ctx.base_lr = num_steps, cfg.lr
-    optimizer = build_optimizer(model, strategies, ctx, cfg)
-    scheduler = build_scheduler(optimizer, cfg, num_steps)
-    if world > 1:  # DDP syncs only what requires grad when it wraps the model: wrap with everything any
-        # epoch trains (gradual unfreezing); set_trainable narrows it per epoch, find_unused_parameters copes
-        for group in optimizer.param_groups:
-            for parameter in group["params"]:
-                parameter.requires_grad_(True)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler = prepare_training(model, strategies, ctx, cfg, accelerator, num_steps)
     raw_model = accelerator.unwrap_model(model)
+    optimized = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, extra=log_extra)
     checkpoints = checkpoints or run_dir / "checkpoints"
     with_task = routes_tasks(raw_model)
     head = None if any(strategy.needs_logits() for strategy in strategies) else label_head(raw_model)
     make_batch = functools.partial(packed_collate, capacity=cfg.max_seq_len) if cfg.packing else collate
-
     for strategy in strategies:
         strategy.on_train_start(raw_model, ctx)
     state = LoopState()
     if resume:
-        latest = latest_checkpoint(checkpoints)
-        if latest is None:
-            raise TrainingError(f"--resume: no valid checkpoint in {checkpoints}")
-        state = LoopState(**load_checkpoint(latest, raw_model, optimizer, scheduler, strategies))
+        state, latest = resumed_state(checkpoints, raw_model, optimizer, scheduler, strategies, cfg)
         logger.truncate_after(state.step)
         accelerator.print(f"tuneforge: resumed from {latest.name} (step {state.step} of {num_steps})")
-
-    def checkpoint() -> None:
-        if accelerator.is_main_process:
-            save_checkpoint(checkpoints, state.step, raw_model, optimizer, scheduler, strategies,
-                            state.__dict__, keep=cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
+    checkpoint = functools.partial(save_state, checkpoints, raw_model, optimizer, scheduler, strategies, state,
+                                   cfg, accelerator)
 
     model.train()
     progress = tqdm(total=num_steps, initial=state.step, desc="train", unit="step",
@@ -223,76 +263,106 @@ def fit(
     while state.step < num_steps:
         ctx.epoch, ctx.step = state.epoch, state.step
         set_trainable(raw_model, strategies, ctx)  # the trainable set may change by epoch
-        batches = plan(state.epoch, rank, world)
-        if not batches:
+        steps = plan(state.epoch, rank, world)
+        if not steps:
             raise TrainingError("no training batches: the data is smaller than one batch per process")
-        for start in range(state.micro_in_epoch, len(batches), cfg.grad_accum):
+        for step_indices in steps[state.step_in_epoch:]:
             step_start = time.perf_counter()
-            group = [make_batch([train_items[i] for i in indices], pad_token_id) for indices in batches[start:start + cfg.grad_accum]]
-            group = [{k: v.to(accelerator.device) for k, v in b.items()} for b in group]
-            targets = step_targets(sum(loss_targets(b) for b in group), accelerator)
-            task_weight = math.prod(strategy.task_weight(ctx) for strategy in strategies)  # distill's alpha
-            step_loss, step_terms = 0.0, {}
-            for index, batch in enumerate(group):
-                last = index == len(group) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                    with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                        loss_sum, _, outputs = task_loss(model, batch, with_task, head)
-                        loss = loss_sum / targets  # token-weighted mean over the whole step
-                        terms = {}
-                        for strategy in strategies:
-                            terms.update(strategy.loss(raw_model, batch, outputs, ctx))
-                        total = task_weight * loss + sum(term / len(group) for term in terms.values())
-                    if not finite_everywhere(total, accelerator):  # every process stops at the same step
-                        last_good = latest_checkpoint(checkpoints)
-                        kept = f"; last good checkpoint: {last_good}" if last_good else ""
-                        value = total.item() if not math.isfinite(total.item()) else "nan or inf on another process"
-                        progress.close()  # the error goes on a line of its own
-                        raise TrainingError(
-                            f"loss became {value} at step {state.step + 1} "
-                            f"(try a lower train.lr or precision: fp32){kept}"
-                        )
-                    accelerator.backward(total)
-                step_loss += loss.item()
-                for name, term in terms.items():
-                    step_terms[name] = step_terms.get(name, 0.0) + term.item() / len(group)
-                state.tokens += int(batch["attention_mask"].sum()) * world
-                window_tokens += int(batch["attention_mask"].sum()) * world
-            grad_norm = None
-            if cfg.max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.micro_in_epoch = start + len(group)
+            check_optimized(raw_model, optimized)
+            batches = [make_batch([train_items[i] for i in indices], pad_token_id) for indices in step_indices]
+            result = train_step(model, strategies, ctx, batches, accelerator, cfg, with_task, head)
+            if not finite_everywhere(result.total, accelerator):  # every process stops at the same step
+                progress.close()  # the error goes on a line of its own
+                raise non_finite_error(result.total, state.step + 1, checkpoints)
+            grad_norm = optimizer_step(model, optimizer, scheduler, cfg, accelerator)
+            state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+            state.tokens, window_tokens = state.tokens + result.tokens * world, window_tokens + result.tokens * world
             state.elapsed += time.perf_counter() - step_start
             ctx.step = state.step
 
             if state.step % cfg.log_every == 0 or state.step == num_steps:
-                step_loss, step_terms = mean_over_processes(step_loss, step_terms, accelerator)
                 seconds = time.perf_counter() - window_start
-                record = {"step": state.step, "epoch": state.epoch, "loss": step_loss,
-                          "lr": scheduler.get_last_lr()[-1], "tokens_per_s": window_tokens / max(seconds, 1e-9),
-                          **({"grad_norm": grad_norm} if grad_norm is not None else {}), **step_terms}
+                record = step_record(state, result, grad_norm, scheduler.get_last_lr()[-1],
+                                     window_tokens / max(seconds, 1e-9), accelerator)
                 logger.log(record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}",
+                                     tok_s=f"{state.tokens / max(state.elapsed, 1e-9):.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
-            progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{state.tokens / max(state.elapsed, 1e-9):.0f}")
             progress.update(1)
-
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
-                result = evaluate(raw_model)
-                state.history.append({"step": state.step, **result})
-                logger.log({"step": state.step, "split": "eval", **result})
+                metrics = evaluate(raw_model)
+                state.history.append({"step": state.step, **metrics})
+                logger.log({"step": state.step, "split": "eval", **metrics})
                 model.train()
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
                 checkpoint()
             if state.step >= num_steps:
                 break
         else:
-            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
     progress.close()
     checkpoint()
     logger.close()
     return state
+
+
+def prepare_training(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext, cfg: TrainConfig,
+                     accelerator: Accelerator, num_steps: int):
+    """(model, optimizer, scheduler) prepared by Accelerate; the optimizer holds what any epoch trains."""
+    optimizer = build_optimizer(model, strategies, ctx, cfg)
+    scheduler = build_scheduler(optimizer, cfg, num_steps)
+    if accelerator.num_processes > 1:  # DDP syncs only what requires grad when it wraps the model: wrap with
+        # everything any epoch trains (gradual unfreezing); set_trainable narrows it per epoch,
+        # find_unused_parameters copes
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.requires_grad_(True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, scheduler
+
+
+def resumed_state(checkpoints: Path, model: nn.Module, optimizer, scheduler, strategies: list[Strategy],
+                  cfg: TrainConfig) -> tuple[LoopState, Path]:
+    """Load the latest valid checkpoint into model, optimizer, scheduler and strategies: (its loop state, it)."""
+    latest = latest_checkpoint(checkpoints)
+    if latest is None:
+        raise TrainingError(f"--resume: no valid checkpoint in {checkpoints}")
+    loop = load_checkpoint(latest, model, optimizer, scheduler, strategies)
+    return LoopState.from_checkpoint(loop, cfg.grad_accum), latest
+
+
+def save_state(checkpoints: Path, model: nn.Module, optimizer, scheduler, strategies: list[Strategy],
+               state: LoopState, cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """Checkpoint from the main process; every process waits until it is written."""
+    if accelerator.is_main_process:
+        save_checkpoint(checkpoints, state.step, model, optimizer, scheduler, strategies, state.__dict__,
+                        keep=cfg.keep_checkpoints)
+    accelerator.wait_for_everyone()
+
+
+def optimizer_step(model: nn.Module, optimizer, scheduler, cfg: TrainConfig, accelerator: Accelerator) -> Tensor | None:
+    """Clip, step, schedule, and zero every parameter's gradient; returns the gradient norm (a tensor)."""
+    grad_norm = None
+    if cfg.max_grad_norm is not None:
+        grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    model.zero_grad(set_to_none=True)  # every parameter's, not only the optimizer's
+    return grad_norm
+
+
+def step_record(state: LoopState, result: StepResult, grad_norm: Tensor | None, lr: float, tokens_per_s: float,
+                accelerator: Accelerator) -> dict:
+    """The metrics record of a logged step: its loss and terms (averaged over processes), lr, throughput."""
+    values = {"loss": result.loss, **result.terms, **({"grad_norm": grad_norm} if grad_norm is not None else {})}
+    values = mean_over_processes(values, accelerator)  # the one host sync of a logged step
+    return {"step": state.step, "epoch": state.epoch, "loss": values.pop("loss"), "lr": lr,
+            "tokens_per_s": tokens_per_s, **values}
+
+
+def non_finite_error(total: Tensor, step: int, checkpoints: Path) -> TrainingError:
+    """The error for a step whose loss is nan or inf (here or on another process)."""
+    last_good = latest_checkpoint(checkpoints)
+    kept = f"; last good checkpoint: {last_good}" if last_good else ""
+    value = total.item() if not math.isfinite(total.item()) else "nan or inf on another process"
+    return TrainingError(f"loss became {value} at step {step} (try a lower train.lr or precision: fp32){kept}")

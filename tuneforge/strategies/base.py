@@ -53,6 +53,8 @@ class StrategyContext:
     micro_index: int = 0  # which micro-batch of the optimizer step `loss` is called for
     micro_count: int = 1  # micro-batches in this optimizer step (grad_accum, or fewer at an epoch's end)
     step_rows: int = 0  # rows in the whole optimizer step on this process
+    step_targets: float = 0.0  # the task loss's divisor: the step's loss targets (label tokens or rows)
+    step_tokens: int = 0  # non-padding input tokens in the whole optimizer step on this process
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class Strategy:
     # with default options, the prepared model's outputs at step 0 equal the base model's (zero-init or
     # identity-init injections, or nothing injected); the composition matrix checks it for every such list
     identity_start: ClassVar[bool] = False
+    # `loss` returns a weight penalty, the whole step's value at every call (L2-SP, EWC): the loop counts it
+    # once per step by weighting each micro-batch's call with its share of the step's rows
+    step_penalty: ClassVar[bool] = False
 
     @classmethod
     def refuses(cls, other: type[Strategy]) -> str | None:
@@ -123,8 +128,9 @@ class Strategy:
         """Extra loss terms of one micro-batch, already weighted, by name. The loop sums them with the task loss.
 
         Each term is this micro-batch's share of the optimizer step's term: a token-level term sums over
-        the micro-batch and divides by the step's count (`ctx.step_rows` rows, or the loop's token count
-        given as `batch["step_targets"]`), so B x accum 1 and B/2 x accum 2 give the same gradient.
+        the micro-batch and divides by the step's count (`ctx.step_targets` loss targets, `ctx.step_tokens`
+        input tokens or `ctx.step_rows` rows), so B x accum 1 and B/2 x accum 2 give the same gradient.
+        Weight penalties declare `step_penalty` and return the whole value instead.
         """
         return {}
 

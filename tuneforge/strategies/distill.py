@@ -27,7 +27,7 @@ a 12-layer teacher it drops the top layer (11); the released DistilBERT was init
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -70,7 +70,7 @@ class Distill(Strategy):
     identity_start = True  # an objective: the model is untouched (a student option drops layers)
 
     family = "objective"
-    path_options = {"teacher": ("base",)}  # a model folder, or the keyword `base`
+    path_options: ClassVar[dict[str, tuple[str, ...]]] = {"teacher": ("base",)}  # a folder, or `base`
     options: DistillOptions
 
     def __init__(self, options: DistillOptions):
@@ -121,12 +121,15 @@ class Distill(Strategy):
         if student_logits.shape[-1] != teacher_logits.shape[-1]:
             raise ModelError(f"distill: teacher gives {teacher_logits.shape[-1]} logits, the student "
                              f"{student_logits.shape[-1]}; the teacher must share the student's vocabulary/labels")
-        kd = kd_loss(student_logits, teacher_logits, opts.temperature, opts.kl, mask)
-        terms = {"distill_kd": (1.0 - opts.alpha) * kd}
+        # token-weighted over the optimizer step, as the task loss: this micro-batch's summed KD over the
+        # step's target count (outside the loop, with no step counts set: the micro-batch's own mean)
+        targets = mask.sum() if mask is not None else student_logits.shape[0]
+        kd = kd_loss(student_logits, teacher_logits, opts.temperature, opts.kl, mask) * targets
+        terms = {"distill_kd": (1.0 - opts.alpha) * kd / (ctx.step_targets or max(1, targets))}
         if opts.hidden_weight > 0:
-            cosine = hidden_cosine_loss(outputs.hidden_states[-1], teacher_out.hidden_states[-1],
-                                        batch["attention_mask"].bool())
-            terms["distill_hidden"] = opts.hidden_weight * cosine
+            real = batch["attention_mask"].bool()
+            cosine = hidden_cosine_loss(outputs.hidden_states[-1], teacher_out.hidden_states[-1], real) * real.sum()
+            terms["distill_hidden"] = opts.hidden_weight * cosine / (ctx.step_tokens or real.sum().clamp(min=1))
         return terms
 
 

@@ -51,6 +51,7 @@ class EWC(Strategy):
     identity_start = True  # an objective: the model is untouched
 
     family = "objective"
+    step_penalty = True  # a weight penalty: counted once per optimizer step
     options: EWCOptions
 
     def __init__(self, options: EWCOptions):

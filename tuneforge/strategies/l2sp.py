@@ -42,6 +42,7 @@ class L2SP(Strategy):
     identity_start = True  # an objective: the model is untouched
 
     family = "objective"
+    step_penalty = True  # a weight penalty: counted once per optimizer step
     options: L2SPOptions
 
     def __init__(self, options: L2SPOptions):

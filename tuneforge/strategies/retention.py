@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import Field
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from tuneforge.errors import ConfigError
 from tuneforge.losses import retention_kl
@@ -55,10 +56,14 @@ class Retention(Strategy):
                               "or builtin:shakespeare")
         if self.reference is None:  # in a task sequence: the model before the first task
             self.reference = FrozenReference(model)
-        self._stream_source = lambda: ctx.retain_batches(device=ctx.device)
+        # single sequences: each optimizer step takes `ctx.step_rows` of them, however the step is split
+        self._stream_source = lambda: ctx.retain_batches(batch_size=1, device=ctx.device)
         self._stream = None
+        self._step_batch: dict[str, Tensor] | None = None
+        self._step_offset = 0
 
     def _next_batch(self) -> dict:
+        """The next single retain sequence; `consumed` counts sequences."""
         if self._stream is None:  # skip what a resumed run already consumed
             self._stream = itertools.islice(self._stream_source(), self.consumed, None)
         self.consumed += 1
@@ -70,11 +75,20 @@ class Retention(Strategy):
     def loss(self, model: nn.Module, batch: dict, outputs, ctx: StrategyContext) -> dict[str, Tensor]:
         if self.reference is None or ctx.step % self.options.every != 0:
             return {}
-        retain = self._next_batch()
-        inputs = {"input_ids": retain["input_ids"], "attention_mask": retain["attention_mask"]}
-        current = model(**inputs).logits  # (B, T, V)
+        rows = len(batch["input_ids"])
+        if ctx.micro_index == 0 or self._step_batch is None:  # one retain batch per step, split like the step
+            singles = [self._next_batch() for _ in range(max(ctx.step_rows, rows))]
+            self._step_batch = {key: pad_sequence([single[key][0] for single in singles], batch_first=True)
+                                for key in ("input_ids", "attention_mask")}  # right-padded, as collate does
+            self._step_offset = 0
+        step_batch, start = self._step_batch, self._step_offset
+        self._step_offset += rows
+        inputs = {key: value[start:start + rows] for key, value in step_batch.items()}
+        current = model(**inputs).logits  # (rows, T, V)
         reference = self.reference(**inputs).logits
-        kl = retention_kl(current, reference, mask=retain["attention_mask"].bool())
+        real = inputs["attention_mask"].bool()
+        # summed over this slice's tokens / the whole step retain batch's tokens: any split gives the same sum
+        kl = retention_kl(current, reference, mask=real) * real.sum() / step_batch["attention_mask"].sum()
         return {"retention": self.options.weight * kl}
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,71 @@
+"""Processes of a data-parallel run: the Accelerator, and the few collectives the loop needs.
+
+Every helper is free on one process (no collective, no host sync beyond what it returns).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+
+from tuneforge.errors import ConfigError
+
+# what `accelerate launch` sets for sharded training (see docs/distributed.md for why it is refused)
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def make_accelerator() -> Accelerator:
+    """The run's Accelerator, the same under `python`, `torchrun` and `accelerate launch`.
+
+    torchrun on a machine without GPUs: Accelerate only sets up CPU processes (gloo) when told `cpu=True`.
+    `find_unused_parameters`: a step may leave trainable parameters unused (a task's head, layers that
+    gradual unfreezing has not reached yet), which plain DDP refuses.
+    """
+    for variable, name in SHARDED_LAUNCHES.items():
+        if os.environ.get(variable, "").lower() in ("1", "true"):
+            raise ConfigError(
+                f"{name} is not supported yet: it shards parameters or optimizer state, and tuneforge's "
+                "checkpoints, adapters and evaluation need whole tensors; launch data parallel instead "
+                "(examples/accelerate/ddp.yaml, docs/distributed.md)"
+            )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = world > 1 and not torch.accelerator.is_available()
+    return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def step_targets(count: int, accelerator: Accelerator) -> float:
+    """What this process divides its summed loss by, so that a step's loss is the global token mean.
+
+    DDP averages gradients over the `world` processes, so each divides by (all processes' targets / world):
+    the average is then exactly the loss one process would take over the whole global batch.
+    """
+    if accelerator.num_processes == 1:
+        return float(max(1, count))
+    total = accelerator.reduce(torch.tensor(float(count), device=accelerator.device), "sum").item()
+    return max(1.0, total) / accelerator.num_processes
+
+
+def finite_everywhere(loss: torch.Tensor, accelerator: Accelerator) -> bool:
+    """Whether the loss is finite on every process (one process stopping alone would hang the others)."""
+    if accelerator.num_processes == 1:
+        return bool(torch.isfinite(loss))
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    return accelerator.reduce(bad, "sum").item() == 0
+
+
+def mean_over_processes(values: dict[str, torch.Tensor], accelerator: Accelerator) -> dict[str, float]:
+    """Scalar tensors averaged over processes (each holds its part of the global batch), as floats.
+
+    One host sync for all of them: call it when a record is logged, not every step.
+    """
+    names = sorted(values)
+    if not names:
+        return {}
+    stacked = torch.stack([torch.as_tensor(values[name], device=accelerator.device).detach().double().reshape(())
+                           for name in names])
+    if accelerator.num_processes > 1:
+        stacked = accelerator.reduce(stacked, "mean")
+    return dict(zip(names, stacked.tolist(), strict=True))
