@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tuneforge.surgery import disabled_adapters, is_injected
 
@@ -75,3 +75,37 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 def _under_any(name: str, modules: set[str]) -> bool:
     parts = name.split(".")
     return any(".".join(parts[:i]) in modules for i in range(len(parts), 0, -1))
+
+
+class KeptReference:
+    """A `FrozenReference` taken once, at the first task's start, that a resumed task sequence gets back.
+
+    Resuming after a finished task restores that task's end weights before training starts again, so a
+    reference taken then would be the wrong model. Once a task has ended, checkpoints therefore carry the
+    frozen copy's tensors (nothing when the reference is the model with its adapters disabled).
+    """
+
+    def __init__(self) -> None:
+        self.reference: FrozenReference | None = None
+        self.task_ended = False
+        self._pending: dict[str, Tensor] = {}
+
+    def take(self, model: nn.Module) -> FrozenReference:
+        """The reference, taken from `model` now if this is the first start (call before any update)."""
+        if self.reference is None:
+            self.reference = FrozenReference(model)
+        if self._pending and self.reference.copy is not None:
+            self.reference.copy.load_state_dict(self._pending)
+        self._pending = {}
+        return self.reference
+
+    def state_dict(self, prefix: str) -> dict[str, Tensor]:
+        if not self.task_ended or self.reference is None or self.reference.copy is None:
+            return {}
+        return {prefix + name: tensor for name, tensor in self.reference.copy.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any], prefix: str) -> None:
+        self._pending = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        self.task_ended = self.task_ended or bool(self._pending)
+        if self.reference is not None:
+            self.take(self.reference.model)

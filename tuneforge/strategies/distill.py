@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
 from tuneforge.losses import hidden_cosine_loss, kd_loss
-from tuneforge.reference import FrozenReference, frozen_copy
+from tuneforge.reference import FrozenReference, KeptReference, frozen_copy
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
 from tuneforge.surgery import layer_index, num_layers, replace_module
@@ -73,10 +73,18 @@ class Distill(Strategy):
     path_options: ClassVar[dict[str, tuple[str, ...]]] = {"teacher": ("base",)}  # a folder, or `base`
     options: DistillOptions
 
+    @classmethod
+    def refuses(cls, other: type[Strategy]) -> str | None:
+        if other.provides_heads:
+            return (f"{other.name} gives every task a new head that no teacher has, so there is nothing to "
+                    f"distil into it; distil one task at a time without {other.name}")
+        return None
+
     def __init__(self, options: DistillOptions):
         super().__init__(options)
         self.teacher: nn.Module | FrozenReference | None = None
         self.teacher_path: Path | None = None
+        self.kept = KeptReference()  # teacher `base`: the model before the first task, also after a resume
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         opts = self.options
@@ -95,8 +103,8 @@ class Distill(Strategy):
     def on_train_start(self, model: nn.Module, ctx: StrategyContext) -> None:
         if self.teacher_path is not None and self.teacher is None:
             self.teacher = load_teacher(self.teacher_path, ctx.task_type).to(ctx.device)
-        elif self.teacher is None:
-            self.teacher = FrozenReference(model)  # called before the first update: still the original
+        elif self.teacher is None or isinstance(self.teacher, FrozenReference):
+            self.teacher = self.kept.take(model)  # before the first update: still the original
         elif isinstance(self.teacher, nn.Module):
             self.teacher.to(ctx.device)
         if self.options.hidden_weight > 0:
@@ -104,6 +112,15 @@ class Distill(Strategy):
             if teacher_size != model.config.hidden_size:
                 raise ModelError(f"distill: hidden_weight needs equal hidden sizes (teacher {teacher_size}, "
                                  f"student {model.config.hidden_size}); set hidden_weight: 0")
+
+    def on_task_end(self, model: nn.Module, task: str, ctx: StrategyContext) -> None:
+        self.kept.task_ended = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.kept.state_dict("teacher.")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kept.load_state_dict(state, "teacher.")
 
     def task_weight(self, ctx: StrategyContext) -> float:
         return self.options.alpha

@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from tuneforge.errors import ConfigError
 from tuneforge.losses import retention_kl
-from tuneforge.reference import FrozenReference
+from tuneforge.reference import FrozenReference, KeptReference
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
 
@@ -45,6 +45,7 @@ class Retention(Strategy):
 
     def __init__(self, options: RetentionOptions):
         super().__init__(options)
+        self.kept = KeptReference()  # the model before the first task, also after a resumed sequence
         self.reference: FrozenReference | None = None
         self.consumed = 0  # retain batches drawn so far: a resumed run continues the same stream
         self._stream: Iterator[dict] | None = None
@@ -54,8 +55,7 @@ class Retention(Strategy):
         if ctx.task_type != "causal_lm" or ctx.retain_batches is None:
             raise ConfigError("retention needs retain text for a causal LM: set `retain:` to a text file "
                               "or builtin:shakespeare")
-        if self.reference is None:  # in a task sequence: the model before the first task
-            self.reference = FrozenReference(model)
+        self.reference = self.kept.take(model)  # in a task sequence: the model before the first task
         # single sequences: each optimizer step takes `ctx.step_rows` of them, however the step is split
         self._stream_source = lambda: ctx.retain_batches(batch_size=1, device=ctx.device)
         self._stream = None
@@ -91,9 +91,13 @@ class Retention(Strategy):
         kl = retention_kl(current, reference, mask=real) * real.sum() / step_batch["attention_mask"].sum()
         return {"retention": self.options.weight * kl}
 
+    def on_task_end(self, model: nn.Module, task: str, ctx: StrategyContext) -> None:
+        self.kept.task_ended = True
+
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed": self.consumed}
+        return {"consumed": self.consumed, **self.kept.state_dict("reference.")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consumed = int(state.get("consumed", 0))
+        self.kept.load_state_dict(state, "reference.")
         self._stream = None
