@@ -21,6 +21,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
 
+
+@pytest.fixture(autouse=True)
+def registry_restored():
+    """Strategies a test registers (crash helpers) leave the global registry with the test: the composition
+    matrix and the boundary checks read it."""
+    from tuneforge.strategies import REGISTRY
+
+    saved = dict(REGISTRY)
+    yield
+    REGISTRY.clear()
+    REGISTRY.update(saved)
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -76,6 +88,17 @@ def tiny_llama(vocab_size: int = 300, layers: int = 4, seed: int = 0, initialize
         initializer_range=initializer_range, **overrides,
     )
     return LlamaForCausalLM(config)
+
+
+def tiny_bert(seed: int = 0):
+    """A random 2-layer BERT sequence classifier (3 labels): the encoder family of the bundled MiniLM."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_labels=3, max_position_embeddings=64, pad_token_id=0,
+                        initializer_range=0.2)
+    return BertForSequenceClassification(config)
 
 
 @pytest.fixture(scope="session")

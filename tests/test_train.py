@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +197,29 @@ def test_warmup_then_linear_decay():
         scheduler.step()
     assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert rates[-1] == pytest.approx(0.1) and all(a >= b for a, b in itertools.pairwise(rates[3:]))
+
+
+QUIET = {"samples": 0}
+
+
+def test_task_weight_scales_the_loop_task_loss(run_config, tiny_model_dir):
+    # Distillation's alpha reaches the loop through `Strategy.task_weight`. At weight 0 every gradient is
+    # exactly 0, so Adam never moves: the final weights are bit-identical to the base.
+    from tuneforge.strategies import Options, Strategy, register
+    from tuneforge.strategies.distill import Distill, DistillOptions
+
+    @register("task_off", Options)
+    class TaskOff(Strategy):
+        """Test helper: switch the task loss off."""
+
+        family = "objective"
+
+        def task_weight(self, ctx):
+            return 0.0
+
+    config = run_config(strategies=[{"full": {}}, "task_off"], evaluation=QUIET)
+    train_run(config)
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    for name, tensor in final_weights(Path(config.output)).items():
+        torch.testing.assert_close(tensor, base[name], atol=0, rtol=0)
+    assert Distill(DistillOptions(alpha=0.3)).task_weight(None) == 0.3

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import random
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import ANIMALS, COLORS, tiny_llama
+from safetensors.torch import load_file
 
 import tuneforge
+from tuneforge.checkpoint import latest_checkpoint
 from tuneforge.data import collate
+from tuneforge.errors import ConfigError
 from tuneforge.packing import packed_collate
+from tuneforge.run import train_run
 from tuneforge.strategies import StrategyContext
 from tuneforge.strategies.ewc import single_examples
 
@@ -68,3 +76,160 @@ def test_padded_batches_still_split_into_rows(rows):
     items = documents()[:rows]
     examples = single_examples(collate(items, PAD))
     assert [e["input_ids"].tolist() for e in examples] == [[item["input_ids"]] for item in items]
+
+
+LORA = {"lora": {"rank": 4, "targets": "all-linear"}}
+
+
+QUIET = {"samples": 0}
+
+
+@pytest.fixture(scope="session")
+def retain_file(tmp_path_factory) -> Path:
+    """Documents stating a colour mapping that contradicts the training task's (cat is blue, not red)."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(12):
+        sentences = [f"The {ANIMALS[i]} is {COLORS[(i + 3) % 8]}." for i in range(8)] * 3
+        rng.shuffle(sentences)
+        rows.append({"text": " ".join(sentences)})
+    path = tmp_path_factory.mktemp("retain") / "retain.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def metric_records(config) -> list[dict]:
+    lines = (Path(config.output) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "split" not in r]
+
+
+def final_weights(config) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(Path(config.output) / "checkpoints") / "weights.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def knows_retain_dir(tmp_path_factory, tokenizer, retain_file) -> Path:
+    """A tiny Llama trained on the retain documents first: the knowledge the next fine-tune may forget."""
+    from tuneforge.data import Example, collate, encode_text_chunks
+
+    texts = [json.loads(line)["text"] for line in retain_file.read_text().splitlines()]
+    chunks = encode_text_chunks([Example(kind="text", text=text) for text in texts], tokenizer, 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = tiny_llama(vocab_size=len(tokenizer), seed=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        batch = collate([chunks[i] for i in torch.randperm(len(chunks), generator=generator)[:8]], tokenizer.pad_token_id)
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    directory = tmp_path_factory.mktemp("knows-retain")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_ewc_without_retain_data_says_what_to_set(run_config):
+    with pytest.raises(ConfigError, match="ewc needs data whose knowledge to keep: set `retain:`"):
+        train_run(run_config(strategies=[LORA, {"ewc": {}}]))
+
+
+def test_ewc_with_a_large_weight_forgets_the_first_task_less(run_config, retain_file, knows_retain_dir, tmp_path):
+    def forgetting(strategies: list, output: str) -> dict:
+        config = run_config(model=str(knows_retain_dir), strategies=strategies, retain=str(retain_file),
+                            train={"max_steps": 12, "lr": 1e-2}, evaluation=QUIET, output=str(tmp_path / output))
+        return train_run(config)
+
+    plain = forgetting([{"full": {}}], "plain")
+    ewc = forgetting([{"full": {}}, {"ewc": {"weight": 1e4, "fisher_samples": 16}}], "ewc")
+    assert plain["before"]["retain"]["loss"] < 1.0  # the first task was learned
+    assert plain["forgetting"]["loss"] > 0.5  # plain fine-tuning on the contradicting task forgets it
+    assert ewc["forgetting"]["loss"] < 0.5 * plain["forgetting"]["loss"]
+    assert ewc["after"]["eval"]["loss"] < ewc["before"]["eval"]["loss"]  # and the new task still moved
+
+
+def test_ewc_and_retention_resume_exactly(run_config, retain_file, tmp_path):
+    strategies = [{"full": {}}, {"ewc": {"weight": 50.0, "fisher_samples": 4}}, {"retention": {"every": 2}}]
+    train = {"schedule": "constant", "save_every": 3}
+
+    def run(max_steps: int, output: str, resume: bool = False):
+        config = run_config(strategies=strategies, retain=str(retain_file), evaluation=QUIET, output=str(tmp_path / output),
+                            train={**train, "max_steps": max_steps})
+        train_run(config, resume=resume)
+        return config
+
+    whole = run(6, "whole")
+    run(3, "cut")  # "killed" after 3 steps: its last checkpoint is step 3
+    stored = load_file(str(latest_checkpoint(tmp_path / "cut" / "checkpoints") / "strategies.safetensors"))
+    assert any(k.startswith("ewc.fisher.0.") for k in stored) and any(k.startswith("ewc.anchor.0.") for k in stored)
+    resumed = run(6, "cut", resume=True)
+
+    a, b = final_weights(whole), final_weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=0, rtol=0)
+    terms = [(r["ewc"], r.get("retention")) for r in metric_records(resumed)]
+    assert terms == [(r["ewc"], r.get("retention")) for r in metric_records(whole)]
+
+
+def test_online_ewc_folds_task_fishers_and_state_round_trips(tokenizer):
+    from tuneforge.data import collate, encode_causal
+    from tuneforge.data.formats import Example
+    from tuneforge.strategies import StrategyContext
+    from tuneforge.strategies.ewc import EWC, EWCOptions
+
+    model = tiny_llama(vocab_size=len(tokenizer))
+    items = [encode_causal(Example(kind="text", text=f"The cat is {c}."), tokenizer, 32) for c in COLORS]
+    batches = [collate(items[i:i + 4], tokenizer.pad_token_id) for i in (0, 4)]
+    ctx = StrategyContext(task_type="causal_lm", current_task="a")  # in a sequence, without retain data
+    offline, online = EWC(EWCOptions(fisher_samples=6)), EWC(EWCOptions(fisher_samples=6, online=True, decay=0.5))
+    for strategy in (offline, online):
+        strategy.on_train_start(model, ctx)
+        for task in ("a", "b"):  # same weights and data twice: the same Fisher again
+            for batch in batches:
+                strategy.loss(model, batch, None, ctx)
+            assert len(strategy.task_examples) == 6  # the task's first sequences, padding cut off
+            strategy.on_task_end(model, task, ctx)
+    assert len(offline.penalties) == 2 and len(online.penalties) == 1
+    (_, first), (_, second) = offline.penalties
+    (_, folded), = online.penalties
+    for name in first:
+        torch.testing.assert_close(second[name], first[name])
+        torch.testing.assert_close(folded[name], 1.5 * first[name])  # decay * F_a + F_b
+    assert max(float(f.abs().max()) for f in first.values()) > 0
+
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1)  # move away from the anchors
+    restored = EWC(EWCOptions(online=True, decay=0.5))
+    restored.load_state_dict(online.state_dict())
+    expected = online.loss(model, batches[0], None, ctx)["ewc"]
+    assert expected.item() > 0
+    assert restored.loss(model, batches[0], None, ctx)["ewc"].item() == expected.item()
+
+
+def test_ewc_across_a_task_sequence_keeps_the_first_task(tmp_path, tiny_model_dir):
+    from tuneforge.config import validate_config
+
+    tasks = []
+    for index, shift in enumerate((0, 3)):  # the second task remaps every colour: it overwrites the first
+        path = tmp_path / f"task{index}.jsonl"
+        records = [{"prompt": f"What colour is the {ANIMALS[i % 8]}?", "completion": f" {COLORS[(i + shift) % 8]}"}
+                   for i in range(32)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tasks.append({"name": f"t{index}", "data": {"train": str(path), "eval_fraction": 0.25}})
+
+    def sequence(strategies: list, name: str) -> dict:
+        return train_run(validate_config({
+            "model": str(tiny_model_dir), "retain": None, "tasks": tasks, "schedule": {"mode": "sequence"},
+            "strategies": strategies, "evaluation": {"samples": 0}, "output": str(tmp_path / name),
+            "train": {"max_steps": 40, "batch_size": 4, "lr": 1e-2, "max_seq_len": 32},
+        }))["continual"]
+
+    plain = sequence([{"full": {}}], "plain")
+    ewc = sequence([{"full": {}}, {"ewc": {"weight": 1e4, "fisher_samples": 16, "online": True}}], "ewc")
+    assert plain["matrix"][0][0] > plain["baseline"][0]  # task 0 was learned ...
+    assert plain["bwt"] < 0  # ... and task 1 made the model forget it
+    assert ewc["bwt"] > plain["bwt"]  # less backward forgetting with EWC

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import tiny_llama
 
 import tuneforge
+from tuneforge.errors import ModelError
 from tuneforge.evaluate import evaluate_classification
 
 TOKENS = torch.randint(3, 300, (3, 9), generator=torch.Generator().manual_seed(0))
 LENGTHS = [9, 6, 4]
+PAIR = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
 def decoder_classifier(seed: int = 0):
@@ -67,3 +70,47 @@ def test_deepcopy_of_a_prompted_model_is_independent():
         torch.testing.assert_close(duplicate(input_ids=TOKENS).logits, before, atol=0, rtol=0)
         duplicate.prompt_encoder.embedding.add_(1.0)  # the copy's hooks read the copy's prompt
         torch.testing.assert_close(duplicate(input_ids=TOKENS).logits, model(input_ids=TOKENS).logits)
+
+
+def test_prompt_equals_prepending_the_embeddings_by_hand():
+    model = tuneforge.prepare(tiny_llama(), [{"prompt": {"length": 3}}]).eval()
+    base = tiny_llama().eval()
+    embeds = torch.cat([model.prompt_encoder.embedding[None].expand(2, -1, -1), base.model.embed_tokens(PAIR)], 1)
+    expected = base(inputs_embeds=embeds).logits[:, 3:]
+    torch.testing.assert_close(model(input_ids=PAIR).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_extends_token_labels_for_the_models_own_loss():
+    model = tuneforge.prepare(tiny_llama(), [{"prompt": {"length": 3}}]).eval()
+    labels = PAIR.clone()
+    labels[:, :4] = -100
+    output = model(input_ids=PAIR, labels=labels)
+    from tuneforge.evaluate import token_losses
+
+    total, count = token_losses(output.logits, labels)
+    torch.testing.assert_close(output.loss, total / count)
+
+
+def test_prompt_right_padding_leaves_real_positions_unchanged():
+    model = tuneforge.prepare(tiny_llama(), [{"prompt": {"length": 3}}]).eval()
+    mask = torch.ones_like(PAIR)
+    mask[1, 6:] = 0
+    padded = model(input_ids=PAIR, attention_mask=mask).logits
+    torch.testing.assert_close(padded[1, :6], model(input_ids=PAIR[1:, :6]).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_initialisations(tokenizer):
+    from conftest import tiny_llama as build
+
+    model = tuneforge.prepare(build(vocab_size=len(tokenizer)),
+                              [{"prompt": {"length": 5, "init": "text", "init_text": "the cat"}}], tokenizer=tokenizer)
+    ids = tokenizer("the cat", add_special_tokens=False)["input_ids"]
+    expected = model.model.embed_tokens.weight[torch.tensor((ids * 5)[:5])]
+    torch.testing.assert_close(model.prompt_encoder.embedding, expected)
+    vocab = tuneforge.prepare(tiny_llama(), [{"prompt": {"length": 4, "init": "vocab"}}])
+    table = vocab.model.embed_tokens.weight
+    assert all((table == row).all(-1).any() for row in vocab.prompt_encoder.embedding)
+    with pytest.raises(ModelError, match="needs the tokenizer"):
+        tuneforge.prepare(tiny_llama(), [{"prompt": {"init": "text", "init_text": "hi"}}])
+    with pytest.raises(Exception, match="init: text needs init_text"):
+        tuneforge.prepare(tiny_llama(), [{"prompt": {"init": "text"}}])

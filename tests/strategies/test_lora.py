@@ -118,3 +118,15 @@ def test_save_and_load_adapter_round_trip(tmp_path):
     tuneforge.save_adapter(model, tmp_path / "adapter")
     loaded = tuneforge.load_adapter(tiny_llama(), tmp_path / "adapter")
     torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-6, rtol=1e-6)
+
+
+TOKENS = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def test_lora_gaussian_init_keeps_outputs_and_draws_a_with_std_one_over_rank():
+    model = tiny_llama().eval()
+    reference = model(TOKENS).logits
+    tuneforge.prepare(model, [{"lora": {"rank": 4, "targets": "all-linear", "init": "gaussian"}}])
+    torch.testing.assert_close(model(TOKENS).logits, reference, atol=0, rtol=0)
+    a_values = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("lora_A.weight")])
+    assert abs(a_values.std().item() - 1 / 4) < 0.02  # ~6k draws; Kaiming-uniform would give ~0.10 here

@@ -13,24 +13,13 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_bert, tiny_llama
 
 import tuneforge
 from tuneforge.compose import applied_strategies
 from tuneforge.evaluate import token_losses
 from tuneforge.strategies import REGISTRY
 from tuneforge.surgery import is_injected
-
-
-def tiny_bert(seed: int = 0):
-    """A random 2-layer BERT sequence classifier (3 labels): the encoder family of the bundled MiniLM."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_labels=3, max_position_embeddings=64, pad_token_id=0,
-                        initializer_range=0.2)
-    return BertForSequenceClassification(config)
 
 
 @dataclass
