@@ -286,14 +286,17 @@ def _shift_positions(encoder: PrefixEncoder):
     GPT-2's and BERT's plain nn.Embedding take the position ids first.
     """
 
+    def shifted(positions: Tensor) -> Tensor:  # OPT marks padding -1 (its padding row): left as it is
+        return torch.where(positions >= 0, positions + encoder.length, positions)
+
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         if encoder.injected_disabled:
             return None
         if kwargs.get("position_ids") is not None:
-            return args, {**kwargs, "position_ids": kwargs["position_ids"] + encoder.length}
+            return args, {**kwargs, "position_ids": shifted(kwargs["position_ids"])}
         if isinstance(module, nn.Embedding):
-            return (args[0] + encoder.length, *args[1:]), kwargs
-        return (args[0], args[1] + encoder.length, *args[2:]), kwargs
+            return (shifted(args[0]), *args[1:]), kwargs
+        return (args[0], shifted(args[1]), *args[2:]), kwargs
 
     return hook
 
