@@ -26,7 +26,8 @@ Attention variants: logit softcapping (Gemma2, `softcap`) is computed eagerly, t
 does; sliding windows (Gemma2, Mistral) limit the real tokens only (the model's own mask), while the prefix
 stays visible to every query, as in the paper (PEFT's cache puts the prefix inside the window instead, so
 the two agree while length + sequence <= window). ALiBi models (Falcon `alibi: true`, Bloom, MPT) are
-refused: their bias is a function of key positions that a prefix has none of in their code.
+refused: they add their distance biases to the attention mask for the real tokens only, so prefix keys would
+get none (and none of them goes through AttentionInterface in transformers 5.24 anyway).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from tuneforge.strategies.base import Options, PeftTranslation, Strategy, Strate
 
 ATTENTION_NAME = "tuneforge_prefix"
 ENCODER_ATTR = "prefix_encoder"
-LINK_ATTR = "tuneforge_prefix_link"  # plain (unregistered) attribute on each attention module: (encoder, layer)
+LINK_ATTR = "tuneforge_prefix_link"  # plain (unregistered) attribute on an attention module: (encoder, layer)
 WEIGHT_NAME = f"{ENCODER_ATTR}.embedding"  # the one tensor an adapter holds (P, folded)
 ROTARY_NAME = "rotary_emb"  # Llama, Phi-3, GPT-NeoX, Gemma2, ...: called with position ids
 POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # learned positions: GPT-2, OPT, BERT
@@ -127,16 +128,18 @@ def prefix_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
 def softcapped_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                          softcap: float, scaling: float | None = None, dropout: float = 0.0,
                          **kwargs) -> tuple[Tensor, Tensor]:
-    """Eager attention with capped logits, softcap * tanh(q k^T * scaling / softcap) (Gemma 2, arXiv:2408.00118).
+    """Eager attention with capped logits, softcap * tanh(q k^T * scaling / softcap).
 
-    The same operations in the same order as Gemma2's own eager attention, so a disabled prefix is exact.
+    Logit softcapping as in Gemma 2 (arXiv:2408.00118): the same operations in the same order as Gemma2's own
+    eager attention, so a disabled prefix is exact.
     """
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
-        if mask.dtype == torch.bool:  # sdpa_mask's True = attend, as the additive mask eager attention adds
+        if mask.dtype == torch.bool:  # sdpa_mask's True = attend, as the additive mask eager attention uses
             mask = torch.where(mask, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
         scores = scores + mask
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -251,14 +254,15 @@ def _refuse_unsupported(model: nn.Module) -> None:
     name = type(model).__name__
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
-        raise ModelError(f"prefix: {name} is not a transformers model with an attention interface; {USE_INSTEAD}")
+        raise ModelError(f"prefix: {name} is not a transformers model with an attention interface; "
+                         f"{USE_INSTEAD}")
     text = config.get_text_config()
     if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(f"prefix: {name} is an encoder-decoder (cross-attention prefixes are not implemented); "
-                         f"{USE_INSTEAD}")
+        raise ModelError(f"prefix: {name} is an encoder-decoder (prefixes for its encoder, decoder and "
+                         f"cross-attention are not implemented); {USE_INSTEAD}")
     if getattr(text, "alibi", False) or text.model_type in ALIBI_TYPES:
-        raise ModelError(f"prefix: {name} uses ALiBi position biases, which its code builds for the real tokens "
-                         f"only (the prefix keys would get no bias); {USE_INSTEAD}")
+        raise ModelError(f"prefix: {name} uses ALiBi position biases, which its code builds for the real "
+                         f"tokens only (the prefix keys would get no bias); {USE_INSTEAD}")
     if not model._can_set_attn_implementation():
         raise ModelError(f"prefix: {name} computes attention without transformers' AttentionInterface; "
                          f"{USE_INSTEAD}")
@@ -273,8 +277,8 @@ def _position_modules(model: nn.Module) -> list[nn.Module]:
     found = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == ROTARY_NAME
              or (n.rsplit(".", 1)[-1] in POSITION_TABLES and isinstance(m, nn.Embedding))]
     if not found:
-        raise ModelError(f"prefix: {type(model).__name__} has neither a rotary embedding ({ROTARY_NAME}) nor a "
-                         f"learned position table ({', '.join(POSITION_TABLES)}), so real tokens cannot be "
+        raise ModelError(f"prefix: {type(model).__name__} has neither a rotary embedding ({ROTARY_NAME}) nor "
+                         f"a learned position table ({', '.join(POSITION_TABLES)}), so real tokens cannot be "
                          f"placed after the prefix; {USE_INSTEAD}")
     return found
 
@@ -313,9 +317,11 @@ def _capturing() -> Iterator[list]:
 
 
 @torch.no_grad()
-def _real_token_keys_values(model: nn.Module, length: int) -> tuple[list[nn.Module], list[Tensor], list[Tensor]]:
+def _real_token_keys_values(model: nn.Module,
+                            length: int) -> tuple[list[nn.Module], list[Tensor], list[Tensor]]:
     """One forward over `length` random vocabulary tokens: the attention modules in call order, with the keys
-    and values (kv_heads, length, head_dim) each computed at positions 0 .. length - 1, as a cache holds them."""
+    and values (kv_heads, length, head_dim) each computed at positions 0 .. length - 1, as a cache holds
+    them. A model none of whose attention reaches `prefix_attention` is refused here."""
     vocab = model.get_input_embeddings().weight.shape[0]
     tokens = torch.randint(0, vocab, (1, length), device=next(model.parameters()).device)
     with _capturing() as captured, eval_mode(model):
@@ -326,7 +332,8 @@ def _real_token_keys_values(model: nn.Module, length: int) -> tuple[list[nn.Modu
         raise ModelError(f"prefix: {name} computes attention without transformers' AttentionInterface; "
                          f"{USE_INSTEAD}")
     if len({id(m) for m in attentions}) != len(attentions):
-        raise ModelError(f"prefix: {name} calls one attention module more than once per forward; {USE_INSTEAD}")
+        raise ModelError(f"prefix: {name} calls one attention module more than once per forward (shared "
+                         f"layers); {USE_INSTEAD}")
     shapes = {tuple(k.shape) for _, k, _ in captured} | {tuple(v.shape) for _, _, v in captured}
     if len(shapes) != 1:
         raise ModelError(f"prefix: {name}'s layers have different key/value shapes {sorted(shapes)}, which "
