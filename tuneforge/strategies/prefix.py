@@ -24,10 +24,11 @@ token sees the prefix.
 
 Attention variants: logit softcapping (Gemma2, `softcap`) is computed eagerly, tanh-capped as the model
 does; sliding windows (Gemma2, Mistral) limit the real tokens only (the model's own mask), while the prefix
-stays visible to every query, as in the paper (PEFT's cache puts the prefix inside the window instead, so
-the two agree while length + sequence <= window). ALiBi models (Falcon `alibi: true`, Bloom, MPT) are
-refused: they add their distance biases to the attention mask for the real tokens only, so prefix keys would
-get none (and none of them goes through AttentionInterface in transformers 5.24 anyway).
+stays visible to every query: it is context for every token, as in Li & Liang (PEFT's cache puts the
+prefix inside the window instead, so the two agree while length + sequence <= window). ALiBi models (Falcon
+`alibi: true`, Bloom, MPT) are refused: they add their distance biases to the attention mask for the real
+tokens only, so prefix keys would get none. Falcon without ALiBi is refused too: in transformers 5.24 it
+computes attention in its own code, not through AttentionInterface (as do Bloom and MPT).
 """
 
 from __future__ import annotations
