@@ -289,6 +289,14 @@ def test_peft_loads_our_prefix_with_equal_logits_and_generation(arch, tmp_path):
 
 
 @pytest.mark.parametrize("arch", SUPPORTED)
+def test_saved_prefix_reloads_with_equal_logits(arch, tmp_path):
+    ours = prepared(arch)
+    tuneforge.save_adapter(ours, tmp_path / "adapter")
+    loaded = tuneforge.load_adapter(tiny(arch), tmp_path / "adapter").eval()
+    torch.testing.assert_close(loaded(TOKENS).logits, ours(TOKENS).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
 def test_one_training_step_gives_finite_loss_and_prefix_gradient(arch):
     model = tuneforge.prepare(tiny(arch), [{"prefix": {"length": 3}}]).train()
     labels = torch.tensor([0, 2]) if arch == "bert" else TOKENS
