@@ -348,9 +348,10 @@ def worker_inference(spec: dict) -> dict:
     items = synthetic_items(4)
     ids = torch.tensor([i["input_ids"] for i in items])
     models = {"base": synthetic_model()}
-    all_linear = {"lora": {**LORA_QV, "targets": "all-linear"}}
-    models["lora-unmerged"] = tuneforge.prepare(synthetic_model(), [all_linear])
-    models["lora-merged"] = tuneforge.prepare(synthetic_model(), [all_linear])
+    models["lora-unmerged"] = tuneforge.prepare(synthetic_model(),
+                                                [{"lora": {**LORA_QV, "targets": "all-linear"}}])
+    models["lora-merged"] = tuneforge.prepare(synthetic_model(),
+                                              [{"lora": {**LORA_QV, "targets": "all-linear"}}])
     merge_lora(models["lora-merged"])
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():

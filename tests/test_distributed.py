@@ -116,8 +116,8 @@ def test_every_process_gets_the_same_number_of_micro_batches(sizes, batch_size, 
     assert len({tuple(len(step) for step in shard) for shard in shards}) == 1
     assert all(batch for shard in shards for step in shard for batch in step)  # no empty micro-batch anywhere
     if sampling == "proportional" and len(sizes) == 1:  # the processes split exactly one process's batches
-        plan = mixture_plan(sizes, batch_size * world, ScheduleConfig(sampling=sampling), seed, 2)
-        whole = plan(epoch, 0, 1)
+        one_process = mixture_plan(sizes, batch_size * world, ScheduleConfig(sampling=sampling), seed, 2)
+        whole = one_process(epoch, 0, 1)
         kept = [[batch for batch in step if len(batch) >= world] for step in whole]
         kept = [batch for step in kept for batch in step]
         mine = [[batch for step in shard for batch in step] for shard in shards]
