@@ -16,8 +16,8 @@ Suites
   answers only), the same 512 examples once, LoRA r=8 on q,v. Reference: Hugging Face Trainer + PEFT
   LoRA with its default padding (DataCollatorForSeq2Seq: pad to the longest in each batch of 8). Ours:
   packing into rows of 256 tokens, 2 rows per step (about the same tokens per step), the same in bf16
-  autocast, and the ablations padded (batch 8) with and without the label-only head. Equal work is checked by the loss per token:
-  mean training loss, and the loss of the tuned models on 128 held-out examples.
+  autocast, and the ablations padded (batch 8) with and without the label-only head. Equal work is checked
+  by the loss per token: mean training loss, and the loss of the tuned models on 128 held-out examples.
 - inference: base model vs LoRA (all-linear) merged vs unmerged, forward passes of 4 x 256 (one process,
   interleaved).
 - matmul: torch.mm at each suite's GEMM shapes, forward and backward: the machine's measured rate.
@@ -191,7 +191,8 @@ def summarise(marks: list, tokens: list[int], labelled: list[int], warmup: int, 
         "tokens_per_s": sum(timed_tokens) / sum(timed),
         "peak_rss_mb": marks[-1][2],
         "loss_first": losses[0], "loss_last": losses[-1],
-        "loss_per_token": sum(x * n for x, n in zip(losses, labelled, strict=False)) / sum(labelled[:len(losses)]),
+        "loss_per_token": (sum(x * n for x, n in zip(losses, labelled, strict=False))
+                           / sum(labelled[:len(losses)])),
         "gemm_gflops_per_step": flops / 1e9,
     }
 
@@ -207,14 +208,15 @@ def worker_synthetic(spec: dict) -> dict:
     labelled = [batch_size * 255] * steps
     model = synthetic_model()
     if spec["side"] == "ours":
-        marks, model = run_ours(model, ours, items, lambda epoch, rank, world: [[b] for b in plan_batches], steps, options,
-                                pad=0)
+        marks, model = run_ours(model, ours, items, lambda epoch, rank, world: [[b] for b in plan_batches],
+                                steps, options, pad=0)
         from tuneforge.data import collate
         from tuneforge.evaluate import label_head
         from tuneforge.train import task_loss
 
         batch = collate(items[:batch_size], 0)
-        head = label_head(model) if not any(s.needs_logits() for s in getattr(model, "tuneforge_strategies", [])) else None
+        needs_logits = any(s.needs_logits() for s in getattr(model, "tuneforge_strategies", []))
+        head = label_head(model) if not needs_logits else None
 
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=options.get("precision") == "bf16"):
@@ -328,8 +330,8 @@ def run_trainer(model, tokenizer, train: list[dict], options: dict):
             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
             dataloader_pin_memory=False,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=[dict(i) for i in train], data_collator=collate,
-                          callbacks=[StepClock()])
+        trainer = Trainer(model=model, args=args, train_dataset=[dict(i) for i in train],
+                          data_collator=collate, callbacks=[StepClock()])
         trainer.train()
     for mark, loss in zip(marks, losses, strict=False):
         mark[1] = loss
@@ -346,8 +348,10 @@ def worker_inference(spec: dict) -> dict:
     items = synthetic_items(4)
     ids = torch.tensor([i["input_ids"] for i in items])
     models = {"base": synthetic_model()}
-    models["lora-unmerged"] = tuneforge.prepare(synthetic_model(), [{"lora": {**LORA_QV, "targets": "all-linear"}}])
-    models["lora-merged"] = tuneforge.prepare(synthetic_model(), [{"lora": {**LORA_QV, "targets": "all-linear"}}])
+    models["lora-unmerged"] = tuneforge.prepare(synthetic_model(),
+                                                [{"lora": {**LORA_QV, "targets": "all-linear"}}])
+    models["lora-merged"] = tuneforge.prepare(synthetic_model(),
+                                              [{"lora": {**LORA_QV, "targets": "all-linear"}}])
     merge_lora(models["lora-merged"])
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
@@ -409,14 +413,16 @@ def worker(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ orchestrator
 def run_process(spec: dict) -> dict | None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
-                          text=True, check=False, cwd=Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                          capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parents[1])
     for line in done.stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])
-    print(f"  {spec['suite']}/{spec['method']}/{spec['side']} failed:\n{done.stderr[-2500:]}", file=sys.stderr)
+    print(f"  {spec['suite']}/{spec['method']}/{spec['side']} failed:\n{done.stderr[-2500:]}",
+          file=sys.stderr)
     return None
 
 
@@ -480,7 +486,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--examples", type=int, default=SMOLLM2_TRAIN, help="SmolLM2 training examples")
     parser.add_argument("--json", type=Path, help="write every run's numbers here")
-    parser.add_argument("--max-load", type=float, help="before each run, wait (up to --patience seconds) until "
+    parser.add_argument("--max-load", type=float,
+                        help="before each run, wait (up to --patience seconds) until "
                         "the 1-minute load average is below this (a shared machine)")
     parser.add_argument("--patience", type=float, default=120.0)
     parser.add_argument("--render", type=Path, nargs="+", help="only print the tables of saved --json files")
@@ -540,14 +547,15 @@ def render_tables(results: dict) -> str:
             for suite in ("synthetic", "smollm2") for key in ("fp32_gflops", "bf16_gflops", "fp32_gflops_cpu",
                                                                "bf16_gflops_cpu")}
     if any(key[0] == "synthetic" for key in results):
-        lines += [(f"Synthetic 39.7M Llama-shaped model, uniform 4 x 256 batches, {THREADS} threads. torch.mm at "
-                  f"this model's GEMM shapes: {cell(rate['synthetic', 'fp32_gflops'], 1)} GFLOP/s fp32, "
-                  f"{cell(rate['synthetic', 'bf16_gflops'], 1)} bf16 (by CPU time: "
-                  f"{cell(rate['synthetic', 'fp32_gflops_cpu'], 1)} / {cell(rate['synthetic', 'bf16_gflops_cpu'], 1)})."),
+        lines += [(f"Synthetic 39.7M Llama-shaped model, uniform 4 x 256 batches, {THREADS} threads. "
+                  f"torch.mm at this model's GEMM shapes: {cell(rate['synthetic', 'fp32_gflops'], 1)} "
+                  f"GFLOP/s fp32, {cell(rate['synthetic', 'bf16_gflops'], 1)} bf16 (by CPU time: "
+                  f"{cell(rate['synthetic', 'fp32_gflops_cpu'], 1)} / "
+                  f"{cell(rate['synthetic', 'bf16_gflops_cpu'], 1)})."),
                   "",
-                  ("| method | step s ours | step s PEFT | ratio | CPU s ours | CPU s PEFT | CPU ratio | tok/s ours "
-                  "| tok/s PEFT | RSS MB ours | RSS MB PEFT | RSS ratio | trainable ours | trainable PEFT "
-                  "| GEMM % ours | GEMM % PEFT |"),
+                  ("| method | step s ours | step s PEFT | ratio | CPU s ours | CPU s PEFT | CPU ratio "
+                  "| tok/s ours | tok/s PEFT | RSS MB ours | RSS MB PEFT | RSS ratio | trainable ours "
+                  "| trainable PEFT | GEMM % ours | GEMM % PEFT |"),
                   "|" + " --- |" * 16]
         for method, (_, _, options) in SYNTHETIC.items():
             ours = results.get(("synthetic", method, "ours"), [])
@@ -577,9 +585,11 @@ def render_tables(results: dict) -> str:
         lines.append("")
     if any(key[0] == "smollm2" for key in results):
         reference = results.get(("smollm2", "trainer-lora", "trainer"), [])
-        lines += [f"SmolLM2-135M on builtin:chatterbot (answers only), LoRA r=8 on q,v, {THREADS} threads.", "",
-                  ("| run | step s | non-pad tok/s | vs Trainer | by CPU time: tok/s | vs Trainer | peak RSS MB "
-                  "| vs Trainer | train loss/token | held-out loss/token | steps | trainable |"),
+        lines += [f"SmolLM2-135M on builtin:chatterbot (answers only), LoRA r=8 on q,v, {THREADS} threads.",
+                  "",
+                  ("| run | step s | non-pad tok/s | vs Trainer | by CPU time: tok/s | vs Trainer "
+                  "| peak RSS MB | vs Trainer | train loss/token | held-out loss/token | steps "
+                  "| trainable |"),
                   "|" + " --- |" * 12]
         for method, (side, _) in SMOLLM2.items():
             runs = results.get(("smollm2", method, side), [])

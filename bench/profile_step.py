@@ -66,7 +66,8 @@ def build_step(suite: str, method: str, side: str):
     if side == "ours":
         model = tuneforge.prepare(model, ours)
         strategies = model.tuneforge_strategies
-        head = None if options.get("full_logits") or any(s.needs_logits() for s in strategies) else label_head(model)
+        full_logits = options.get("full_logits") or any(s.needs_logits() for s in strategies)
+        head = None if full_logits else label_head(model)
 
         def loss():
             return task_loss(model, batch, head=head)[0] / int((batch["labels"][:, 1:] != -100).sum())
@@ -75,8 +76,9 @@ def build_step(suite: str, method: str, side: str):
             import peft
 
             kind, settings = peft_spec
-            config = {"lora": peft.LoraConfig, "prefix": peft.PrefixTuningConfig, "prompt": peft.PromptTuningConfig,
-                      "ia3": peft.IA3Config}[kind](task_type="CAUSAL_LM", **settings)
+            config_class = {"lora": peft.LoraConfig, "prefix": peft.PrefixTuningConfig,
+                            "prompt": peft.PromptTuningConfig, "ia3": peft.IA3Config}[kind]
+            config = config_class(task_type="CAUSAL_LM", **settings)
             model = peft.get_peft_model(model, config)
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
 

@@ -40,7 +40,8 @@ VARIANTS: dict[str, tuple[list[dict], dict, dict]] = {
                                        "temperature": 2.0}}], {"epochs": 8}, {"max_train_examples": SMALL}),
     # mostly the teacher's soft targets, softened further (Hinton et al. 2015 use T up to 20)
     "student-kd-t4-small": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.1,
-                                          "temperature": 4.0}}], {"epochs": 8}, {"max_train_examples": SMALL}),
+                                          "temperature": 4.0}}], {"epochs": 8},
+                            {"max_train_examples": SMALL}),
     # DistilBERT's cosine loss on the last hidden states on top of the soft targets (Sanh et al. 2019)
     "student-kd-hidden-small": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.5,
                                               "temperature": 2.0, "hidden_weight": 1.0}}], {"epochs": 8},
@@ -51,7 +52,8 @@ VARIANTS: dict[str, tuple[list[dict], dict, dict]] = {
 # the low-data pair again on 100 articles (the eval split stays the same: it depends on the seed only)
 for _name in ("student-small", "student-kd-hidden-small"):
     _strategies, _train, _data = VARIANTS[_name]
-    VARIANTS[_name.replace("small", "tiny")] = (_strategies, {**_train, "epochs": 16}, {"max_train_examples": 100})
+    VARIANTS[_name.replace("small", "tiny")] = (_strategies, {**_train, "epochs": 16},
+                                                {"max_train_examples": 100})
 
 
 def config_for(name: str):

@@ -43,7 +43,8 @@ VARIANTS: dict[str, tuple[list[dict], float, str | None]] = {
     "full": ([{"full": {}}], FULL_LR, None),
     "full-l2sp": ([{"full": {}}, {"l2sp": {"weight": AUTO}}], FULL_LR, "full"),
     "full-ewc": ([{"full": {}}, {"ewc": {"weight": AUTO, "fisher_samples": 64}}], FULL_LR, "full"),
-    "full-retention": ([{"full": {}}, {"retention": {"weight": AUTO, "every": RETENTION_EVERY}}], FULL_LR, "full"),
+    "full-retention": ([{"full": {}}, {"retention": {"weight": AUTO, "every": RETENTION_EVERY}}], FULL_LR,
+                       "full"),
     "lora": ([LORA], LORA_LR, None),
     "lora-ewc": ([LORA, {"ewc": {"weight": AUTO, "fisher_samples": 64}}], LORA_LR, "lora"),
     # LoRA at 5e-4 does not forget on this task; at 4x the rate it does, and EWC has something to keep
@@ -62,7 +63,8 @@ def resolved_strategies(name: str) -> list[dict]:
         if options.get("weight") == AUTO:
             path = OUT / "calibration.json"
             if not path.is_file() or counterpart not in json.loads(path.read_text()):
-                raise SystemExit(f"{name}: run `python experiments/forgetting.py calibrate {counterpart}` first")
+                raise SystemExit(f"{name}: run "
+                                 f"`python experiments/forgetting.py calibrate {counterpart}` first")
             weight = json.loads(path.read_text())[counterpart][f"{strategy}_weight"] * options.get("every", 1)
             options = {**options, "weight": float(f"{weight:.1g}")}
         resolved.append({strategy: options})
@@ -136,7 +138,8 @@ def calibrate(name: str, samples: int = 64) -> dict:
     kl_end = retention_kl_at_end(model, end, retain_batch_source(run_data, tokenizer, config)(), batches=4)
     report = {"run": name, "task_gain": gain, "q_l2": q_l2, "q_fisher": q_fisher, "fisher_sum": total_fisher,
               "fisher_mean": total_fisher / sum(f.numel() for f in fisher.values()), "retention_kl": kl_end,
-              "l2sp_weight": 2 * gain / q_l2, "ewc_weight": 2 * gain / q_fisher, "retention_weight": gain / kl_end}
+              "l2sp_weight": 2 * gain / q_l2, "ewc_weight": 2 * gain / q_fisher,
+              "retention_weight": gain / kl_end}
     path = OUT / "calibration.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
     path.write_text(json.dumps({**known, name: report}, indent=1))
@@ -173,7 +176,8 @@ def run_all(names: list[str]) -> None:
             continue
         counterpart = VARIANTS[name][2]
         calibration = OUT / "calibration.json"
-        if counterpart and (not calibration.is_file() or counterpart not in json.loads(calibration.read_text())):
+        if counterpart and (not calibration.is_file()
+                            or counterpart not in json.loads(calibration.read_text())):
             print(f"{counterpart}: calibrating the penalty weights", flush=True)
             subprocess.run([sys.executable, __file__, "calibrate", counterpart], check=False)
         print(f"{name}: running", flush=True)
@@ -192,7 +196,8 @@ def curve(run_dir: Path) -> list[tuple[int, float, float]]:
         record = json.loads(line)
         if record.get("split") == "eval" and "retain_perplexity" in record:
             points.append((record["step"], record["loss"], record["retain_perplexity"]))
-    points.append((results["steps"], results["after"]["eval"]["loss"], results["after"]["retain"]["perplexity"]))
+    points.append((results["steps"], results["after"]["eval"]["loss"],
+                   results["after"]["retain"]["perplexity"]))
     return points
 
 
@@ -207,8 +212,8 @@ def retain_at_task_loss(points: list[tuple[int, float, float]], target: float) -
 
 def table() -> str:
     rows = [
-        ("| variant | objective | lr | task loss before -> after | retain ppl before -> after | forgetting (retain ppl) "
-         "| plain counterpart at the same task loss | train time |"),
+        ("| variant | objective | lr | task loss before -> after | retain ppl before -> after "
+         "| forgetting (retain ppl) | plain counterpart at the same task loss | train time |"),
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, (_, lr, counterpart) in VARIANTS.items():
@@ -218,8 +223,10 @@ def table() -> str:
             continue
         results = json.loads((run_dir / "results.json").read_text())
         before, after = results["before"], results["after"]
-        objective = ", ".join(f"{k} {v['weight']:g}" + (f" every {v['every']}" if v.get("every", 1) > 1 else "")
-                              for spec in results["strategies"] for k, v in spec.items() if "weight" in v) or "-"
+        objective = ", ".join(f"{k} {v['weight']:g}"
+                              + (f" every {v['every']}" if v.get("every", 1) > 1 else "")
+                              for spec in results["strategies"] for k, v in spec.items()
+                              if "weight" in v) or "-"
         ppl0, ppl1 = before["retain"]["perplexity"], after["retain"]["perplexity"]
         equal = "-"
         if counterpart and (OUT / counterpart / "results.json").is_file():

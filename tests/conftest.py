@@ -44,7 +44,8 @@ ANIMALS = ["cat", "dog", "bird", "fish", "horse", "cow", "sheep", "mouse"]
 def task_records(count: int = 64) -> list[dict]:
     """A learnable toy task: name the animal's colour in a fixed mapping."""
     return [
-        {"prompt": f"What colour is the {ANIMALS[i % 8]}?", "completion": f" The {ANIMALS[i % 8]} is {COLORS[i % 8]}."}
+        {"prompt": f"What colour is the {ANIMALS[i % 8]}?",
+         "completion": f" The {ANIMALS[i % 8]} is {COLORS[i % 8]}."}
         for i in range(count)
     ]
 
@@ -72,7 +73,8 @@ def make_tokenizer():
     return tokenizer
 
 
-def tiny_llama(vocab_size: int = 300, layers: int = 4, seed: int = 0, initializer_range: float = 0.2, **overrides):
+def tiny_llama(vocab_size: int = 300, layers: int = 4, seed: int = 0, initializer_range: float = 0.2,
+               **overrides):
     """A random Llama-shaped causal LM small enough to train in milliseconds.
 
     Weights are drawn with std 0.2 (not 0.02) so the frozen output head is sharp enough for LoRA alone
@@ -126,7 +128,8 @@ def tiny_bert_dir(tmp_path_factory, tokenizer) -> Path:
     directory = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+                        intermediate_size=64, max_position_embeddings=128,
+                        pad_token_id=tokenizer.pad_token_id)
     BertModel(config).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
@@ -138,7 +141,8 @@ def classification_records(kind: str, count: int = 48) -> list[dict]:
     records = []
     for i in range(count):
         animal, colour = ANIMALS[i % 8], COLORS[(i * 3) % 8]
-        label = ("mammal" if animal in ("cat", "dog", "horse", "cow", "sheep", "mouse") else "other") if kind == "animal" \
+        mammal = animal in ("cat", "dog", "horse", "cow", "sheep", "mouse")
+        label = ("mammal" if mammal else "other") if kind == "animal" \
             else ("warm" if colour in warm else "cool")
         records.append({"text": f"The {animal} is {colour}.", "label": label})
     return records
@@ -161,8 +165,10 @@ def run_config(tmp_path, tiny_model_dir, task_file):
             "model": str(tiny_model_dir),
             "data": {"train": str(task_file), "max_eval_examples": 8, **(data or {})},
             "retain": None,
-            "strategies": strategies if strategies is not None else [{"lora": {"rank": 4, "targets": "all-linear"}}],
-            "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "max_seq_len": 64, "log_every": 1, **(train or {})},
+            "strategies": (strategies if strategies is not None
+                           else [{"lora": {"rank": 4, "targets": "all-linear"}}]),
+            "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "max_seq_len": 64, "log_every": 1,
+                      **(train or {})},
             "evaluation": {"samples": 1, "max_new_tokens": 8},
             "output": str(tmp_path / "run"),
             **top,

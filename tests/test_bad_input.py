@@ -36,12 +36,16 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=
 # text without line breaks, NUL or surrogates: the good records around a bad one
 plain = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), max_size=20)
 learnable = plain.filter(lambda text: text.strip())
-good_records = st.lists(st.fixed_dictionaries({"prompt": plain, "completion": learnable}), min_size=0, max_size=4)
+good_records = st.lists(st.fixed_dictionaries({"prompt": plain, "completion": learnable}), min_size=0,
+                        max_size=4)
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), plain)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(plain, inner, max_size=3),
+json_values = st.recursive(json_scalars,
+                           lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(plain, inner, max_size=3),
                            max_leaves=6)
 not_strings = json_values.filter(lambda value: value is not None and not isinstance(value, str))
-invalid_utf8 = st.sampled_from([b"\xff", b"\xc3\x28", b"\x80", b"\xed\xa0\x80", b"\xc0\xaf", b"\xf8\x88\x80\x80\x80"])
+invalid_utf8 = st.sampled_from([b"\xff", b"\xc3\x28", b"\x80", b"\xed\xa0\x80", b"\xc0\xaf",
+                                b"\xf8\x88\x80\x80\x80"])
 
 
 @contextlib.contextmanager
@@ -51,7 +55,8 @@ def scratch():
         yield Path(directory)
 
 
-def check_message(error: TuneforgeError, path: Path | str, line: int | None = None, field: str | None = None) -> str:
+def check_message(error: TuneforgeError, path: Path | str, line: int | None = None,
+                  field: str | None = None) -> str:
     message = str(error)
     assert len(message.splitlines()) == 1 and "\n" not in message and "\r" not in message, message
     assert len(message) <= MAX_MESSAGE, message[:200]
@@ -88,7 +93,8 @@ def bad_jsonl_line():
             lambda v: (json.dumps(v).encode(), None, "JSON object")),
         plain.map(lambda p: (json.dumps({"prompt": p}).encode(), "completion", "completion")),
         st.tuples(st.sampled_from(["prompt", "completion"]), not_strings).map(
-            lambda kv: (json.dumps({"prompt": "q", "completion": "a", kv[0]: kv[1]}).encode(), kv[0], "string")),
+            lambda kv: (json.dumps({"prompt": "q", "completion": "a", kv[0]: kv[1]}).encode(), kv[0],
+                        "string")),
         st.text(" \t", max_size=3).map(
             lambda blank: (json.dumps({"prompt": "q", "completion": blank}).encode(), "completion", "empty")),
         st.tuples(invalid_utf8, st.integers(0, 30)).map(
@@ -228,7 +234,8 @@ def test_parquet_missing_or_empty_completion_names_the_row(value, row):
     completions[row] = value
     with scratch() as directory:
         path = directory / "train.parquet"
-        pq.write_table(pa.table({"prompt": ["q"] * 5, "completion": pa.array(completions, pa.string())}), path)
+        pq.write_table(pa.table({"prompt": ["q"] * 5, "completion": pa.array(completions, pa.string())}),
+                       path)
         check_message(load_error(path), path, line=row + 1, field="completion")
 
 
@@ -256,7 +263,8 @@ def test_empty_files_say_so(tmp_path, suffix, content):
 
 def test_empty_parquet_table_and_empty_json_array(tmp_path):
     path = tmp_path / "train.parquet"
-    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "completion": pa.array([], pa.string())}), path)
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "completion": pa.array([], pa.string())}),
+                   path)
     assert "no records" in check_message(load_error(path), path)
     path = tmp_path / "train.json"
     path.write_text("[]")
@@ -307,11 +315,13 @@ CONFIG_LINES = [
     ("evaluation", "evaluation: {{samples: 0}}"),
     ("output", "output: {output}"),
 ]
-SCALAR_KEYS = {i: key for i, (key, line) in enumerate(CONFIG_LINES) if line.startswith("  ") and key != "data.train"}
+SCALAR_KEYS = {i: key for i, (key, line) in enumerate(CONFIG_LINES)
+               if line.startswith("  ") and key != "data.train"}
 
 
 def config_text(directory: Path, model: Path, train: Path) -> str:
-    return "\n".join(line.format(model=model, train=train, output=directory / "out") for _, line in CONFIG_LINES) + "\n"
+    return "\n".join(line.format(model=model, train=train, output=directory / "out")
+                     for _, line in CONFIG_LINES) + "\n"
 
 
 def inline_yaml(value) -> str:
@@ -325,7 +335,8 @@ def config_inputs(tmp_path_factory, tiny_model_dir, task_file):
 
 
 @SETTINGS
-@given(index=st.sampled_from(sorted(SCALAR_KEYS)), value=json_values.filter(lambda v: not isinstance(v, str) or "\n" not in v))
+@given(index=st.sampled_from(sorted(SCALAR_KEYS)),
+       value=json_values.filter(lambda v: not isinstance(v, str) or "\n" not in v))
 def test_config_wrong_types_name_line_and_field(config_inputs, index, value):
     model, train = config_inputs
     with scratch() as directory:
@@ -423,7 +434,8 @@ def test_cli_bad_data_exit_2_one_line_and_run_untouched(finished_run, config_inp
             code = main([command, str(config), *(flag if command == "train" else [])])
         assert code == 2
         message = stderr.getvalue()
-        assert message.startswith("tuneforge: error: ") and message.count("\n") == 1 and "Traceback" not in message
+        assert message.startswith("tuneforge: error: ") and message.count("\n") == 1
+        assert "Traceback" not in message
         assert f"{data}:2:" in message
     assert digest(finished_run) == before
 
@@ -453,7 +465,8 @@ def test_validate_counts_what_skip_invalid_leaves_out(tmp_path, tiny_model_dir, 
     data = tmp_path / "mixed.csv"
     data.write_text("prompt,completion\nq1,a1\nq2\nq3,a3,extra\nq4,a4\n")
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "retain": None, "output": str(tmp_path / "run"),
+    config.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "retain": None,
+                                      "output": str(tmp_path / "run"),
                                       "data": {"train": str(data), "skip_invalid": True}}))
     assert main(["validate", str(config)]) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The command line: one-line errors with exit code 2, validate, inspect --json, strategies, train, generate."""
+"""The command line: one-line errors (exit code 2), validate, inspect --json, strategies, train, generate."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def test_validate_bad_config_value(tmp_path, tiny_model_dir, task_file, capsys):
 
 
 def test_missing_data_file_and_model(tmp_path, tiny_model_dir, task_file, capsys):
-    err = one_line_error(capsys, ["validate", write_config(tmp_path, tiny_model_dir, tmp_path / "none.jsonl")])
+    err = one_line_error(capsys,
+                         ["validate", write_config(tmp_path, tiny_model_dir, tmp_path / "none.jsonl")])
     assert "none.jsonl" in err and "not found" in err
     err = one_line_error(capsys, ["validate", write_config(tmp_path, tmp_path / "no-model", task_file)])
     assert "no-model" in err
@@ -78,7 +79,8 @@ def test_train_then_generate_then_refuse_to_clobber(tmp_path, tiny_model_dir, ta
     assert main(["train", path, "train.max_steps=2"]) == 0
     out = capsys.readouterr().out
     assert "task loss" in out and "trainable parameters" in out
-    assert main(["generate", str(tmp_path / "run"), "--prompt", "What colour is the cat?", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "What colour is the cat?",
+                 "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip() != ""
     err = one_line_error(capsys, ["train", path])
     assert "a run already exists" in err
@@ -103,5 +105,6 @@ def test_eval_without_training_is_the_prompt_only_baseline(tmp_path, tiny_model_
 
 def test_bf16_and_gradient_checkpointing_run(tmp_path, tiny_model_dir, task_file, capsys):
     path = write_config(tmp_path, tiny_model_dir, task_file)
-    assert main(["train", path, "train.precision=bf16", "train.gradient_checkpointing=true", "train.max_steps=2"]) == 0
+    assert main(["train", path, "train.precision=bf16", "train.gradient_checkpointing=true",
+                 "train.max_steps=2"]) == 0
     assert "task loss" in capsys.readouterr().out

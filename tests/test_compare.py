@@ -11,7 +11,8 @@ from tuneforge.cli import main
 
 def write(tmp_path, name, tiny_model_dir, task_file, strategies, **train):
     config = {
-        "model": str(tiny_model_dir), "data": {"train": str(task_file), "max_eval_examples": 4}, "retain": None,
+        "model": str(tiny_model_dir), "data": {"train": str(task_file), "max_eval_examples": 4},
+        "retain": None,
         "strategies": strategies,
         "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "max_seq_len": 48, **train},
         "evaluation": {"samples": 0}, "output": str(tmp_path / "unused"),
@@ -48,8 +49,10 @@ def test_compare_shows_each_sequence_runs_task_matrix(tmp_path, tiny_model_dir, 
     paths = []
     for name, extra in (("naive", []), ("replay", [{"replay": {"buffer_size": 8, "ratio": 0.5}}])):
         config = {
-            "model": str(tiny_model_dir), "retain": None, "evaluation": {"samples": 0}, "output": str(tmp_path / "unused"),
-            "tasks": [{"name": t, "data": {"train": str(task_file), "max_eval_examples": 4}} for t in ("first", "second")],
+            "model": str(tiny_model_dir), "retain": None, "evaluation": {"samples": 0},
+            "output": str(tmp_path / "unused"),
+            "tasks": [{"name": t, "data": {"train": str(task_file), "max_eval_examples": 4}}
+                      for t in ("first", "second")],
             "schedule": {"mode": "sequence"}, "strategies": [{"lora": {"rank": 2}}, *extra],
             "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "max_seq_len": 48},
         }

@@ -1,4 +1,4 @@
-"""Adapters, prefix, prompt and IA3 against closed forms; composition conflicts; merged export; inspect counts."""
+"""Adapters, prefix, prompt and IA3 vs closed forms; composition conflicts; merged export; inspect counts."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from tuneforge.run import train_run
 
 
 @pytest.mark.parametrize("strategies, message", [
-    ([{"lora": {"targets": ["k_proj"]}}, {"ia3": {}}], r"ia3: model\.layers\.0\.self_attn\.k_proj is already wrapped \(LoRALinear\)"),
+    ([{"lora": {"targets": ["k_proj"]}}, {"ia3": {}}],
+     r"ia3: model\.layers\.0\.self_attn\.k_proj is already wrapped \(LoRALinear\)"),
     ([{"ia3": {}}, {"lora": {"targets": "all-linear"}}], r"lora: .* is already wrapped \(IA3Linear\)"),
     ([{"prefix": {}}, {"prefix": {}}], "prefix is listed twice"),
     ([{"prompt": {}}, {"prompt": {}}], "prompt is listed twice"),
@@ -78,9 +79,10 @@ OBJECTIVES = [
 
 @pytest.mark.parametrize("parametrization", [LORA, {"full": {}}], ids=["lora", "full"])
 @pytest.mark.parametrize(("name", "objective", "term"), OBJECTIVES, ids=[o[0] for o in OBJECTIVES])
-def test_objective_runs_in_the_loop_and_starts_at_zero(run_config, retain_file, parametrization, name, objective, term):
-    config = run_config(strategies=[parametrization, objective], train={"max_steps": 4}, retain=str(retain_file),
-                        evaluation=QUIET)
+def test_objective_runs_in_the_loop_and_starts_at_zero(run_config, retain_file, parametrization, name,
+                                                       objective, term):
+    config = run_config(strategies=[parametrization, objective], train={"max_steps": 4},
+                        retain=str(retain_file), evaluation=QUIET)
     results = train_run(config)
     values = [record[term] for record in metric_records(config)]
     assert len(values) == 4 and all(torch.isfinite(torch.tensor(v)) for v in values)

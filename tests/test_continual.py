@@ -80,7 +80,8 @@ def sequence_config(tmp_path, model_dir, strategies, name="run", **train):
 
 
 def test_sequence_run_reports_the_matrix_and_transfer(tmp_path, tiny_model_dir):
-    results = train_run(sequence_config(tmp_path, tiny_model_dir, [{"full": {}}, {"replay": {"buffer_size": 16}}]))
+    results = train_run(sequence_config(tmp_path, tiny_model_dir,
+                                        [{"full": {}}, {"replay": {"buffer_size": 16}}]))
     continual = results["continual"]
     assert continual["tasks"] == ["t0", "t1", "t2"] and len(continual["matrix"]) == 3
     assert all(len(row) == 3 for row in continual["matrix"])
@@ -122,9 +123,10 @@ def test_sequence_resume_is_exact(tmp_path, tiny_model_dir):
     strategies = [{"full": {}}, {"replay": {"buffer_size": 8}}]
     train_run(sequence_config(tmp_path, tiny_model_dir, strategies, name="a"))
     with pytest.raises(KeyboardInterrupt):
-        train_run(sequence_config(tmp_path, tiny_model_dir, strategies + [{"crash_in_task": {"task": "t1", "step": 6}}], name="b"))
-    train_run(sequence_config(tmp_path, tiny_model_dir, strategies + [{"crash_in_task": {"task": "none", "step": 0}}], name="b"),
-              resume=True)
+        crash = {"crash_in_task": {"task": "t1", "step": 6}}
+        train_run(sequence_config(tmp_path, tiny_model_dir, strategies + [crash], name="b"))
+    no_crash = {"crash_in_task": {"task": "none", "step": 0}}
+    train_run(sequence_config(tmp_path, tiny_model_dir, strategies + [no_crash], name="b"), resume=True)
     a = json.loads((tmp_path / "a" / "results.json").read_text())["continual"]["matrix"]
     b = json.loads((tmp_path / "b" / "results.json").read_text())["continual"]["matrix"]
     assert a == b

@@ -56,7 +56,8 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, t
         "data": {"train": str(task_file), "max_eval_examples": 6},
         "retain": None,
         "strategies": [{"lora": {"rank": 4, "targets": ["q_proj", "v_proj"]}},
-                       {"layerwise": {"train_layers": "2-3", "unfreeze_every_epochs": 1, "train_head": False}}],
+                       {"layerwise": {"train_layers": "2-3", "unfreeze_every_epochs": 1,
+                                      "train_head": False}}],
         "train": {"epochs": 2, "batch_size": 4, "lr": 1e-2, "max_seq_len": 64, "log_every": 1,
                   "eval_every": 4, "save_every": 4, "keep_checkpoints": 3},
         "evaluation": {"samples": 1, "max_new_tokens": 4},
@@ -68,8 +69,8 @@ def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(tmp_path, t
     ddp_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "tuneforge.cli", "train", str(path), "--output", str(ddp_dir)]
-    done = subprocess.run(command, check=False, env=worker_env(), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(command, check=False, env=worker_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run directory:") == 1  # one summary, printed by the main process only
 
@@ -115,11 +116,13 @@ def test_every_process_gets_the_same_number_of_micro_batches(sizes, batch_size, 
     assert len({tuple(len(step) for step in shard) for shard in shards}) == 1
     assert all(batch for shard in shards for step in shard for batch in step)  # no empty micro-batch anywhere
     if sampling == "proportional" and len(sizes) == 1:  # the processes split exactly one process's batches
-        whole = mixture_plan(sizes, batch_size * world, ScheduleConfig(sampling=sampling), seed, 2)(epoch, 0, 1)
+        one_process = mixture_plan(sizes, batch_size * world, ScheduleConfig(sampling=sampling), seed, 2)
+        whole = one_process(epoch, 0, 1)
         kept = [[batch for batch in step if len(batch) >= world] for step in whole]
         kept = [batch for step in kept for batch in step]
         mine = [[batch for step in shard for batch in step] for shard in shards]
-        assert [sorted(i for shard in mine for i in shard[b]) for b in range(len(kept))] == [sorted(b) for b in kept]
+        assert ([sorted(i for shard in mine for i in shard[b]) for b in range(len(kept))]
+                == [sorted(b) for b in kept])
 
 
 ACCELERATE_CONFIGS = sorted((REPO / "examples" / "accelerate").glob("*.yaml"))
@@ -134,14 +137,14 @@ def test_shipped_accelerate_configs_load(path):
 
 
 @pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_sharded_launches_are_refused_before_anything_is_written(tmp_path, tiny_model_dir, task_file, monkeypatch,
-                                                                 variable, capsys):
+def test_sharded_launches_are_refused_before_anything_is_written(tmp_path, tiny_model_dir, task_file,
+                                                                 monkeypatch, variable, capsys):
     from tuneforge.cli import main
 
     monkeypatch.setenv(variable, "true")  # what `accelerate launch --use_fsdp / --use_deepspeed` sets
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "data": {"train": str(task_file)}, "retain": None,
-                                    "output": str(tmp_path / "run")}))
+    path.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "data": {"train": str(task_file)},
+                                    "retain": None, "output": str(tmp_path / "run")}))
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "is not supported yet" in err and "docs/distributed.md" in err and err.count("\n") == 1

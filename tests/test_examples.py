@@ -13,7 +13,8 @@ from tuneforge.config import load_config, validate_config
 from tuneforge.run import train_run, validate_run
 
 ROOT = Path(__file__).parent.parent / "examples"
-EXAMPLES = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name != "accelerate")  # accelerate: launcher files
+# accelerate: launcher files
+EXAMPLES = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name != "accelerate")
 IDS = [str(p.relative_to(ROOT).with_suffix("")) for p in EXAMPLES]
 
 
@@ -44,8 +45,8 @@ def shrunk(raw: dict, decoder: Path, encoder: Path, output: Path) -> dict:
     model = encoder if raw["model"] == "minilm-l6" else decoder
     raw = {**raw, "model": str(model), "output": str(output)}
     train = {k: v for k, v in raw.get("train", {}).items() if k not in ("epochs", "eval_every")}
-    raw["train"] = {**train, "max_steps": min(train.get("max_steps", 2), 2), "batch_size": 2, "max_seq_len": 128,
-                    "warmup_steps": 0}
+    raw["train"] = {**train, "max_steps": min(train.get("max_steps", 2), 2), "batch_size": 2,
+                    "max_seq_len": 128, "warmup_steps": 0}
     raw["evaluation"] = {**raw.get("evaluation", {}), "samples": 0, "retain_examples": 2}
     small = {"max_eval_examples": 4}
     if model == decoder:  # classification keeps its training data: a subset could miss a label the eval has
@@ -58,7 +59,8 @@ def shrunk(raw: dict, decoder: Path, encoder: Path, output: Path) -> dict:
     for spec in raw.get("strategies") or []:
         (name, options), = spec.items()
         if name == "distill" and options.get("teacher") not in (None, "base"):
-            options = {**options, "teacher": "base"}  # a fine-tuned teacher folder: the tiny original stands in
+            # a fine-tuned teacher folder: the tiny original stands in
+            options = {**options, "teacher": "base"}
         if name == "ewc":
             options = {**options, "fisher_samples": 2}
         strategies.append({name: options})
@@ -69,7 +71,8 @@ def shrunk(raw: dict, decoder: Path, encoder: Path, output: Path) -> dict:
 @pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
 def test_example_runs_on_a_tiny_model(path, tmp_path, tiny_deep_llama_dir, tiny_bert_dir):
     raw = yaml.safe_load(path.read_text())
-    config = validate_config(shrunk(raw, tiny_deep_llama_dir, tiny_bert_dir, tmp_path / "run"), source=str(path))
+    config = validate_config(shrunk(raw, tiny_deep_llama_dir, tiny_bert_dir, tmp_path / "run"),
+                             source=str(path))
     results = train_run(config)
     tasks_in_turn = len(config.tasks or []) if config.schedule.mode == "sequence" else 1
     assert results["steps"] == config.train.max_steps * tasks_in_turn

@@ -79,7 +79,8 @@ def test_evaluation_loss_is_unchanged_by_the_label_only_head():
     model = tiny_llama()
     batch = lm_batch(seed=1)
     items = [{"input_ids": ids[mask == 1].tolist(), "labels": labels[mask == 1].tolist()}
-             for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True)]
+             for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                          strict=True)]
     with torch.no_grad():
         total, count = token_losses(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
                                     batch["labels"])
@@ -96,8 +97,10 @@ def test_full_logits_are_kept_for_strategies_that_override_loss():
 
     assert ReadsLogits(Options()).needs_logits()
     assert build_strategies([{"distill": {}}])[0].needs_logits()  # compares logits with its teacher's
-    assert not any(s.needs_logits() for names in (["lora"], ["full"], [{"layerwise": {}}]) for s in build_strategies(names))
-    # fit gives task_loss the head only when no strategy needs logits; distill in the real loop: test_objectives
+    assert not any(s.needs_logits() for names in (["lora"], ["full"], [{"layerwise": {}}])
+                   for s in build_strategies(names))
+    # fit gives task_loss the head only when no strategy needs logits;
+    # distill in the real loop: test_objectives
 
 
 def test_layers_below_the_lowest_trainable_one_build_no_graph(run_config):
@@ -113,16 +116,19 @@ def test_layers_below_the_lowest_trainable_one_build_no_graph(run_config):
         records: dict = {}
 
         def record(key, records=records):
-            return lambda module, args, out: records.__setitem__(key, (out[0] if isinstance(out, tuple) else out).requires_grad)
+            return lambda module, args, out: records.__setitem__(
+                key, (out[0] if isinstance(out, tuple) else out).requires_grad)
 
         hooks = [model.get_input_embeddings().register_forward_hook(record("embeddings"))]
-        hooks += [layer.register_forward_hook(record(index)) for index, layer in enumerate(model.model.layers)]
+        hooks += [layer.register_forward_hook(record(index))
+                  for index, layer in enumerate(model.model.layers)]
         loss_sum, _, _ = task_loss(model, lm_batch(vocab=model.config.vocab_size), head=label_head(model))
         loss_sum.backward()
         for hook in hooks:
             hook.remove()
         assert records == {"embeddings": False, 0: False, 1: False, 2: True, 3: True}, checkpointing
-        assert all(p.grad is None for n, p in model.named_parameters() if ".layers.0." in n or ".layers.1." in n)
+        assert all(p.grad is None for n, p in model.named_parameters()
+                   if ".layers.0." in n or ".layers.1." in n)
 
 
 def test_fused_lora_forward_equals_base_plus_scaled_update_and_its_gradients():

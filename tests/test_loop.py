@@ -37,8 +37,8 @@ def test_layers_unfrozen_after_train_epochs_still_train(run_config, tiny_model_d
     for layer in (1, 2, 3):  # layers 2 and 1 join in epochs 1 and 2: past train.epochs, they must train too
         name = f"model.layers.{layer}.self_attn.q_proj.weight"
         assert name in trained and not torch.equal(trained[name], base[name]), name
-    assert torch.equal(trained.get("model.layers.0.self_attn.q_proj.weight", base["model.layers.0.self_attn.q_proj.weight"]),
-                       base["model.layers.0.self_attn.q_proj.weight"])
+    first = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(trained.get(first, base[first]), base[first])
 
 
 def test_a_trainable_parameter_outside_the_optimizer_is_an_error():
@@ -125,7 +125,8 @@ def test_retention_weights_each_micro_batch_by_its_retain_tokens():
         from tuneforge.strategies.retention import Retention, RetentionOptions
 
         retention = Retention(RetentionOptions(weight=1.0))
-        ctx = StrategyContext(retain_batches=retain_batches, step_rows=sum(micro_rows), micro_count=len(micro_rows))
+        ctx = StrategyContext(retain_batches=retain_batches, step_rows=sum(micro_rows),
+                              micro_count=len(micro_rows))
         retention.on_train_start(model, ctx)
         total = torch.zeros(())
         for index, rows in enumerate(micro_rows):

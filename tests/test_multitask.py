@@ -58,7 +58,8 @@ def test_heads_get_only_their_own_tasks_gradients(tiny_bert_dir):
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(tiny_bert_dir)
-    model = tuneforge.prepare(model, [{"full": {}}, {"heads": {"tasks": {"a": {"num_labels": 3}, "b": {"num_labels": 2}}}}])
+    model = tuneforge.prepare(model, [{"full": {}},
+                                      {"heads": {"tasks": {"a": {"num_labels": 3}, "b": {"num_labels": 2}}}}])
     batch = {"input_ids": torch.randint(3, 50, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
     out = model(**batch, task_id=torch.zeros(4, dtype=torch.long))
     assert out.logits.shape == (4, 3)
@@ -78,8 +79,10 @@ def test_two_classification_tasks_on_a_shared_encoder(tmp_path, tiny_bert_dir):
     config = validate_config({
         "model": str(tiny_bert_dir),
         "tasks": [
-            {"name": "animal", "data": {"train": write_jsonl(tmp_path / "a.jsonl", classification_records("animal"))}},
-            {"name": "colour", "data": {"train": write_jsonl(tmp_path / "c.jsonl", classification_records("colour"))}},
+            {"name": "animal",
+             "data": {"train": write_jsonl(tmp_path / "a.jsonl", classification_records("animal"))}},
+            {"name": "colour",
+             "data": {"train": write_jsonl(tmp_path / "c.jsonl", classification_records("colour"))}},
         ],
         "schedule": {"mode": "mixture", "sampling": "round_robin"},
         "strategies": [{"full": {}}, {"heads": {}}],
@@ -103,7 +106,8 @@ def test_language_modelling_and_classification_tasks_on_one_decoder(tmp_path, ti
         "retain": None,
         "tasks": [
             {"name": "qa", "data": {"train": write_jsonl(tmp_path / "qa.jsonl", task_records(32))}},
-            {"name": "colour", "data": {"train": write_jsonl(tmp_path / "c.jsonl", classification_records("colour"))}},
+            {"name": "colour",
+             "data": {"train": write_jsonl(tmp_path / "c.jsonl", classification_records("colour"))}},
         ],
         "strategies": [{"lora": {"rank": 4, "targets": "all-linear"}}, {"heads": {}}],
         "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "max_seq_len": 48, "eval_every": 3},
@@ -111,10 +115,12 @@ def test_language_modelling_and_classification_tasks_on_one_decoder(tmp_path, ti
         "output": str(tmp_path / "run"),
     })
     results = train_run(config)
-    assert "perplexity" in results["after"]["tasks"]["qa"] and "accuracy" in results["after"]["tasks"]["colour"]
+    assert "perplexity" in results["after"]["tasks"]["qa"]
+    assert "accuracy" in results["after"]["tasks"]["colour"]
     assert results["trainable_by_strategy"]["heads"] == 32 * 2 + 2
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any("colour/accuracy" in r for r in records if r.get("split") == "eval")  # per-task metrics in every eval
+    # per-task metrics in every eval
+    assert any("colour/accuracy" in r for r in records if r.get("split") == "eval")
 
 
 def test_several_classification_tasks_without_heads_is_a_clear_error(tmp_path, tiny_bert_dir):
@@ -123,8 +129,10 @@ def test_several_classification_tasks_without_heads_is_a_clear_error(tmp_path, t
     config = validate_config({
         "model": str(tiny_bert_dir),
         "tasks": [
-            {"name": "a", "data": {"train": write_jsonl(tmp_path / "a.jsonl", classification_records("animal"))}},
-            {"name": "b", "data": {"train": write_jsonl(tmp_path / "b.jsonl", classification_records("colour"))}},
+            {"name": "a",
+             "data": {"train": write_jsonl(tmp_path / "a.jsonl", classification_records("animal"))}},
+            {"name": "b",
+             "data": {"train": write_jsonl(tmp_path / "b.jsonl", classification_records("colour"))}},
         ],
         "output": str(tmp_path / "run"),
     })

@@ -1,4 +1,4 @@
-"""Packing: whole examples share rows, attention stays inside each, and the loss is the separate examples' loss."""
+"""Packing: whole examples share rows, attention stays in each, the loss is the separate examples' loss."""
 
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def test_plan_uses_every_example_once_per_epoch_in_at_most_batch_size_rows():
 
 
 def test_packing_refuses_a_soft_prompt_that_would_open_only_the_row():
-    check_packing(tuneforge.prepare(tiny_llama(), [{"prefix": {"length": 4}}]), PAD, "cpu")  # each example sees it
+    # each example sees it
+    check_packing(tuneforge.prepare(tiny_llama(), [{"prefix": {"length": 4}}]), PAD, "cpu")
     with pytest.raises(ConfigError, match="train.packing: examples packed into one row"):
         check_packing(tuneforge.prepare(tiny_llama(), [{"prompt": {"length": 4}}]), PAD, "cpu")
 
@@ -118,6 +119,7 @@ def test_a_packed_run_trains_on_fewer_rows_and_learns(run_config):
 def test_packing_refuses_a_strategy_that_runs_its_own_forward_on_the_batch(run_config):
     from tuneforge.run import train_run
 
-    config = run_config(strategies=[{"lora": {"rank": 4}}, {"distill": {"teacher": "base"}}], train={"packing": True})
+    config = run_config(strategies=[{"lora": {"rank": 4}}, {"distill": {"teacher": "base"}}],
+                        train={"packing": True})
     with pytest.raises(ConfigError, match="train.packing: distill reads every position's logits"):
         train_run(config)

@@ -77,7 +77,8 @@ def digest(directory: Path) -> dict[str, str]:
     ("strategies=[{lora: {rank: 0}}]", "strategies.0.lora.rank"),
     ("strategies=[{lora: {rank: 4, dropout: 1.5}}]", "strategies.0.lora.dropout"),
 ])
-def test_out_of_range_hyperparameters_are_refused_at_validate(tmp_path, tiny_model_dir, task_file, override, field):
+def test_out_of_range_hyperparameters_are_refused_at_validate(tmp_path, tiny_model_dir, task_file, override,
+                                                              field):
     code, err = cli("validate", write_config(tmp_path, tiny_model_dir, task_file), override)
     assert code == 2 and field in err
 
@@ -115,7 +116,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
                                                   for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
 
 
-def test_output_directory_is_checked_writable_before_the_model_loads(tmp_path, tiny_model_dir, task_file, monkeypatch):
+def test_output_directory_is_checked_writable_before_the_model_loads(tmp_path, tiny_model_dir, task_file,
+                                                                     monkeypatch):
     import tuneforge.run
 
     def no_model(*args, **kwargs):
@@ -130,7 +132,8 @@ def test_output_directory_is_checked_writable_before_the_model_loads(tmp_path, t
 
 
 def test_a_run_is_never_overwritten_unless_asked(tmp_path, tiny_model_dir, task_file):
-    path = write_config(tmp_path, tiny_model_dir, task_file, train={"max_steps": 1, "batch_size": 4, "max_seq_len": 64})
+    path = write_config(tmp_path, tiny_model_dir, task_file,
+                        train={"max_steps": 1, "batch_size": 4, "max_seq_len": 64})
     assert cli("train", path)[0] == 0
     before = digest(tmp_path / "run")
     code, err = cli("train", path)
@@ -145,7 +148,8 @@ def test_a_run_is_never_overwritten_unless_asked(tmp_path, tiny_model_dir, task_
     assert (stranger / "report.md").read_text() == "my own notes"
 
     assert cli("train", path, "--overwrite")[0] == 0
-    assert {k for k in digest(tmp_path / "run") if "tfevents" not in k} == {k for k in before if "tfevents" not in k}
+    after = digest(tmp_path / "run")
+    assert {k for k in after if "tfevents" not in k} == {k for k in before if "tfevents" not in k}
 
 
 @pytest.mark.parametrize("where", ["home", "root", "holds-data"])
@@ -196,7 +200,8 @@ def test_source_never_unpickles_evaluates_or_trusts_remote_code():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
-                if any(name.split(".")[0] in ("pickle", "dill", "marshal", "shelve", "cloudpickle") for name in names):
+                if any(name.split(".")[0] in ("pickle", "dill", "marshal", "shelve", "cloudpickle")
+                       for name in names):
                     problems.append(f"{path.name}:{node.lineno}: imports a pickle-like module")
         for node, name in calls(tree):
             keywords = {k.arg: k.value for k in node.keywords}
@@ -226,7 +231,8 @@ def test_model_folders_asking_to_run_their_own_code_are_refused(tmp_path, tiny_m
     marker = tmp_path / "code-ran"
     config = json.loads((folder / "config.json").read_text())
     config.update(model_type="custom-arch", architectures=["CustomForCausalLM"],
-                  auto_map={"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomForCausalLM"})
+                  auto_map={"AutoConfig": "custom.CustomConfig",
+                            "AutoModelForCausalLM": "custom.CustomForCausalLM"})
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     with pytest.raises(ModelError) as caught:
@@ -235,14 +241,15 @@ def test_model_folders_asking_to_run_their_own_code_are_refused(tmp_path, tiny_m
     assert not marker.exists()
 
 
-def test_paths_resolve_from_the_config_and_nothing_is_written_outside_the_run(tmp_path, tiny_model_dir, task_file,
-                                                                             monkeypatch):
+def test_paths_resolve_from_the_config_and_nothing_is_written_outside_the_run(tmp_path, tiny_model_dir,
+                                                                             task_file, monkeypatch):
     inputs, work = tmp_path / "inputs", tmp_path / "work"
     (inputs / "data").mkdir(parents=True)
     work.mkdir()
     shutil.copy(task_file, inputs / "data" / "train.jsonl")
     shutil.copytree(tiny_model_dir, tmp_path / "model")
-    config = {"model": "../model", "data": {"train": "data/train.jsonl", "max_eval_examples": 4}, "retain": None,
+    config = {"model": "../model", "data": {"train": "data/train.jsonl", "max_eval_examples": 4},
+              "retain": None,
               "strategies": [{"lora": {"rank": 2, "targets": ["q_proj"]}}],
               "train": {"max_steps": 2, "batch_size": 4, "max_seq_len": 64, "save_every": 1},
               "evaluation": {"samples": 1, "max_new_tokens": 2}, "output": "runs/relative"}
@@ -264,6 +271,7 @@ def test_config_values_are_data_not_code(tmp_path, tiny_model_dir, task_file):
     path.write_text(path.read_text() + f"extra: !!python/object/apply:os.system ['touch {marker}']\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(path)
-    code, err = cli("validate", write_config(tmp_path, tiny_model_dir, task_file), "train.lr=__import__('os')")
+    code, err = cli("validate", write_config(tmp_path, tiny_model_dir, task_file),
+                    "train.lr=__import__('os')")
     assert code == 2 and "train.lr" in err
     assert not marker.exists()

@@ -76,7 +76,8 @@ def _checkpoints_sound(root: Path) -> dict:
         assert json.loads((path / "state.json").read_text())["step"] == int(path.name.split("-")[1])
     leftovers = [p.name for p in root.iterdir() if p.name.endswith(".tmp")] if root.is_dir() else []
     latest = latest_checkpoint(root)
-    return {"verified": len(verified), "partial_write_left": bool(leftovers), "latest": latest and latest.name}
+    return {"verified": len(verified), "partial_write_left": bool(leftovers),
+            "latest": latest and latest.name}
 
 
 def kill_training(workdir: Path, config: str, rng: random.Random) -> dict:
@@ -205,10 +206,11 @@ def killed(tmp_path_factory, tiny_model_dir, task_file) -> tuple[Path, dict]:
     }
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path,
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, __file__, str(workdir), str(path)], check=False, env=env, cwd=workdir,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, __file__, str(workdir), str(path)], check=False, env=env,
+                          cwd=workdir, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir, json.loads((workdir / "report.json").read_text())
 
@@ -220,7 +222,8 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(killed):
     assert len(training["kills"]) == TRAIN_KILLS and training["final_exit"] == 0
     for kill in training["kills"]:
         assert kill["latest"] is not None and kill["verified"] >= 1
-    reference = load_file(str(latest_checkpoint(workdir / "reference" / "checkpoints") / "weights.safetensors"))
+    reference = load_file(str(latest_checkpoint(workdir / "reference" / "checkpoints")
+                              / "weights.safetensors"))
     resumed = load_file(str(latest_checkpoint(workdir / "killed" / "checkpoints") / "weights.safetensors"))
     assert reference.keys() == resumed.keys()
     for name in reference:

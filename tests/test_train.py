@@ -27,9 +27,11 @@ def test_lora_run_learns_and_writes_the_run_directory(run_config):
     results = train_run(config)
     run_dir = config.output and __import__("pathlib").Path(config.output)
     assert results["after"]["eval"]["loss"] < results["before"]["eval"]["loss"] - 0.5
-    for name in ("config.yaml", "metrics.jsonl", "results.json", "report.md", "loss.png", "evaluation_before.json"):
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "report.md", "loss.png",
+                 "evaluation_before.json"):
         assert (run_dir / name).is_file(), name
-    assert {p.name for p in (run_dir / "adapter").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
+    assert ({p.name for p in (run_dir / "adapter").iterdir()}
+            >= {"adapter_model.safetensors", "adapter_config.json"})
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "split" not in r] == list(range(1, 31))
     assert any(r.get("split") == "eval" for r in records)
@@ -58,13 +60,15 @@ def test_frozen_parameters_unchanged_through_real_steps():
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     tuneforge.prepare(model, [{"layerwise": {"train_layers": [3]}}])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                                  weight_decay=0.1)
     for _ in range(3):
         model(torch.randint(0, 300, (2, 8)), labels=torch.randint(0, 300, (2, 8))).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all(n.startswith("model.layers.3.") or n in ("model.norm.weight", "lm_head.weight") for n in changed)
+    assert changed and all(n.startswith("model.layers.3.") or n in ("model.norm.weight", "lm_head.weight")
+                           for n in changed)
     assert StrategyContext().epoch == 0
 
 
@@ -79,7 +83,8 @@ def test_layerwise_lr_decay_groups():
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     params = dict(model.named_parameters())
     for layer in range(4):
-        assert lr_of[id(params[f"model.layers.{layer}.self_attn.q_proj.weight"])] == pytest.approx(0.5 ** (3 - layer))
+        q_proj = params[f"model.layers.{layer}.self_attn.q_proj.weight"]
+        assert lr_of[id(q_proj)] == pytest.approx(0.5 ** (3 - layer))
     assert lr_of[id(params["model.embed_tokens.weight"])] == pytest.approx(0.5**4)
     assert lr_of[id(params["lm_head.weight"])] == 1.0
 
@@ -89,7 +94,8 @@ def test_gradual_unfreezing_adds_one_layer_per_epoch():
     from tuneforge.compose import set_trainable
     from tuneforge.strategies import StrategyContext
 
-    model = tuneforge.prepare(tiny_llama(), [{"layerwise": {"train_layers": "1-3", "unfreeze_every_epochs": 1, "train_head": False}}])
+    model = tuneforge.prepare(tiny_llama(), [{"layerwise": {"train_layers": "1-3", "unfreeze_every_epochs": 1,
+                                                           "train_head": False}}])
     for epoch, expected in [(0, {3}), (1, {2, 3}), (2, {1, 2, 3}), (5, {1, 2, 3})]:
         names = set_trainable(model, model.tuneforge_strategies, StrategyContext(epoch=epoch))
         assert {int(n.split(".")[2]) for n in names} == expected
@@ -127,21 +133,23 @@ def register_crash_strategy():
 def test_resume_continues_exactly(run_config, tmp_path):
     register_crash_strategy()
     lora = {"lora": {"rank": 4, "targets": "all-linear", "dropout": 0.1}}  # dropout: RNG must be restored
-    train = {"max_steps": 8, "grad_accum": 2, "batch_size": 4, "schedule": "cosine", "warmup_steps": 2, "save_every": 3}
+    train = {"max_steps": 8, "grad_accum": 2, "batch_size": 4, "schedule": "cosine", "warmup_steps": 2,
+             "save_every": 3}
     train_run(run_config(strategies=[lora], train=train, output=str(tmp_path / "a")))
 
     killed = run_config(strategies=[lora, {"crash_at": {"step": 5}}], train=train, output=str(tmp_path / "b"))
     with pytest.raises(Killed):
         train_run(killed)  # dies inside step 6, after checkpoint 3 and two more logged steps
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-00000003"]
-    train_run(run_config(strategies=[lora, {"crash_at": {"step": -1}}], train=train, output=str(tmp_path / "b")),
-              resume=True)
+    train_run(run_config(strategies=[lora, {"crash_at": {"step": -1}}], train=train,
+                         output=str(tmp_path / "b")), resume=True)
 
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=0, rtol=0)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"split"' not in x]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if '"split"' not in x]
     assert steps == list(range(1, 9))  # records the killed run wrote after its checkpoint were dropped
 
 
@@ -179,7 +187,8 @@ def test_plan_shards_the_same_permutation():
     single = [micro for step in plan(1, 0, 1) for micro in step]
     assert sorted(i for b in single for i in b) == list(range(10))
     assert plan(1, 0, 1) == plan(1, 0, 1) and plan(2, 0, 1) != plan(1, 0, 1)
-    shards = [[m for s in mixture_plan([10], 2, ScheduleConfig(), 0)(1, rank, 2) for m in s] for rank in (0, 1)]
+    shards = [[m for s in mixture_plan([10], 2, ScheduleConfig(), 0)(1, rank, 2) for m in s]
+              for rank in (0, 1)]
     assert len(shards[0]) == len(shards[1])
     assert sorted(i for shard in shards for b in shard for i in b) == list(range(10))
 

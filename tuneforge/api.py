@@ -30,7 +30,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
     strategies = applied_strategies(model)
     if not strategies:
-        raise ModelError("save_adapter: this model was not prepared by tuneforge.prepare (no strategies applied)")
+        raise ModelError("save_adapter: this model was not prepared by tuneforge.prepare "
+                         "(no strategies applied)")
     return write_adapter(model, strategies, Path(directory))
 
 
@@ -50,7 +51,8 @@ def load_adapter(model: nn.Module, directory: str | Path, tokenizer=None) -> nn.
     misshapen = [n for n, t in tensors.items() if t.shape != state[n].shape]
     if misshapen:
         name = misshapen[0]
-        raise ModelError(f"{directory}: {name} has shape {tuple(tensors[name].shape)}, model expects {tuple(state[name].shape)}")
+        raise ModelError(f"{directory}: {name} has shape {tuple(tensors[name].shape)}, "
+                         f"model expects {tuple(state[name].shape)}")
     model.load_state_dict(tensors, strict=False)
     return model
 

@@ -27,7 +27,8 @@ if TYPE_CHECKING:  # no runtime import: strategy modules import helpers from her
 
 MANIFEST = "manifest.json"
 # files every checkpoint has: a manifest that lacks one is not a checkpoint, whatever else it lists
-REQUIRED_FILES = ("weights.safetensors", "optimizer.safetensors", "strategies.safetensors", "rng.safetensors", "state.json")
+REQUIRED_FILES = ("weights.safetensors", "optimizer.safetensors", "strategies.safetensors", "rng.safetensors",
+                  "state.json")
 
 
 def save_checkpoint(
@@ -84,7 +85,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints (renamed into place), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")]
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")]
     return sorted(p for p in found if (p / MANIFEST).is_file())
 
 
@@ -110,7 +112,7 @@ def verify_checkpoint(path: Path) -> bool:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers, and a resume after a kill, see the old or the new one, never half."""
+    """Write a small file so readers, and a resume after a kill, see the old or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
@@ -124,7 +126,8 @@ def load_checkpoint(
 ) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the loop state."""
     if not verify_checkpoint(path):
-        raise TrainingError(f"{path}: checkpoint is damaged (checksum mismatch); delete it to resume from an older one")
+        raise TrainingError(f"{path}: checkpoint is damaged (checksum mismatch); "
+                            "delete it to resume from an older one")
     weights = load_file(str(path / "weights.safetensors"))
     parameters = dict(model.named_parameters())
     unknown = [name for name in weights if name not in parameters]
@@ -135,7 +138,8 @@ def load_checkpoint(
             parameters[name].copy_(tensor)
 
     state = json.loads((path / "state.json").read_text())
-    optimizer.load_state_dict(_join_optimizer_state(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer.load_state_dict(_join_optimizer_state(optimizer_tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
 
     _read_strategy_state(path, state, strategies)
@@ -192,7 +196,8 @@ def _read_strategy_state(path: Path, state: dict, strategies: list[Strategy]) ->
     tensors = load_file(str(path / "strategies.safetensors"))
     for strategy in strategies:
         prefix = strategy.name + "."
-        own = {k[len(prefix):]: v for k, v in {**tensors, **state["strategies"]}.items() if k.startswith(prefix)}
+        own = {k[len(prefix):]: v for k, v in {**tensors, **state["strategies"]}.items()
+               if k.startswith(prefix)}
         strategy.load_state_dict(own)
 
 

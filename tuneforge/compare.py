@@ -34,8 +34,8 @@ def run_or_collect(source: str, runs_dir: Path, overrides: list[str]) -> Path:
     if not path.is_file():
         raise ConfigError(f"{source}: neither a config file nor a run directory")
     run_dir = runs_dir / path.stem
-    command = [sys.executable, "-m", "tuneforge.cli", "train", str(path), "--overwrite", "--output", str(run_dir),
-               *overrides]
+    command = [sys.executable, "-m", "tuneforge.cli", "train", str(path), "--overwrite",
+               "--output", str(run_dir), *overrides]
     print(f"compare: training {path.name} -> {run_dir}", flush=True)
     if subprocess.run(command, check=False).returncode != 0:
         raise TrainingError(f"compare: training {path} failed (see the output above)")
@@ -54,7 +54,8 @@ def fairness(configs: dict[str, dict]) -> list[str]:
     differences = []
     for key in FAIR_KEYS:
         values = {name: _get(c, key) for name, c in configs.items()
-                  if not (key.startswith("train.") and key != "train.seed" and _get(c, "train.max_steps") == 0)}
+                  if not (key.startswith("train.") and key != "train.seed"
+                          and _get(c, "train.max_steps") == 0)}
         if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
             shown = ", ".join(f"{name}: {json.dumps(v)}" for name, v in values.items())
             differences.append(f"`{key}` differs ({shown})")
@@ -108,9 +109,11 @@ def _fmt(value, digits: int = 4) -> str:
 
 TABLE_COLUMNS = [
     ("run", "run"), ("strategies", "strategies"), ("steps", "steps"), ("task", "task metric (after)"),
-    ("task_before", "task (before)"), ("retain_ppl_before", "retain ppl before"), ("retain_ppl_after", "retain ppl after"),
+    ("task_before", "task (before)"), ("retain_ppl_before", "retain ppl before"),
+    ("retain_ppl_after", "retain ppl after"),
     ("forgetting", "forgetting (retain loss +)"), ("trainable_params", "trainable params"),
-    ("artifact_mb", "artifact MiB"), ("peak_memory_mb", "peak MiB"), ("train_seconds", "train s"), ("tokens_per_s", "tokens/s"),
+    ("artifact_mb", "artifact MiB"), ("peak_memory_mb", "peak MiB"), ("train_seconds", "train s"),
+    ("tokens_per_s", "tokens/s"),
 ]
 
 
@@ -175,7 +178,8 @@ def write_plots(rows: list[dict], run_dirs: dict[str, Path], output: Path) -> li
 
 
 def compare(
-    sources: list[str], output: Path, overrides: list[str] | None = None, command: str = "", runs_dir: Path | None = None
+    sources: list[str], output: Path, overrides: list[str] | None = None, command: str = "",
+    runs_dir: Path | None = None
 ) -> Path:
     """Run or collect every source, then write report.md, report.html, comparison.json and plots to `output`.
 
@@ -206,7 +210,8 @@ def fairness_line(differences: list[str], configs: dict[str, dict]) -> str:
     first = next(iter(configs.values()))
     steps = _get(first, "train.max_steps") or f"{_get(first, 'train.epochs')} epoch(s)"
     return (f"Fair comparison: same model, data, retain set, seed ({_get(first, 'train.seed')}), batch size "
-            f"({_get(first, 'train.batch_size')}), max_seq_len ({_get(first, 'train.max_seq_len')}) and budget "
+            f"({_get(first, 'train.batch_size')}), "
+            f"max_seq_len ({_get(first, 'train.max_seq_len')}) and budget "
             f"({steps} steps) for every trained run; prompt-only rows train nothing.")
 
 
@@ -220,7 +225,8 @@ def render_markdown(rows, differences, plots, configs, command, continual: dict 
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
     metric = rows[0]["task_metric"]
     lines += ["", f"Task metric: eval {metric}" + (" (lower is better)" if metric == "loss" else "") +
-              ". Forgetting: retain-set loss after minus before (positive = forgot). Artifact: the saved adapter "
+              ". Forgetting: retain-set loss after minus before (positive = forgot). "
+              "Artifact: the saved adapter "
               "(or trained weights). Time and tokens/s: training steps only.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     for name, result in (continual or {}).items():  # sequence runs: each one's task x task matrix
@@ -232,24 +238,30 @@ def continual_html(name: str, continual: dict) -> str:
     """One sequence run's R matrix as an HTML table, with ACC/BWT/FWT."""
     cells = "".join(f"<th>{html.escape(t)}</th>" for t in continual["tasks"])
     rows = [("b (base)", continual["baseline"]), *zip(continual["tasks"], continual["matrix"])]
-    body = "".join(f"<tr><th>{html.escape(label)}</th>" + "".join(f"<td>{v:.4g}</td>" for v in values) + "</tr>"
+    body = "".join(f"<tr><th>{html.escape(label)}</th>"
+                   + "".join(f"<td>{v:.4g}</td>" for v in values) + "</tr>"
                    for label, values in rows)
     summary = ", ".join(f"{k.upper()} {continual[k]:+.4g}" for k in ("acc", "bwt", "fwt") if k in continual)
-    return (f"<h2>Continual learning: {html.escape(name)}</h2><p>R[i][j] = {html.escape(continual['metric'])} on "
+    return (f"<h2>Continual learning: {html.escape(name)}</h2>"
+            f"<p>R[i][j] = {html.escape(continual['metric'])} on "
             f"task j after training task i</p><table><tr><th>after \\ on</th>{cells}</tr>{body}</table>"
             f"<p>{html.escape(summary)} (BWT &lt; 0 means forgetting)</p>")
 
 
 def render_html(rows, differences, plots, command, continual: dict | None = None) -> str:
     header = "".join(f"<th>{html.escape(label)}</th>" for _, label in TABLE_COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in table_rows(rows))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+                   for cells in table_rows(rows))
     images = "".join(
-        f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">' for p in plots
+        f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        for p in plots
     )
-    note = "<p><b>Not a like-for-like comparison:</b> " + html.escape("; ".join(differences)) + "</p>" if differences else ""
+    note = ("<p><b>Not a like-for-like comparison:</b> " + html.escape("; ".join(differences)) + "</p>"
+            if differences else "")
     made = f"<p>Made with <code>{html.escape(command)}</code></p>" if command else ""
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:48%;margin:1em 1% 0 0}")
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "img{max-width:48%;margin:1em 1% 0 0}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>tuneforge comparison</title>"
             f"<style>{style}</style></head><body><h1>tuneforge comparison</h1>{made}{note}"
             f"<table><tr>{header}</tr>{body}</table>{images}"

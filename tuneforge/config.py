@@ -63,7 +63,8 @@ class DataConfig(StrictModel):
     def _where_shorthand(cls, value: Any) -> Any:
         """`where: {label: sports}` means `where: {label: [sports]}`."""
         if isinstance(value, dict):
-            return {k: [v] if isinstance(v, (str, int)) and not isinstance(v, bool) else v for k, v in value.items()}
+            return {k: [v] if isinstance(v, (str, int)) and not isinstance(v, bool) else v
+                    for k, v in value.items()}
         return value
 
 
@@ -179,10 +180,12 @@ def parse_strategies(value: Any) -> list[StrategySpec]:
         if isinstance(item, str):
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
-            raise StrategyOptionsError((index,), "each entry has exactly one key, the strategy name (e.g. `- lora: {rank: 8}`)")
+            raise StrategyOptionsError((index,), "each entry has exactly one key, the strategy name "
+                                                 "(e.g. `- lora: {rank: 8}`)")
         (name, options), = item.items()
         if name not in REGISTRY:
-            raise StrategyOptionsError((index, name), f"unknown strategy (available: {', '.join(sorted(REGISTRY))})")
+            raise StrategyOptionsError((index, name),
+                                       f"unknown strategy (available: {', '.join(sorted(REGISTRY))})")
         options_model = REGISTRY[name].options
         try:
             specs.append(StrategySpec(name=name, options=options_model.model_validate(options or {})))
@@ -193,7 +196,8 @@ def parse_strategies(value: Any) -> list[StrategySpec]:
                 message = f"unknown option (allowed: {', '.join(sorted(options_model.model_fields))})"
             else:
                 got = error.get("input")
-                got_text = "" if error["type"] == "missing" or isinstance(got, dict) else f" (got {shown(got)})"
+                hidden = error["type"] == "missing" or isinstance(got, dict)
+                got_text = "" if hidden else f" (got {shown(got)})"
                 message = error["msg"].removeprefix("Value error, ") + got_text
             raise StrategyOptionsError((index, name, *loc), message) from None
     return specs
@@ -241,7 +245,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}:1: the config must be a mapping of sections (model, data, strategies, train ...)")
+        raise ConfigError(f"{path}:1: the config must be a mapping of sections "
+                          "(model, data, strategies, train ...)")
     for override in overrides or []:
         apply_override(raw, override)
     config = validate_config(raw, source=str(path), root=root, overrides=overrides or [])
@@ -325,14 +330,16 @@ def check_output_location(config: RunConfig) -> None:
     """Refuse an `output` that would put a run where it can destroy what it did not make.
 
     The rule: a run directory is not the filesystem root, not the home directory, and holds none of the
-    run's inputs (model folder, data files, retain file, teacher). `--overwrite` clears run files there, and results
-    written among the inputs could replace them.
+    run's inputs (model folder, data files, retain file, teacher). `--overwrite` clears run files there, and
+    results written among the inputs could replace them.
     """
     output = Path(config.output).expanduser().resolve()
     where = config_location(config, "output")
     if output == Path(output.anchor) or output == Path.home().resolve():
-        raise ConfigError(f"{where}: output: {config.output!r} is {output}; give a directory of its own, e.g. runs/NAME")
-    inputs = [config.model, config.retain] + [v for task in config.task_list() for v in (task.data.train, task.data.eval)]
+        raise ConfigError(f"{where}: output: {config.output!r} is {output}; "
+                          "give a directory of its own, e.g. runs/NAME")
+    inputs = [config.model, config.retain] + [v for task in config.task_list()
+                                              for v in (task.data.train, task.data.eval)]
     inputs += [value for _, _, value in _path_options(config)]
     for value in inputs:
         if not value or value.startswith("builtin:") or not Path(value).expanduser().exists():
@@ -359,7 +366,8 @@ def _describe(exc: ValidationError, source: str, root: yaml.Node | None, overrid
         return f"{where}: {dotted}: unknown key{hint}"
     message = error["msg"].removeprefix("Value error, ")
     got = error.get("input")
-    got_text = "" if error["type"] in ("missing", "value_error") or isinstance(got, dict) else f" (got {shown(got)})"
+    hidden = error["type"] in ("missing", "value_error") or isinstance(got, dict)
+    got_text = "" if hidden else f" (got {shown(got)})"
     return f"{where}: {dotted}: {message}{got_text}"
 
 

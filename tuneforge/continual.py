@@ -40,7 +40,9 @@ def task_score(metrics: dict) -> float:
 
 
 def train_sequence(session, before: dict, resume: bool) -> tuple:
-    """Train every task in order; after each, evaluate all tasks. Returns (state, wall seconds, extra results).
+    """Train every task in order; after each, evaluate all tasks.
+
+    Returns (state, wall seconds, extra results).
 
     Progress is kept in `continual.json`; each task checkpoints under `checkpoints/<task>/`, so a resumed
     run skips finished tasks (restoring the weights and strategy state they ended with) and resumes the
@@ -53,7 +55,8 @@ def train_sequence(session, before: dict, resume: bool) -> tuple:
     progress_path = session.run_dir / "continual.json"
     tasks = session.data.tasks
     baseline = [task_score(before["tasks"][t.name]) for t in tasks]
-    progress = json.loads(progress_path.read_text()) if resume and progress_path.is_file() else {"rows": [], "evals": []}
+    progress = (json.loads(progress_path.read_text()) if resume and progress_path.is_file()
+                else {"rows": [], "evals": []})
     total = LoopState()
     started = time.perf_counter()
     for index, task in enumerate(tasks):
@@ -70,8 +73,8 @@ def train_sequence(session, before: dict, resume: bool) -> tuple:
         items, plan = training_plan(items, config.train, config.schedule, config.train.seed + index)
         accelerator.print(f"tuneforge: task {index + 1}/{len(tasks)}: {task.name} ({len(items)} items)")
         resuming = resume and latest_checkpoint(checkpoints) is not None
-        state = fit(session.model, session.strategies, ctx, items, plan, config.train, accelerator, session.run_dir,
-                    session.tokenizer.pad_token_id, session.periodic_eval, resume=resuming,
+        state = fit(session.model, session.strategies, ctx, items, plan, config.train, accelerator,
+                    session.run_dir, session.tokenizer.pad_token_id, session.periodic_eval, resume=resuming,
                     checkpoints=checkpoints, log_extra={"task": task.name})
         model = accelerator.unwrap_model(session.model)
         for strategy in session.strategies:
@@ -102,4 +105,6 @@ def _metric_name(tasks) -> str:
     kinds = {t.task_type for t in tasks}
     if kinds == {"classification"}:
         return "accuracy"
-    return "negative eval loss" if kinds == {"causal_lm"} else "accuracy (classification) or negative eval loss"
+    if kinds == {"causal_lm"}:
+        return "negative eval loss"
+    return "accuracy (classification) or negative eval loss"

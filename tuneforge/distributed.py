@@ -64,8 +64,9 @@ def mean_over_processes(values: dict[str, torch.Tensor], accelerator: Accelerato
     names = sorted(values)
     if not names:
         return {}
-    stacked = torch.stack([torch.as_tensor(values[name], device=accelerator.device).detach().double().reshape(())
-                           for name in names])
+    stacked = torch.stack([
+        torch.as_tensor(values[name], device=accelerator.device).detach().double().reshape(())
+        for name in names])
     if accelerator.num_processes > 1:
         stacked = accelerator.reduce(stacked, "mean")
     return dict(zip(names, stacked.tolist(), strict=True))

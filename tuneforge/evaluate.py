@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 def batches(items: list[dict], batch_size: int, pad_token_id: int, device) -> list[dict]:
-    """Fixed-order padded batches on `device`; items are sorted by length so little compute goes to padding."""
+    """Fixed-order padded batches on `device`; items sorted by length so little compute goes to padding."""
     order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
     out = []
     for start in range(0, len(order), batch_size):
@@ -73,7 +73,8 @@ def head_skipped(head: nn.Linear) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def hidden_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear) -> tuple[torch.Tensor, int]:
+def hidden_token_losses(hidden: torch.Tensor, labels: torch.Tensor,
+                        head: nn.Linear) -> tuple[torch.Tensor, int]:
     """`token_losses(head(hidden), labels)` without the head at positions that carry no loss.
 
     hidden: (B, T', H) final hidden states; when T' > T (a soft prompt was prepended) the last T align with
@@ -89,7 +90,7 @@ def hidden_token_losses(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Lin
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor) -> torch.Tensor:
-    """sum_i CE(softmax(W h_i + b), y_i) over the rows of hidden (N, H), W: (V, H); chunked, see `_LinearCE`."""
+    """sum_i CE(softmax(W h_i + b), y_i) over hidden's rows (N, H), W: (V, H); chunked, see `_LinearCE`."""
     chunk = max(CE_CHUNK_ROWS, CE_CHUNK_ELEMENTS // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, torch.is_grad_enabled())
 
@@ -124,7 +125,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 peak = logits.amax(dim=-1, keepdim=True)  # (C, 1)
                 exp = logits.sub_(peak).exp_()  # in place: one (C, V) buffer per chunk
                 norm = exp.sum(dim=-1)  # (C,)
-                total += (norm.log() + peak.squeeze(1) - target_logits).sum()  # log-sum-exp minus target logit
+                # log-sum-exp minus target logit
+                total += (norm.log() + peak.squeeze(1) - target_logits).sum()
                 if not (need_hidden or need_weight or need_bias):
                     continue
                 grad_logits = exp.mul_(norm.reciprocal()[:, None])  # softmax
@@ -181,7 +183,8 @@ def evaluate_lm(model: nn.Module, items: list[dict], batch_size: int, pad_token_
 
 
 @torch.no_grad()
-def evaluate_classification(model: nn.Module, items: list[dict], batch_size: int, pad_token_id: int, device) -> dict:
+def evaluate_classification(model: nn.Module, items: list[dict], batch_size: int, pad_token_id: int,
+                            device) -> dict:
     """Mean cross-entropy and accuracy of a sequence-classification model."""
     if not items:
         return {}
@@ -236,7 +239,8 @@ def _user_part(example: Example) -> str:
 
 def forgetting(before: dict, after: dict) -> dict:
     """Retain-set change: after minus before, for every metric both have (positive loss = forgot)."""
-    return {key: after[key] - before[key] for key in ("loss", "perplexity", "accuracy") if key in before and key in after}
+    return {key: after[key] - before[key] for key in ("loss", "perplexity", "accuracy")
+            if key in before and key in after}
 
 
 def evaluate_task(model: nn.Module, task: TaskData, batch_size: int, pad: int, device) -> dict:
@@ -246,7 +250,8 @@ def evaluate_task(model: nn.Module, task: TaskData, batch_size: int, pad: int, d
     return evaluate_lm(model, task.eval_items, batch_size, pad, device)
 
 
-def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig, device, samples: bool = True) -> dict:
+def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig, device,
+                 samples: bool = True) -> dict:
     """Per-task metrics on the eval sets (`eval` is their mean), retain metrics, and a few greedy samples."""
     batch_size = config.evaluation.batch_size or config.train.batch_size
     pad = tokenizer.pad_token_id
@@ -259,7 +264,8 @@ def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConf
     lm_task = next((t for t in run_data.tasks if t.task_type == "causal_lm"), None)
     if samples and config.evaluation.samples and lm_task is not None:
         chosen = lm_task.eval_examples[:config.evaluation.samples]
-        result["samples"] = generate_samples(model, tokenizer, chosen, config.evaluation.max_new_tokens, device)
+        result["samples"] = generate_samples(model, tokenizer, chosen, config.evaluation.max_new_tokens,
+                                             device)
     return result
 
 

@@ -14,7 +14,8 @@ import torch
 class MetricsLogger:
     """Appends records to `metrics.jsonl` and TensorBoard; only the main process writes."""
 
-    def __init__(self, directory: Path, enabled: bool = True, tensorboard: bool = True, extra: dict | None = None):
+    def __init__(self, directory: Path, enabled: bool = True, tensorboard: bool = True,
+                 extra: dict | None = None):
         self.path = directory / "metrics.jsonl"
         self.enabled = enabled
         self.extra = extra or {}  # fields added to every record, e.g. {"task": "b"} in a continual run
@@ -35,8 +36,10 @@ class MetricsLogger:
             ours = all(record.get(key) == value for key, value in self.extra.items())
             return not ours or record.get("step", 0) <= step
 
-        # a line cut short by the kill is not JSON: it goes too. Rewritten atomically: a second kill keeps the old
-        kept = [line for line in self.path.read_text().splitlines() if (record := _parse(line)) and keep(record)]
+        # a line cut short by the kill is not JSON: it goes too.
+        # Rewritten atomically: a second kill keeps the old file
+        kept = [line for line in self.path.read_text().splitlines()
+                if (record := _parse(line)) and keep(record)]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 LOOKAHEAD = 64  # examples a micro-batch may look ahead to fill its rows (later ones wait for the next)
 
 
-def first_fit_rows(lengths: list[int], capacity: int, max_rows: int | None = None) -> tuple[list[list[int]], list[int]]:
+def first_fit_rows(lengths: list[int], capacity: int,
+                   max_rows: int | None = None) -> tuple[list[list[int]], list[int]]:
     """Place items (by index into `lengths`) in order, each into the first row with room for it.
 
     Returns the rows and the items that did not fit once `max_rows` rows were open. Deterministic: the

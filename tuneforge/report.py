@@ -36,9 +36,11 @@ def cost_rows(results: dict) -> list[tuple[str, str]]:
     total, trainable = results["total_params"], results["trainable_params"]
     rows = [
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"),
-        ("trainable by strategy", ", ".join(f"{k}: {v:,}" for k, v in results["trainable_by_strategy"].items())),
+        ("trainable by strategy",
+         ", ".join(f"{k}: {v:,}" for k, v in results["trainable_by_strategy"].items())),
         ("optimizer steps", _fmt(results["steps"])),
-        ("training time", f"{results['train_seconds']:.1f} s (wall {results['wall_seconds']:.1f} s with evaluation)"),
+        ("training time",
+         f"{results['train_seconds']:.1f} s (wall {results['wall_seconds']:.1f} s with evaluation)"),
         ("throughput", f"{results['tokens_per_s']:.0f} tokens/s (non-padding)"),
         ("peak memory", f"{results['peak_memory_mb']:.0f} MiB"),
     ]
@@ -88,7 +90,8 @@ def continual_section(continual: dict | None, title: str = "Continual learning")
     lines.append("| b (base) | " + " | ".join(f"{v:.4g}" for v in continual["baseline"]) + " |")
     for name, row in zip(names, continual["matrix"]):
         lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row) + " |")
-    summary = ", ".join(f"{key.upper()} {continual[key]:+.4g}" for key in ("acc", "bwt", "fwt") if key in continual)
+    summary = ", ".join(f"{key.upper()} {continual[key]:+.4g}"
+                        for key in ("acc", "bwt", "fwt") if key in continual)
     return lines + ["", summary + " (Lopez-Paz & Ranzato 2017; BWT < 0 means forgetting)."]
 
 
@@ -98,8 +101,10 @@ def write_report(run_dir: Path, results: dict) -> Path:
     plot = write_loss_plot(run_dir)
     listed = ", ".join(next(iter(s)) for s in results["strategies"])
     strategies = listed or f"{default_parametrization().name} (default)"
-    lines = [f"# tuneforge run: {run_dir.name}", "", f"Model `{results['model']}`; strategies: {strategies}.", ""]
-    lines += ["## What it learned and what it forgot", "", "| metric | before | after | change |", "|---|---|---|---|"]
+    lines = [f"# tuneforge run: {run_dir.name}", "",
+             f"Model `{results['model']}`; strategies: {strategies}.", ""]
+    lines += ["## What it learned and what it forgot", "",
+              "| metric | before | after | change |", "|---|---|---|---|"]
     lines += [f"| {m} | {b} | {a} | {c} |" for m, b, a, c in metric_rows(results)]
     if results.get("forgetting"):
         relative = ""
@@ -112,7 +117,8 @@ def write_report(run_dir: Path, results: dict) -> Path:
     lines += ["", "## What it cost", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in cost_rows(results)]
     if results.get("skipped"):  # data.skip_invalid
-        lines += ["", "## Skipped records", "", f"{results['skipped']['count']} invalid record(s) left out; the first:", ""]
+        lines += ["", "## Skipped records", "",
+                  f"{results['skipped']['count']} invalid record(s) left out; the first:", ""]
         lines += [f"- `{message}`" for message in results["skipped"]["examples"]]
     if plot is not None:
         lines += ["", "## Loss", "", f"![loss curve]({plot.name})"]

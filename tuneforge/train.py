@@ -55,7 +55,7 @@ class LoopState:
 
     @classmethod
     def from_checkpoint(cls, loop: dict, grad_accum: int) -> LoopState:
-        """The state a checkpoint saved; older ones counted micro-batches (`micro_in_epoch`), all full steps."""
+        """A checkpoint's state; older ones counted micro-batches (`micro_in_epoch`), all full steps."""
         loop = dict(loop)
         if "micro_in_epoch" in loop:
             loop["step_in_epoch"] = math.ceil(loop.pop("micro_in_epoch") / grad_accum)
@@ -103,7 +103,8 @@ def build_optimizer(model: nn.Module, strategies: list[Strategy], ctx: StrategyC
     param_groups = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in sorted(groups.items())]
     # The fused kernel updates a parameter in one pass over its memory; on a CPU the default per-tensor loop
     # makes about ten, which measured ~3x slower (a tenth of a full fine-tuning step on 2 cores).
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in param_groups for p in g["params"])
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                for g in param_groups for p in g["params"])
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
@@ -176,7 +177,8 @@ class StepResult:
 
 
 def train_step(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext, batches: list[dict],
-               accelerator: Accelerator, cfg: TrainConfig, with_task: bool, head: nn.Linear | None) -> StepResult:
+               accelerator: Accelerator, cfg: TrainConfig, with_task: bool,
+               head: nn.Linear | None) -> StepResult:
     """Forward and backward over the micro-batches (on the CPU) of one optimizer step; no optimizer update.
 
     The task loss is summed over each micro-batch and divided by the whole step's target count; strategy
@@ -190,21 +192,23 @@ def train_step(model: nn.Module, strategies: list[Strategy], ctx: StrategyContex
     ctx.step_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     ctx.step_targets = step_targets(sum(loss_targets(batch) for batch in batches), accelerator)
     task_weight = math.prod(strategy.task_weight(ctx) for strategy in strategies)  # distill's alpha
-    result = StepResult(torch.zeros((), device=accelerator.device), {}, torch.zeros((), device=accelerator.device),
-                        ctx.step_tokens)
+    result = StepResult(torch.zeros((), device=accelerator.device), {},
+                        torch.zeros((), device=accelerator.device), ctx.step_tokens)
     for index, batch in enumerate(batches):
         ctx.micro_index = index
         rows_share = len(batch["input_ids"]) / ctx.step_rows
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         last = index == len(batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):  # DDP syncs once per step
-            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            bf16 = cfg.precision == "bf16"
+            with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss_sum, _, outputs = task_loss(model, batch, with_task, head)
                 loss = loss_sum / ctx.step_targets  # this micro-batch's share of the step's token mean
                 terms = {}
                 for strategy in strategies:
                     share = rows_share if strategy.step_penalty else 1.0
-                    terms.update({name: term * share for name, term in strategy.loss(raw_model, batch, outputs, ctx).items()})
+                    strategy_terms = strategy.loss(raw_model, batch, outputs, ctx)
+                    terms.update({name: term * share for name, term in strategy_terms.items()})
                 total = task_weight * loss + sum(terms.values())
             accelerator.backward(total)
         result.loss += loss.detach()
@@ -253,8 +257,8 @@ def fit(
         state, latest = resumed_state(checkpoints, raw_model, optimizer, scheduler, strategies, cfg)
         logger.truncate_after(state.step)
         accelerator.print(f"tuneforge: resumed from {latest.name} (step {state.step} of {num_steps})")
-    checkpoint = functools.partial(save_state, checkpoints, raw_model, optimizer, scheduler, strategies, state,
-                                   cfg, accelerator)
+    checkpoint = functools.partial(save_state, checkpoints, raw_model, optimizer, scheduler, strategies,
+                                   state, cfg, accelerator)
 
     model.train()
     progress = tqdm(total=num_steps, initial=state.step, desc="train", unit="step",
@@ -269,14 +273,16 @@ def fit(
         for step_indices in steps[state.step_in_epoch:]:
             step_start = time.perf_counter()
             check_optimized(raw_model, optimized)
-            batches = [make_batch([train_items[i] for i in indices], pad_token_id) for indices in step_indices]
+            batches = [make_batch([train_items[i] for i in indices], pad_token_id)
+                       for indices in step_indices]
             result = train_step(model, strategies, ctx, batches, accelerator, cfg, with_task, head)
             if not finite_everywhere(result.total, accelerator):  # every process stops at the same step
                 progress.close()  # the error goes on a line of its own
                 raise non_finite_error(result.total, state.step + 1, checkpoints)
             grad_norm = optimizer_step(model, optimizer, scheduler, cfg, accelerator)
             state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
-            state.tokens, window_tokens = state.tokens + result.tokens * world, window_tokens + result.tokens * world
+            state.tokens, window_tokens = (state.tokens + result.tokens * world,
+                                           window_tokens + result.tokens * world)
             state.elapsed += time.perf_counter() - step_start
             ctx.step = state.step
 
@@ -323,7 +329,9 @@ def prepare_training(model: nn.Module, strategies: list[Strategy], ctx: Strategy
 
 def resumed_state(checkpoints: Path, model: nn.Module, optimizer, scheduler, strategies: list[Strategy],
                   cfg: TrainConfig) -> tuple[LoopState, Path]:
-    """Load the latest valid checkpoint into model, optimizer, scheduler and strategies: (its loop state, it)."""
+    """Load the latest valid checkpoint into model, optimizer, scheduler and strategies.
+
+    Returns (its loop state, it)."""
     latest = latest_checkpoint(checkpoints)
     if latest is None:
         raise TrainingError(f"--resume: no valid checkpoint in {checkpoints}")
@@ -340,21 +348,24 @@ def save_state(checkpoints: Path, model: nn.Module, optimizer, scheduler, strate
     accelerator.wait_for_everyone()
 
 
-def optimizer_step(model: nn.Module, optimizer, scheduler, cfg: TrainConfig, accelerator: Accelerator) -> Tensor | None:
+def optimizer_step(model: nn.Module, optimizer, scheduler, cfg: TrainConfig,
+                   accelerator: Accelerator) -> Tensor | None:
     """Clip, step, schedule, and zero every parameter's gradient; returns the gradient norm (a tensor)."""
     grad_norm = None
     if cfg.max_grad_norm is not None:
-        grad_norm = accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
     optimizer.step()
     scheduler.step()
     model.zero_grad(set_to_none=True)  # every parameter's, not only the optimizer's
     return grad_norm
 
 
-def step_record(state: LoopState, result: StepResult, grad_norm: Tensor | None, lr: float, tokens_per_s: float,
-                accelerator: Accelerator) -> dict:
+def step_record(state: LoopState, result: StepResult, grad_norm: Tensor | None, lr: float,
+                tokens_per_s: float, accelerator: Accelerator) -> dict:
     """The metrics record of a logged step: its loss and terms (averaged over processes), lr, throughput."""
-    values = {"loss": result.loss, **result.terms, **({"grad_norm": grad_norm} if grad_norm is not None else {})}
+    values = {"loss": result.loss, **result.terms,
+              **({"grad_norm": grad_norm} if grad_norm is not None else {})}
     values = mean_over_processes(values, accelerator)  # the one host sync of a logged step
     return {"step": state.step, "epoch": state.epoch, "loss": values.pop("loss"), "lr": lr,
             "tokens_per_s": tokens_per_s, **values}
@@ -365,4 +376,5 @@ def non_finite_error(total: Tensor, step: int, checkpoints: Path) -> TrainingErr
     last_good = latest_checkpoint(checkpoints)
     kept = f"; last good checkpoint: {last_good}" if last_good else ""
     value = total.item() if not math.isfinite(total.item()) else "nan or inf on another process"
-    return TrainingError(f"loss became {value} at step {step} (try a lower train.lr or precision: fp32){kept}")
+    return TrainingError(f"loss became {value} at step {step} "
+                         f"(try a lower train.lr or precision: fp32){kept}")

@@ -26,7 +26,8 @@ from tuneforge.surgery import is_injected
 class Case:
     id: str
     strategies: list
-    at_start: str | None = None  # "same": zero-initialised, outputs unchanged; "different": active from step 0
+    # "same": zero-initialised, outputs unchanged; "different": active from step 0
+    at_start: str | None = None
     model: str = "llama"  # or "bert"
     lr: float = 1e-2
 
@@ -35,20 +36,28 @@ CASES = [
     Case("full", ["full"], lr=3e-3),
     Case("layerwise", [{"layerwise": {"train_layers": "top:2"}}], lr=3e-3),
     Case("lora", [{"lora": {"rank": 4, "targets": "all-linear"}}], at_start="same"),
-    Case("lora+dora", [{"lora": {"rank": 4, "targets": "all-linear", "dora": True, "rslora": True}}], at_start="same"),
+    Case("lora+dora", [{"lora": {"rank": 4, "targets": "all-linear", "dora": True, "rslora": True}}],
+         at_start="same"),
     Case("adapter-houlsby", [{"adapter": {"placement": "houlsby", "bottleneck_size": 8}}], at_start="same"),
-    Case("adapter-pfeiffer", [{"adapter": {"placement": "pfeiffer", "reduction_factor": 4}}], at_start="same"),
-    Case("adapter-bert", [{"adapter": {"placement": "houlsby", "bottleneck_size": 8}}], at_start="same", model="bert"),
+    Case("adapter-pfeiffer", [{"adapter": {"placement": "pfeiffer", "reduction_factor": 4}}],
+         at_start="same"),
+    Case("adapter-bert", [{"adapter": {"placement": "houlsby", "bottleneck_size": 8}}], at_start="same",
+         model="bert"),
     Case("prefix", [{"prefix": {"length": 4}}], lr=3e-2, at_start="different"),
-    Case("prefix+reparam", [{"prefix": {"length": 4, "reparam": True, "reparam_hidden": 16}}], lr=1e-2, at_start="different"),
+    Case("prefix+reparam", [{"prefix": {"length": 4, "reparam": True, "reparam_hidden": 16}}], lr=1e-2,
+         at_start="different"),
     Case("prompt", [{"prompt": {"length": 4}}], lr=3e-2, at_start="different"),
-    Case("prompt-bert", [{"prompt": {"length": 4, "init": "random"}}], model="bert", lr=3e-2, at_start="different"),
+    Case("prompt-bert", [{"prompt": {"length": 4, "init": "random"}}], model="bert", lr=3e-2,
+         at_start="different"),
     Case("ia3", [{"ia3": {}}], at_start="same", lr=3e-2),
-    Case("prefix+lora", [{"prefix": {"length": 4}}, {"lora": {"rank": 4, "targets": ["q_proj", "v_proj"]}}], lr=1e-2),
+    Case("prefix+lora", [{"prefix": {"length": 4}}, {"lora": {"rank": 4, "targets": ["q_proj", "v_proj"]}}],
+         lr=1e-2),
     Case("adapter+lora", [{"adapter": {"placement": "houlsby", "bottleneck_size": 8}},
                           {"lora": {"rank": 4, "targets": "all-linear"}}], at_start="same"),
-    Case("layerwise+prompt", [{"layerwise": {"train_layers": "top:1", "train_head": False}}, {"prompt": {"length": 4}}]),
-    Case("ia3+adapter", [{"ia3": {}}, {"adapter": {"placement": "pfeiffer", "bottleneck_size": 8}}], at_start="same"),
+    Case("layerwise+prompt", [{"layerwise": {"train_layers": "top:1", "train_head": False}},
+                              {"prompt": {"length": 4}}]),
+    Case("ia3+adapter", [{"ia3": {}}, {"adapter": {"placement": "pfeiffer", "bottleneck_size": 8}}],
+         at_start="same"),
     Case("heads-bert", [{"heads": {"tasks": {"topic": {"num_labels": 3}}}}], model="bert", lr=3e-2),
 ]
 
@@ -65,7 +74,8 @@ def make_batch(case: Case) -> dict:
     attention_mask[1, 9:] = 0  # one padded row
     input_ids[1, 9:] = 0
     if case.model == "bert":
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor([0, 1, 2, 1])}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "labels": torch.tensor([0, 1, 2, 1])}
         if any("heads" in s for s in case.strategies):
             batch["task_id"] = torch.zeros(4, dtype=torch.long)  # routed to the task's head
         return batch
@@ -108,7 +118,7 @@ def test_contract(case: Case, tmp_path):
     assert base_names <= names
     assert all(is_injected(name) for name in names - base_names)
 
-    # 2. trainable set non-empty; each injecting strategy trains parameters carrying its prefix, and only those
+    # 2. trainable set non-empty; each injecting strategy trains parameters with its prefix, and only those
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable
     for strategy in applied_strategies(model):

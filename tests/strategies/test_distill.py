@@ -31,8 +31,10 @@ def test_distill_from_a_model_folder_and_refuse_a_foreign_vocabulary(run_config,
 
     foreign = tmp_path / "foreign"
     tiny_llama(vocab_size=500).save_pretrained(foreign)
-    refused = run_config(strategies=[LORA, {"distill": {"teacher": str(foreign)}}], output=str(tmp_path / "r"))
-    with pytest.raises(ModelError, match=r"distill: teacher .*500 output tokens, the student \d+; .*same vocabulary"):
+    refused = run_config(strategies=[LORA, {"distill": {"teacher": str(foreign)}}],
+                         output=str(tmp_path / "r"))
+    with pytest.raises(ModelError,
+                       match=r"distill: teacher .*500 output tokens, the student \d+; .*same vocabulary"):
         train_run(refused)
 
 
@@ -46,7 +48,8 @@ def test_student_keeps_chosen_layers_initialised_from_them_and_saves_a_normal_fo
     student = prepare(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                       [{"distill": {"student": {"every": 2}}}])
     assert student.config.num_hidden_layers == 2 and len(student.model.layers) == 2
-    torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight, original.model.layers[2].mlp.up_proj.weight)
+    torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight,
+                               original.model.layers[2].mlp.up_proj.weight)
     assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]
 
     config = run_config(strategies=[{"distill": {"student": {"keep_layers": [0, 3]}, "hidden_weight": 0.5}}],
@@ -58,7 +61,8 @@ def test_student_keeps_chosen_layers_initialised_from_them_and_saves_a_normal_fo
     # The trained student is an ordinary 2-layer model: saved and reloaded by transformers alone.
     from tuneforge import load_adapter
 
-    trained = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), Path(config.output) / "adapter")
+    trained = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           Path(config.output) / "adapter")
     folder = tmp_path / "student"
     trained.save_pretrained(folder)
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
@@ -80,17 +84,21 @@ def test_classification_student_distils_from_a_fine_tuned_encoder_and_refuses_ot
 
     def run(strategies: list, name: str, steps: int = 8) -> dict:
         config = run_config(model=str(tiny_bert_dir), strategies=strategies, data={"train": str(data)},
-                            train={"max_steps": steps, "lr": 3e-3}, evaluation=QUIET, output=str(tmp_path / name))
+                            train={"max_steps": steps, "lr": 3e-3}, evaluation=QUIET,
+                            output=str(tmp_path / name))
         return train_run(config), config
 
-    _, teacher_config = run([{"full": {}}], "teacher", steps=12)  # the teacher: the 2-layer encoder fine-tuned
+    # the teacher: the 2-layer encoder fine-tuned
+    _, teacher_config = run([{"full": {}}], "teacher", steps=12)
     labels = ["mammal", "other"]
     teacher = AutoModelForSequenceClassification.from_pretrained(
-        tiny_bert_dir, num_labels=2, id2label=dict(enumerate(labels)), label2id={k: i for i, k in enumerate(labels)})
+        tiny_bert_dir, num_labels=2, id2label=dict(enumerate(labels)),
+        label2id={k: i for i, k in enumerate(labels)})
     teacher = load_adapter(teacher, Path(teacher_config.output) / "adapter")
     teacher.save_pretrained(tmp_path / "teacher-model")
 
-    results, config = run([{"distill": {"teacher": str(tmp_path / "teacher-model"), "student": {"keep_layers": [1]},
+    results, config = run([{"distill": {"teacher": str(tmp_path / "teacher-model"),
+                                        "student": {"keep_layers": [1]},
                                         "temperature": 2.0, "alpha": 0.5}}], "student")
     assert results["total_params"] < sum(p.numel() for p in teacher.parameters())  # one layer of two
     kd = [record["distill_kd"] for record in metric_records(config)]
@@ -98,5 +106,6 @@ def test_classification_student_distils_from_a_fine_tuned_encoder_and_refuses_ot
 
     teacher.config.id2label, teacher.config.label2id = {0: "warm", 1: "cool"}, {"warm": 0, "cool": 1}
     teacher.save_pretrained(tmp_path / "other-task")
-    with pytest.raises(ModelError, match=r"distill: teacher .* predicts labels \['warm', 'cool'\], the student"):
+    with pytest.raises(ModelError,
+                       match=r"distill: teacher .* predicts labels \['warm', 'cool'\], the student"):
         run([{"distill": {"teacher": str(tmp_path / "other-task")}}], "refused")

@@ -56,7 +56,8 @@ def test_packed_rows_split_into_their_documents():
     for example, item in zip(examples, items, strict=True):
         assert example["input_ids"].tolist() == [item["input_ids"]]
         assert example["attention_mask"].tolist() == [[1] * len(item["input_ids"])]
-        assert example["labels"][0, 1:].tolist() == item["labels"][1:]  # the first token is no target either way
+        # the first token is no target either way
+        assert example["labels"][0, 1:].tolist() == item["labels"][1:]
         assert "position_ids" not in example
 
 
@@ -120,7 +121,8 @@ def knows_retain_dir(tmp_path_factory, tokenizer, retain_file) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
     for _ in range(60):
-        batch = collate([chunks[i] for i in torch.randperm(len(chunks), generator=generator)[:8]], tokenizer.pad_token_id)
+        order = torch.randperm(len(chunks), generator=generator)
+        batch = collate([chunks[i] for i in order[:8]], tokenizer.pad_token_id)
         loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
         optimizer.zero_grad()
         loss.backward()
@@ -137,10 +139,12 @@ def test_ewc_without_retain_data_says_what_to_set(run_config):
         train_run(run_config(strategies=[LORA, {"ewc": {}}]))
 
 
-def test_ewc_with_a_large_weight_forgets_the_first_task_less(run_config, retain_file, knows_retain_dir, tmp_path):
+def test_ewc_with_a_large_weight_forgets_the_first_task_less(run_config, retain_file, knows_retain_dir,
+                                                              tmp_path):
     def forgetting(strategies: list, output: str) -> dict:
         config = run_config(model=str(knows_retain_dir), strategies=strategies, retain=str(retain_file),
-                            train={"max_steps": 12, "lr": 1e-2}, evaluation=QUIET, output=str(tmp_path / output))
+                            train={"max_steps": 12, "lr": 1e-2}, evaluation=QUIET,
+                            output=str(tmp_path / output))
         return train_run(config)
 
     plain = forgetting([{"full": {}}], "plain")
@@ -156,15 +160,16 @@ def test_ewc_and_retention_resume_exactly(run_config, retain_file, tmp_path):
     train = {"schedule": "constant", "save_every": 3}
 
     def run(max_steps: int, output: str, resume: bool = False):
-        config = run_config(strategies=strategies, retain=str(retain_file), evaluation=QUIET, output=str(tmp_path / output),
-                            train={**train, "max_steps": max_steps})
+        config = run_config(strategies=strategies, retain=str(retain_file), evaluation=QUIET,
+                            output=str(tmp_path / output), train={**train, "max_steps": max_steps})
         train_run(config, resume=resume)
         return config
 
     whole = run(6, "whole")
     run(3, "cut")  # "killed" after 3 steps: its last checkpoint is step 3
     stored = load_file(str(latest_checkpoint(tmp_path / "cut" / "checkpoints") / "strategies.safetensors"))
-    assert any(k.startswith("ewc.fisher.0.") for k in stored) and any(k.startswith("ewc.anchor.0.") for k in stored)
+    assert any(k.startswith("ewc.fisher.0.") for k in stored)
+    assert any(k.startswith("ewc.anchor.0.") for k in stored)
     resumed = run(6, "cut", resume=True)
 
     a, b = final_weights(whole), final_weights(resumed)
@@ -185,7 +190,8 @@ def test_online_ewc_folds_task_fishers_and_state_round_trips(tokenizer):
     items = [encode_causal(Example(kind="text", text=f"The cat is {c}."), tokenizer, 32) for c in COLORS]
     batches = [collate(items[i:i + 4], tokenizer.pad_token_id) for i in (0, 4)]
     ctx = StrategyContext(task_type="causal_lm", current_task="a")  # in a sequence, without retain data
-    offline, online = EWC(EWCOptions(fisher_samples=6)), EWC(EWCOptions(fisher_samples=6, online=True, decay=0.5))
+    offline = EWC(EWCOptions(fisher_samples=6))
+    online = EWC(EWCOptions(fisher_samples=6, online=True, decay=0.5))
     for strategy in (offline, online):
         strategy.on_train_start(model, ctx)
         for task in ("a", "b"):  # same weights and data twice: the same Fisher again
@@ -216,7 +222,8 @@ def test_ewc_across_a_task_sequence_keeps_the_first_task(tmp_path, tiny_model_di
     tasks = []
     for index, shift in enumerate((0, 3)):  # the second task remaps every colour: it overwrites the first
         path = tmp_path / f"task{index}.jsonl"
-        records = [{"prompt": f"What colour is the {ANIMALS[i % 8]}?", "completion": f" {COLORS[(i + shift) % 8]}"}
+        records = [{"prompt": f"What colour is the {ANIMALS[i % 8]}?",
+                    "completion": f" {COLORS[(i + shift) % 8]}"}
                    for i in range(32)]
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         tasks.append({"name": f"t{index}", "data": {"train": str(path), "eval_fraction": 0.25}})

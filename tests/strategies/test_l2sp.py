@@ -1,4 +1,4 @@
-"""L2-SP (Li, Grandvalet & Davoine 2018): pretrained weights toward their start, new parameters toward zero."""
+"""L2-SP (Li, Grandvalet & Davoine 2018): pretrained weights toward their start, new parameters toward 0."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def squared_norm(tensors) -> float:
 
 
 def test_lora_is_new_its_penalty_is_its_norm_not_its_distance_to_init():
-    model = tuneforge.prepare(tiny_llama(), [{"lora": {"rank": 2}}, {"l2sp": {"weight": ALPHA, "new_weight": BETA}}])
+    model = tuneforge.prepare(tiny_llama(), [{"lora": {"rank": 2}},
+                                             {"l2sp": {"weight": ALPHA, "new_weight": BETA}}])
     strategy = model.tuneforge_strategies[-1]
     strategy.on_train_start(model, StrategyContext())
     lora = {name: p for name, p in model.named_parameters() if ".lora_" in name}
@@ -83,7 +84,8 @@ def sequence_config(tmp_path, model_dir, strategies, name):
     tasks = []
     for index, shift in enumerate((0, 3)):
         path = tmp_path / f"task{index}.jsonl"
-        records = [{"prompt": f"What colour is the {ANIMALS[i % 8]}?", "completion": f" {COLORS[(i + shift) % 8]}"}
+        records = [{"prompt": f"What colour is the {ANIMALS[i % 8]}?",
+                    "completion": f" {COLORS[(i + shift) % 8]}"}
                    for i in range(32)]
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
         tasks.append({"name": f"t{index}", "data": {"train": str(path), "eval_fraction": 0.25}})
@@ -131,10 +133,10 @@ def test_sequence_resumed_in_a_later_task_keeps_the_first_tasks_anchors(tmp_path
     strategies = [{"full": {}}, {"l2sp": {"weight": 10.0}}]
     train_run(sequence_config(tmp_path, tiny_model_dir, strategies, "a"))
     with pytest.raises(KeyboardInterrupt):
-        train_run(sequence_config(tmp_path, tiny_model_dir, strategies + [{"l2sp_test_crash": {"task": "t1", "step": 6}}],
-                                  "b"))
-    train_run(sequence_config(tmp_path, tiny_model_dir, strategies + [{"l2sp_test_crash": {"task": "-", "step": 0}}],
-                              "b"), resume=True)
+        crash = {"l2sp_test_crash": {"task": "t1", "step": 6}}
+        train_run(sequence_config(tmp_path, tiny_model_dir, strategies + [crash], "b"))
+    no_crash = {"l2sp_test_crash": {"task": "-", "step": 0}}
+    train_run(sequence_config(tmp_path, tiny_model_dir, strategies + [no_crash], "b"), resume=True)
     wa = load_file(str(latest_checkpoint(tmp_path / "a" / "checkpoints" / "t1") / "weights.safetensors"))
     wb = load_file(str(latest_checkpoint(tmp_path / "b" / "checkpoints" / "t1") / "weights.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -28,7 +28,8 @@ def test_prompt_and_prefix_embeddings_get_the_base_rate(injected):
     rates = learning_rates(model)
     encoder = [name for name in rates if name.startswith(("prompt_", "prefix_"))]
     assert encoder and all(rates[name] == 1.0 for name in encoder), {n: rates[n] for n in encoder}
-    assert rates["model.embed_tokens.weight"] == pytest.approx(DECAY**LAYERS)  # the real embeddings still decay
+    # the real embeddings still decay
+    assert rates["model.embed_tokens.weight"] == pytest.approx(DECAY**LAYERS)
     assert rates["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(DECAY ** (LAYERS - 1))
     assert rates["lm_head.weight"] == 1.0
 
@@ -63,7 +64,8 @@ def test_encoder_embedding_block_decays_as_one():
 
     config = BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)
-    model = tuneforge.prepare(BertModel(config), [{"layerwise": {"lr_decay": DECAY, "train_embeddings": True}}])
+    model = tuneforge.prepare(BertModel(config),
+                              [{"layerwise": {"lr_decay": DECAY, "train_embeddings": True}}])
     embeddings = {f"embeddings.{part}" for part in ("word_embeddings.weight", "position_embeddings.weight",
                                                     "token_type_embeddings.weight", "LayerNorm.weight",
                                                     "LayerNorm.bias")}

@@ -75,7 +75,8 @@ def test_deepcopy_of_a_prompted_model_is_independent():
 def test_prompt_equals_prepending_the_embeddings_by_hand():
     model = tuneforge.prepare(tiny_llama(), [{"prompt": {"length": 3}}]).eval()
     base = tiny_llama().eval()
-    embeds = torch.cat([model.prompt_encoder.embedding[None].expand(2, -1, -1), base.model.embed_tokens(PAIR)], 1)
+    embeds = torch.cat([model.prompt_encoder.embedding[None].expand(2, -1, -1),
+                        base.model.embed_tokens(PAIR)], 1)
     expected = base(inputs_embeds=embeds).logits[:, 3:]
     torch.testing.assert_close(model(input_ids=PAIR).logits, expected, atol=1e-5, rtol=1e-5)
 
@@ -103,7 +104,8 @@ def test_prompt_initialisations(tokenizer):
     from conftest import tiny_llama as build
 
     model = tuneforge.prepare(build(vocab_size=len(tokenizer)),
-                              [{"prompt": {"length": 5, "init": "text", "init_text": "the cat"}}], tokenizer=tokenizer)
+                              [{"prompt": {"length": 5, "init": "text", "init_text": "the cat"}}],
+                              tokenizer=tokenizer)
     ids = tokenizer("the cat", add_special_tokens=False)["input_ids"]
     expected = model.model.embed_tokens.weight[torch.tensor((ids * 5)[:5])]
     torch.testing.assert_close(model.prompt_encoder.embedding, expected)

@@ -78,7 +78,8 @@ def _render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bo
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except TemplateError as exc:  # e.g. a template that insists user and assistant turns alternate
-        raise DataError(f"the tokenizer's chat template refuses these messages: {shown(str(exc), 100)}") from None
+        raise DataError("the tokenizer's chat template refuses these messages: "
+                        f"{shown(str(exc), 100)}") from None
 
 
 def assistant_spans(messages: list[dict], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:

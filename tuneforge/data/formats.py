@@ -68,7 +68,8 @@ def _where(record: Record) -> str:
 
 def _field_list(fields: dict, limit: int = 8) -> str:
     """The record's field names for a message: odd names quoted, at most `limit` of them."""
-    names = [name if name.isidentifier() and len(name) <= 40 else shown(name, 40) for name in list(fields)[:limit]]
+    names = [name if name.isidentifier() and len(name) <= 40 else shown(name, 40)
+             for name in list(fields)[:limit]]
     more = f" and {len(fields) - limit} more" if len(fields) > limit else ""
     return ", ".join(names) + more or "no fields"
 
@@ -252,7 +253,8 @@ def apply_template(
                 raise
             skipped.append(str(exc))
             continue
-        examples.append(Example("completion", record.source, record.line, prompt=prompt, completion=completion))
+        examples.append(Example("completion", record.source, record.line, prompt=prompt,
+                                completion=completion))
     return examples
 
 

@@ -232,7 +232,8 @@ def _read_csv(data: bytes, source: str, problem: _Problems) -> list[Record]:
             problem(f"{source}:{line}: not valid UTF-8 (save the file as UTF-8)")
         else:
             # a short row leaves later columns as None: treat them as missing fields
-            records.append(Record(source, line, {key: value for key, value in row.items() if value is not None}))
+            present = {key: value for key, value in row.items() if value is not None}
+            records.append(Record(source, line, present))
     return records
 
 

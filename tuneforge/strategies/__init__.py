@@ -76,5 +76,6 @@ def _import_all() -> None:
 
 _import_all()
 
-__all__ = ["REGISTRY", "Options", "PeftTranslation", "Strategy", "StrategyContext", "StrategyEntry", "TaskInfo",
-           "build_strategy", "default_parametrization", "injected_prefixes", "refusal", "register"]
+__all__ = ["REGISTRY", "Options", "PeftTranslation", "Strategy", "StrategyContext", "StrategyEntry",
+           "TaskInfo", "build_strategy", "default_parametrization", "injected_prefixes", "refusal",
+           "register"]

@@ -65,7 +65,7 @@ class DistillOptions(Options):
 
 @register("distill", DistillOptions)
 class Distill(Strategy):
-    """Distil a teacher (the frozen base or a model folder) into the trained model; optional smaller student."""
+    """Distil a teacher (frozen base or a model folder) into the trained model; optional smaller student."""
 
     identity_start = True  # an objective: the model is untouched (a student option drops layers)
 
@@ -137,7 +137,8 @@ class Distill(Strategy):
             mask = batch["labels"][:, 1:] != -100
         if student_logits.shape[-1] != teacher_logits.shape[-1]:
             raise ModelError(f"distill: teacher gives {teacher_logits.shape[-1]} logits, the student "
-                             f"{student_logits.shape[-1]}; the teacher must share the student's vocabulary/labels")
+                             f"{student_logits.shape[-1]}; "
+                             "the teacher must share the student's vocabulary/labels")
         # token-weighted over the optimizer step, as the task loss: this micro-batch's summed KD over the
         # step's target count (outside the loop, with no step counts set: the micro-batch's own mean)
         targets = mask.sum() if mask is not None else student_logits.shape[0]
@@ -145,8 +146,10 @@ class Distill(Strategy):
         terms = {"distill_kd": (1.0 - opts.alpha) * kd / (ctx.step_targets or max(1, targets))}
         if opts.hidden_weight > 0:
             real = batch["attention_mask"].bool()
-            cosine = hidden_cosine_loss(outputs.hidden_states[-1], teacher_out.hidden_states[-1], real) * real.sum()
-            terms["distill_hidden"] = opts.hidden_weight * cosine / (ctx.step_tokens or real.sum().clamp(min=1))
+            cosine = (hidden_cosine_loss(outputs.hidden_states[-1], teacher_out.hidden_states[-1], real)
+                      * real.sum())
+            denominator = ctx.step_tokens or real.sum().clamp(min=1)
+            terms["distill_hidden"] = opts.hidden_weight * cosine / denominator
         return terms
 
 
@@ -184,7 +187,8 @@ def check_teacher(path: Path, model: nn.Module, ctx: StrategyContext) -> Path:
     try:
         path = resolve_model_path(str(path))
     except ModelError as exc:
-        raise ModelError(f"distill: teacher {path}: {exc} (fine-tune the teacher first, or use teacher: base)") from None
+        raise ModelError(f"distill: teacher {path}: {exc} "
+                         "(fine-tune the teacher first, or use teacher: base)") from None
     teacher_config = _read_config(path)
     if ctx.task_type == "classification":
         student = getattr(model.config, "id2label", None) or {}
@@ -201,10 +205,12 @@ def check_teacher(path: Path, model: nn.Module, ctx: StrategyContext) -> Path:
         teacher_vocab = load_tokenizer(path).get_vocab()
     if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
         raise ModelError(f"distill: teacher {path} uses a different vocabulary ({len(teacher_vocab)} tokens) "
-                         f"from the student ({len(student_vocab)}); token-level distillation needs the same tokenizer")
+                         f"from the student ({len(student_vocab)}); "
+                         "token-level distillation needs the same tokenizer")
     teacher_size, student_size = teacher_config.get("vocab_size"), model.config.vocab_size
     if teacher_size is not None and teacher_size != student_size:
-        raise ModelError(f"distill: teacher {path} has {teacher_size} output tokens, the student {student_size}; "
+        raise ModelError(f"distill: teacher {path} has {teacher_size} output tokens, "
+                         f"the student {student_size}; "
                          f"token-level distillation needs the same vocabulary")
     return path
 

@@ -56,7 +56,8 @@ class Dropout(Strategy):
         if opts.lora is not None:
             found = set_lora_dropout(model, opts.lora)
             if not found:
-                raise ModelError("dropout: lora: no LoRA layers yet; list `dropout` after `lora` in strategies")
+                raise ModelError("dropout: lora: no LoRA layers yet; "
+                                 "list `dropout` after `lora` in strategies")
         return model
 
 

@@ -145,7 +145,8 @@ class TaskHeads(Strategy):
             pooling = "last" if is_decoder else "mean"
         device = next(model.parameters()).device
         heads: dict[int, tuple[str, nn.Module]] = {}
-        self.resolved = {name: {"num_labels": num_labels, "task_id": task_id} for task_id, name, num_labels in tasks}
+        self.resolved = {name: {"num_labels": num_labels, "task_id": task_id}
+                         for task_id, name, num_labels in tasks}
         for task_id, name, num_labels in tasks:
             head = nn.Linear(hidden, num_labels, device=device)
             nn.init.normal_(head.weight, std=0.02)

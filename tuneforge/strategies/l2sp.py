@@ -30,7 +30,8 @@ from tuneforge.surgery import is_injected
 
 
 class L2SPOptions(Options):
-    weight: float = Field(0.01, ge=0)  # alpha; the penalty's gradient is weight * (w - w0) on pretrained weights
+    # alpha; the penalty's gradient is weight * (w - w0) on pretrained weights
+    weight: float = Field(0.01, ge=0)
     new_weight: float | None = Field(None, ge=0)  # beta, on new parameters (pulled toward 0); None: `weight`
 
 
@@ -90,7 +91,8 @@ class L2SP(Strategy):
         if "new" not in state:
             return
         self.new_names = list(state["new"])
-        self.anchors = {key[len("anchor."):]: value for key, value in state.items() if key.startswith("anchor.")}
+        self.anchors = {key[len("anchor."):]: value for key, value in state.items()
+                        if key.startswith("anchor.")}
         self.started = self.task_ended = True
 
 

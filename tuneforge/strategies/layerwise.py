@@ -101,7 +101,8 @@ def embedding_parameter_names(model: nn.Module) -> set[str]:
         if isinstance(module, nn.Embedding) or (holds_input and not _holds_layers(module)):
             blocks.append(module)
     ids = {id(parameter) for block in blocks for parameter in block.parameters()}
-    return {name for name, parameter in model.named_parameters() if id(parameter) in ids and not is_injected(name)}
+    return {name for name, parameter in model.named_parameters()
+            if id(parameter) in ids and not is_injected(name)}
 
 
 def _holds_layers(module: nn.Module) -> bool:
