@@ -19,6 +19,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -225,6 +226,7 @@ class CellResult:
     peft: float | None = None  # max |trained - PEFT-loaded| logits (None: not checked)
     peft_error: str = ""
     peft_config: bool = False  # whether the adapter has an adapter_config.json
+    peft_key_warnings: list[str] = field(default_factory=list)  # PEFT's "missing/unexpected adapter keys"
     seconds: float = 0.0
 
     @property
@@ -360,8 +362,11 @@ def run_cell(cell: Cell, assets: Assets, workdir: Path) -> CellResult:
             import peft
 
             fresh, _ = fresh_base(config, session.data, names, config.train.seed + 1)
-            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet), \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 theirs = peft.PeftModel.from_pretrained(fresh, adapter).eval()
+            result.peft_key_warnings = [one_line(w.message) for w in caught if "keys" in str(w.message)]
             result.peft = difference(expected, outputs(theirs, batch))
         except Exception as exc:  # noqa: BLE001
             result.peft_error = f"{type(exc).__name__}: {one_line(exc)}"
@@ -395,6 +400,8 @@ def verdict(cell: Cell, result: CellResult) -> tuple[str, str]:
         problems.append(f"PEFT cannot load it ({result.peft_error})")
     elif result.peft is not None and result.peft > TOLERANCE:
         problems.append("PEFT-loaded logits differ")
+    if result.peft_key_warnings:
+        problems.append(f"PEFT warns: {result.peft_key_warnings[0]}")
     if problems:
         return "!", "trains, but " + "; ".join(problems)
     return ("✓P", "") if result.peft is not None else ("✓", "")

@@ -51,7 +51,7 @@ from architectures_support import (
 )
 
 CELLS = cells()
-CHECKS = ("outcome", "head", "reload", "peft")
+CHECKS = ("outcome", "head", "reload", "peft", "peft_keys")
 
 # ---------------------------------------------------------------------------------------------------
 # Expected refusals: {cell id: a substring of the reason}. True reasons that say what to use instead.
@@ -125,6 +125,13 @@ XFAILS: dict[tuple[str, str], tuple[str, str]] = {
                            ("peft", "PEFT-loaded logits differ"))
        if check != "peft" or column in ("lora", "dora", "prompt")},
     # found by this matrix, beyond the issue's list
+    **{("peft_keys", f"{arch}-{column}"): fails("Found missing adapter keys",
+                                                f"new: {arch}'s adapter_config.json lists the short name `dense`, "
+                                                f"which in PEFT also matches the pooler/classifier's dense layer "
+                                                f"that all-linear leaves out (peft_layout.short_targets checks the "
+                                                f"names against linear_modules, which skips heads): PEFT adds "
+                                                f"untrained LoRA layers there and warns")
+       for arch in _ENCODERS for column in ("lora", "dora")},
     ("outcome", "opt-prompt"): fails("element 0 of tensors does not require grad",
                                      "new: OPTForCausalLM.forward calls self.model.decoder directly, so the soft "
                                      "prompt's hooks on base_model (OPTModel) never run: the prompt is ignored and "
@@ -225,6 +232,18 @@ def test_peft(cell, result):
         assert not result.peft_error, f"peft.PeftModel.from_pretrained fails: {result.peft_error}"
         assert result.peft is not None and result.peft <= TOLERANCE, (
             f"PEFT-loaded logits differ (max diff {result.peft:.3g})")
+
+
+@pytest.mark.parametrize("cell", params([c for c in CELLS if c.peft_expressible], "peft_keys"))
+def test_peft_keys(cell, result):
+    """PEFT builds exactly the adapted modules the adapter holds weights for: `target_modules` selects in PEFT's
+    model what it selected in ours (PEFT warns about adapter keys it expected and did not find)."""
+    pytest.importorskip("peft")
+    trained(result)
+    if not result.peft_config or result.peft_error:
+        pytest.skip("PEFT did not load it (checked by test_peft)")
+    with known("peft_keys", cell):
+        assert not result.peft_key_warnings, f"PEFT warns: {result.peft_key_warnings[0]}"
 
 
 # ---------------------------------------------------------------------------------------------------
