@@ -42,15 +42,16 @@ _ENCODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, 
 class Architecture:
     """One family: its `model_type`, tiny config values (the family's own names for them) and the run kind."""
 
-    name: str
+    name: str  # the row: the model_type, or a variant's own name
     config: dict
     kind: str = "lm"  # "lm": a causal LM on language-model data; "cls": an encoder on classification data
+    model_type: str | None = None  # a variant's family (default: `name`)
 
     def build(self, vocab_size: int, seed: int = 0):
         """A random model as a user's folder holds it: a causal LM, or an encoder body without any head."""
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-        config = AutoConfig.for_model(self.name, vocab_size=vocab_size, initializer_range=0.2,
+        config = AutoConfig.for_model(self.model_type or self.name, vocab_size=vocab_size, initializer_range=0.2,
                                       tie_word_embeddings=False, **_IDS, **self.config)
         torch.manual_seed(seed)
         model = (AutoModelForCausalLM if self.kind == "lm" else AutoModel).from_config(config)
@@ -79,6 +80,11 @@ ARCHITECTURES = {a.name: a for a in [
     Architecture("stablelm", _LLAMA_LIKE),
     Architecture("olmo2", _LLAMA_LIKE),
     Architecture("granite", _LLAMA_LIKE),
+    # attention variants: a sliding window shorter than the sequences (Mistral's default, 4096, is never reached
+    # here), and ALiBi instead of rotary positions
+    Architecture("mistral-window4", {**_LLAMA_LIKE, "sliding_window": 4}, model_type="mistral"),
+    Architecture("falcon-alibi", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "max_position_embeddings": 128, "alibi": True}, model_type="falcon"),
     Architecture("bert", _ENCODER, kind="cls"),
     Architecture("roberta", {**_ENCODER, "max_position_embeddings": 130}, kind="cls"),  # positions start at pad + 1
     Architecture("deberta-v2", _ENCODER, kind="cls"),  # relative attention, query_proj/key_proj/value_proj
@@ -456,7 +462,8 @@ def results_json(all_cells: list[Cell], results: dict[str, CellResult], command:
         "command": command,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
         "tolerance": TOLERANCE,
-        "architectures": {a.name: {"kind": a.kind, "config": a.config} for a in ARCHITECTURES.values()},
+        "architectures": {a.name: {"model_type": a.model_type or a.name, "kind": a.kind, "config": a.config}
+                          for a in ARCHITECTURES.values()},
         "columns": columns(),
         "cells": entries(all_cells, results),
     }
