@@ -68,13 +68,19 @@ def write_adapter(
 
 def adapter_model(directory: Path) -> tuple[str, list[str] | None]:
     """How the base model of a saved adapter loads (`load_model`'s task type and labels): a sequence classifier
-    with its labels, or a causal LM. PEFT-made `SEQ_CLS` adapters keep no label names: numbered labels, one per
+    with its labels, a body for strategies that bring their own heads, or a causal LM. PEFT-made `SEQ_CLS` adapters keep no label names: numbered labels, one per
     row of the saved head."""
+    from tuneforge.strategies import REGISTRY  # the registry imports the strategies, which import peft_layout
+
     own, peft = directory / TUNEFORGE_CONFIG_NAME, directory / PEFT_CONFIG_NAME
     if own.is_file():
-        model = json.loads(own.read_text()).get("model") or {}
+        saved = json.loads(own.read_text())
+        model = saved.get("model") or {}
         if model.get("task_type") == "classification":
             return "classification", list(model["labels"])
+        names = [next(iter(spec)) for spec in saved.get("strategies", [])]
+        if any(name in REGISTRY and REGISTRY[name].cls.provides_heads for name in names):
+            return "body", None  # the strategy puts its own heads on the body
     elif peft.is_file() and json.loads(peft.read_text()).get("task_type") == "SEQ_CLS":
         _, tensors = read_adapter(directory)
         head = [t for name, t in tensors.items() if name.split(".", 1)[0] in SEQ_CLS_HEADS and t.dim() == 2]
