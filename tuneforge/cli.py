@@ -102,7 +102,8 @@ def cmd_eval(args) -> int:
 
         task_type, labels = adapter_model(Path(args.adapter))
         loaded = [t.labels for t in run_data.tasks if t.task_type == "classification"]
-        if task_type == "classification" and len(loaded) == 1 and loaded[0] != labels:
+        named = (Path(args.adapter) / "tuneforge.json").is_file()  # PEFT-made adapters keep no label names
+        if named and task_type == "classification" and len(loaded) == 1 and loaded[0] != labels:
             raise ConfigError(f"{args.adapter}: the adapter's head predicts the labels {labels}, the data has "
                               f"{loaded[0]}; evaluate it on the data it was trained for")
         model = load_adapter(model, args.adapter, tokenizer)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tuneforge.errors import ModelError
 from tuneforge.models import is_sequence_classifier, new_head_modules
 from tuneforge.strategies.base import Strategy
-from tuneforge.surgery import is_injected, layer_index, linear_modules
+from tuneforge.surgery import is_injected, layer_index
 
 PROMPT_KEY = "prompt_embeddings"  # PEFT's key for the one tensor of prompt-learning methods
 PEFT_PREFIX = "base_model.model."  # PEFT's key of a parameter: `base_model.model.<parameter name>`
@@ -100,11 +100,13 @@ def short_targets(
     model: nn.Module, wrapped: list[str], restricted: bool
 ) -> tuple[list[str], list[int] | None]:
     """Short names (q_proj), plus layer indices when `restricted`, if they select exactly the wrapped modules;
-    else the full module names (PEFT matches both)."""
+    else the full module names (PEFT matches both). PEFT matches a short name anywhere in the model, outside
+    the transformer blocks too (BERT's `pooler.dense` for `dense`), so every module is a candidate."""
     short = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
     layers = sorted({layer_index(name) for name in wrapped})
-    selected = [n for n, _ in linear_modules(model)
-                if n.rsplit(".", 1)[-1] in short and (not restricted or layer_index(n) in layers)]
+    selected = [n for n, _ in model.named_modules()
+                if n.rsplit(".", 1)[-1] in short and not is_injected(n)
+                and (not restricted or layer_index(n) in layers)]
     if sorted(selected) != sorted(wrapped):
         return sorted(wrapped), None
     return short, (layers if restricted else None)
