@@ -121,6 +121,10 @@ def test_eval_adapter_is_deterministic_and_equals_the_run(kind, request, tmp_pat
         assert code == 0, err
         accuracies.append(json.loads(out)["eval"]["accuracy"])
     assert accuracies[0] == accuracies[1] == results["after"]["eval"]["accuracy"]
+    # without an adapter: the base with the head the run drew (seeded as the run is), its "before"
+    code, out, err = cli("eval", str(config), "--json")
+    assert code == 0, err
+    assert json.loads(out)["eval"]["accuracy"] == results["before"]["eval"]["accuracy"]
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])

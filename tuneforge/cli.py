@@ -95,6 +95,9 @@ def cmd_eval(args) -> int:
 
     config = _load(args)
     run_data = load_run_data(config)
+    from accelerate.utils import set_seed
+
+    set_seed(config.train.seed)  # as a run does: a new classification head draws what the run's drew
     model, tokenizer, _ = load_base_model(config, run_data, [s.name for s in config.strategies])
     if args.adapter:
         from tuneforge.errors import ConfigError
