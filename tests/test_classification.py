@@ -1,6 +1,7 @@
-"""Classification runs as a user brings them (issue 18, causes 6-8): a sequence classifier loaded from a body or
-language-model checkpoint gets a new head, which trains with every parametrization and is saved (PEFT's
-`modules_to_save`); `eval --adapter` and `export` load it back; EWC and retention say what a classifier lacks.
+"""Classification runs as a user brings them (issue 18, causes 6-8): a sequence classifier loaded from a body
+or language-model checkpoint gets a new head, which trains with every parametrization and is saved (PEFT's
+`modules_to_save`); `eval --adapter` and `export` load it back; EWC and retention say what a classifier
+lacks.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def model_dir(request, name: str) -> Path:
     return request.getfixturevalue("tiny_model_dir" if name == "llama" else "tiny_bert_dir")
 
 
-def write_config(tmp_path: Path, model: Path, data: Path, strategies: list, output: str = "run", **top) -> Path:
+def write_config(tmp_path: Path, model: Path, data: Path, strategies: list, output: str = "run",
+                 **top) -> Path:
     raw = {"model": str(model), "data": {"train": str(data), "eval": str(data)}, "retain": None,
            "strategies": strategies,
            "train": {"max_steps": 40, "batch_size": 8, "lr": 1e-2, "max_seq_len": 32, "seed": 0},
@@ -85,9 +87,11 @@ def test_a_classifier_on_a_body_checkpoint_has_a_new_head(tiny_model_dir, tiny_b
     ("llama", [{"adapter": {}}]),
     ("llama", [{"prompt": {"length": 2}}]),
 ])
-def test_new_head_trains_with_every_parametrization_and_reloads(kind, strategies, request, tmp_path, colour_file):
+def test_new_head_trains_with_every_parametrization_and_reloads(kind, strategies, request, tmp_path,
+                                                                colour_file):
     folder = model_dir(request, kind)
-    config = validate_config(yaml.safe_load(write_config(tmp_path, folder, colour_file, strategies).read_text()))
+    path = write_config(tmp_path, folder, colour_file, strategies)
+    config = validate_config(yaml.safe_load(path.read_text()))
     results = train_run(config)
     head = new_head_modules(classifier(folder, 0)[0])[0]
     assert results["trainable_by_strategy"]["new head"] > 0
@@ -112,7 +116,8 @@ def test_new_head_trains_with_every_parametrization_and_reloads(kind, strategies
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_eval_adapter_is_deterministic_and_equals_the_run(kind, request, tmp_path, colour_file):
-    config = write_config(tmp_path, model_dir(request, kind), colour_file, [{"lora": {"rank": 4, "targets": "all-linear"}}])
+    lora = [{"lora": {"rank": 4, "targets": "all-linear"}}]
+    config = write_config(tmp_path, model_dir(request, kind), colour_file, lora)
     assert cli("train", str(config))[0] == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     accuracies = []
@@ -129,7 +134,7 @@ def test_eval_adapter_is_deterministic_and_equals_the_run(kind, request, tmp_pat
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_peft_loads_our_classifier_adapter_and_we_load_its(kind, request, tmp_path):
-    """Both directions with task_type SEQ_CLS: the head is PEFT's `modules_to_save`, keys as PEFT writes them."""
+    """Both directions with task_type SEQ_CLS: the head is PEFT's `modules_to_save`, keyed as PEFT keys it."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForSequenceClassification
 
@@ -175,7 +180,8 @@ def test_prompt_learning_heads_use_peft_keys(tiny_model_dir, tmp_path):
     torch.testing.assert_close(loaded.score.weight, model.score.weight)
 
 
-@pytest.mark.parametrize("strategies", [[{"full": {}}], [{"layerwise": {"train_layers": "top:1", "train_head": False}}]])
+@pytest.mark.parametrize("strategies", [[{"full": {}}],
+                                        [{"layerwise": {"train_layers": "top:1", "train_head": False}}]])
 def test_base_weight_strategies_train_the_new_head_and_save_it_once(strategies, tiny_bert_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -222,12 +228,14 @@ def test_export_of_a_classification_run_reloads_with_equal_logits(kind, request,
 
 
 # Cause 7: what needs a language model's retain text says so on a classifier; an unused retain is a note.
-@pytest.mark.parametrize(("strategy", "says"), [("ewc", "ewc on a classifier protects earlier tasks of a sequence"),
-                                                ("retention", "retention keeps a language model's predictions")])
-def test_ewc_and_retention_on_a_classifier_refuse_with_the_true_reason(strategy, says, tiny_bert_dir, tmp_path,
-                                                                       colour_file):
-    config = write_config(tmp_path, tiny_bert_dir, colour_file, [{"lora": {"targets": "all-linear"}}, {strategy: {}}],
-                          retain="builtin:shakespeare")
+@pytest.mark.parametrize(("strategy", "says"), [
+    ("ewc", "ewc on a classifier protects earlier tasks of a sequence"),
+    ("retention", "retention keeps a language model's predictions"),
+])
+def test_ewc_and_retention_on_a_classifier_refuse_with_the_true_reason(strategy, says, tiny_bert_dir,
+                                                                       tmp_path, colour_file):
+    strategies = [{"lora": {"targets": "all-linear"}}, {strategy: {}}]
+    config = write_config(tmp_path, tiny_bert_dir, colour_file, strategies, retain="builtin:shakespeare")
     code, _, err = cli("validate", str(config))
     assert code == 2 and says in err and "no language-model head" in err, err
     with pytest.raises(ConfigError, match=says):
@@ -237,7 +245,7 @@ def test_ewc_and_retention_on_a_classifier_refuse_with_the_true_reason(strategy,
 def test_ewc_on_a_classification_sequence_uses_the_tasks(tiny_bert_dir, tmp_path, colour_file):
     """In a sequence, each finished task's Fisher protects it: no retain text is needed or asked for."""
     raw = {"model": str(tiny_bert_dir), "retain": None, "schedule": {"mode": "sequence"},
-           "tasks": [{"name": "a", "data": {"train": str(colour_file)}}, {"name": "b", "data": {"train": str(colour_file)}}],
+           "tasks": [{"name": name, "data": {"train": str(colour_file)}} for name in ("a", "b")],
            "strategies": [{"full": {}}, {"heads": {}}, {"ewc": {"fisher_samples": 4}}],
            "train": {"max_steps": 2, "batch_size": 4, "max_seq_len": 32}, "evaluation": {"samples": 0},
            "output": str(tmp_path / "run")}
@@ -246,10 +254,12 @@ def test_ewc_on_a_classification_sequence_uses_the_tasks(tiny_bert_dir, tmp_path
 
 
 def test_an_unused_retain_is_a_note_in_results_not_dropped_silently(tiny_bert_dir, tmp_path, colour_file):
-    config = write_config(tmp_path, tiny_bert_dir, colour_file, [{"lora": {"targets": "all-linear"}}], retain="builtin:shakespeare",
+    config = write_config(tmp_path, tiny_bert_dir, colour_file, [{"lora": {"targets": "all-linear"}}],
+                          retain="builtin:shakespeare",
                           train={"max_steps": 1, "batch_size": 8, "max_seq_len": 32})
     code, out, _ = cli("validate", str(config))
     assert code == 0 and "is not used" in out
     results = train_run(validate_config(yaml.safe_load(config.read_text())))
-    assert any("retain: builtin:shakespeare is not used" in note and "classifier" in note for note in results["notes"])
+    notes = results["notes"]
+    assert any("retain: builtin:shakespeare is not used" in note and "classifier" in note for note in notes)
     assert "retain" not in results["after"]

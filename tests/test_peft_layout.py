@@ -143,9 +143,10 @@ def test_composed_adapters_stay_tuneforge_only(tmp_path):
 
 
 def test_peft_modules_to_save_other_than_a_classification_head_is_refused(tmp_path):
-    """PEFT's SEQ_CLS heads (`classifier`, `score`) load as the model's new head; other modules_to_save do not."""
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"],
-                                                               task_type="CAUSAL_LM"))
+    """PEFT's SEQ_CLS heads (`classifier`, `score`) load as the model's new head; other modules do not."""
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                             task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(tiny_llama(), config)
     theirs.save_pretrained(tmp_path / "peft")
     with pytest.raises(ModelError, match=r"modules_to_save=\['lm_head'\] is not supported"):
         tuneforge.load_adapter(tiny_llama(), tmp_path / "peft")

@@ -53,9 +53,9 @@ def load_adapter(model: nn.Module, directory: str | Path, tokenizer=None) -> nn.
         raise ModelError(f"{directory}: {name} has shape {tuple(tensors[name].shape)}, model expects {tuple(state[name].shape)}")
     missing = sorted(new_head_parameters(model) - set(tensors))
     if missing:  # loading would keep the head the loader just drew at random: predictions at chance
-        raise ModelError(f"{directory}: the adapter holds no weights for {missing[0]}, a classification head this "
-                         f"model initialised at random when loaded (adapters saved before tuneforge trained and "
-                         f"saved new heads lack it); train the run again")
+        raise ModelError(f"{directory}: the adapter holds no weights for {missing[0]}, a classification "
+                         f"head this model initialised at random when loaded (adapters saved before "
+                         f"tuneforge trained and saved new heads lack it); train the run again")
     model.load_state_dict(tensors, strict=False)
     return model
 

@@ -107,8 +107,8 @@ def cmd_eval(args) -> int:
         loaded = [t.labels for t in run_data.tasks if t.task_type == "classification"]
         named = (Path(args.adapter) / "tuneforge.json").is_file()  # PEFT-made adapters keep no label names
         if named and task_type == "classification" and len(loaded) == 1 and loaded[0] != labels:
-            raise ConfigError(f"{args.adapter}: the adapter's head predicts the labels {labels}, the data has "
-                              f"{loaded[0]}; evaluate it on the data it was trained for")
+            raise ConfigError(f"{args.adapter}: the adapter's head predicts the labels {labels}, the data "
+                              f"has {loaded[0]}; evaluate it on the data it was trained for")
         model = load_adapter(model, args.adapter, tokenizer)
     encode_run_data(run_data, config, tokenizer, tag_tasks=run_data.multi_task)
     for note in run_data.notes:
@@ -168,9 +168,10 @@ def cmd_export(args) -> int:
     if not (run_dir / "config.yaml").is_file() or not (run_dir / ADAPTER_DIR).is_dir():
         raise ConfigError(f"{run_dir}: not a finished run directory (needs config.yaml and adapter/)")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    # the base loads as the run loaded it: a classifier with the run's labels (its trained head is in the adapter)
+    # the base loads as the run loaded it: a classifier with the run's labels (its head is in the adapter)
     task_type, labels = adapter_model(run_dir / ADAPTER_DIR)
-    model, tokenizer, _ = load_model(config["model"], task_type, labels, bool(config.get("trust_remote_code")))
+    trust = bool(config.get("trust_remote_code"))
+    model, tokenizer, _ = load_model(config["model"], task_type, labels, trust)
     model = load_adapter(model, run_dir / ADAPTER_DIR, tokenizer)
     check = tokenizer(["The quick brown fox", "Hello"], return_tensors="pt", padding=True)
     report = export_merged(model, tokenizer, Path(args.merged), dict(check))

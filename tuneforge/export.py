@@ -67,9 +67,9 @@ def write_adapter(
 
 
 def adapter_model(directory: Path) -> tuple[str, list[str] | None]:
-    """How the base model of a saved adapter loads (`load_model`'s task type and labels): a sequence classifier
-    with its labels, a body for strategies that bring their own heads, or a causal LM. PEFT-made `SEQ_CLS` adapters keep no label names: numbered labels, one per
-    row of the saved head."""
+    """How the base model of a saved adapter loads (`load_model`'s task type and labels): a sequence
+    classifier with its labels, a body for strategies that bring their own heads, or a causal LM. PEFT-made
+    `SEQ_CLS` adapters keep no label names: numbered labels, one per row of the saved head."""
     from tuneforge.strategies import REGISTRY  # the registry imports the strategies, which import peft_layout
 
     own, peft = directory / TUNEFORGE_CONFIG_NAME, directory / PEFT_CONFIG_NAME

@@ -134,8 +134,9 @@ def encode_run_data(run_data: RunData, config: RunConfig, tokenizer, tag_tasks: 
 
 def retain_unused_note(retain: str) -> str:
     """Why a classification run leaves `retain:` unused (forgetting is not measured on it)."""
-    return (f"retain: {retain} is not used: forgetting is measured as a language model's loss on retain text, and "
-            f"this run's model is a classifier (no language-model head); set `retain: null` to silence this")
+    return (f"retain: {retain} is not used: forgetting is measured as a language model's loss on retain "
+            f"text, and this run's model is a classifier (no language-model head); set `retain: null` to "
+            f"silence this")
 
 
 def retain_batch_source(run_data: RunData, tokenizer, config: RunConfig):

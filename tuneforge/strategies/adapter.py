@@ -60,8 +60,8 @@ class BottleneckAdapter(nn.Module):
         return hidden + self.up(self.activation(self.down(hidden)))
 
     def adapt_output(self, module: nn.Module, inputs: tuple, output):
-        """The forward hook on the sub-layer: its output (or a tuple output's first item) through the adapter.
-        A bound method, so a deep copy of the model (a frozen reference) runs its own adapter, not this one."""
+        """The forward hook on the sub-layer: its output (or a tuple output's first item) through the
+        adapter. A bound method, so a deep copy of the model (a frozen reference) runs its own adapter."""
         if isinstance(output, tuple):
             return (self(output[0]), *output[1:])
         return self(output)

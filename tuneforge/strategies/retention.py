@@ -54,8 +54,9 @@ class Retention(Strategy):
     @classmethod
     def refuses_run(cls, task_type: str, sequence: bool) -> str | None:
         if task_type == "classification":
-            return ("retention keeps a language model's predictions on `retain:` text; this run's model is a "
-                    "classifier (no language-model head): remove retention, or use ewc across a task sequence")
+            return ("retention keeps a language model's predictions on `retain:` text; this run's model is "
+                    "a classifier (no language-model head): remove retention, or use ewc across a task "
+                    "sequence")
         return None
 
     def on_train_start(self, model: nn.Module, ctx: StrategyContext) -> None:
