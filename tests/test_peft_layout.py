@@ -140,3 +140,13 @@ def test_composed_adapters_stay_tuneforge_only(tmp_path):
     assert not (tmp_path / "adapter" / "adapter_config.json").exists()  # PEFT cannot express the combination
     assert [next(iter(s)) for s in json.loads((tmp_path / "adapter" / "tuneforge.json").read_text())["strategies"]] \
         == ["prefix", "lora"]
+
+
+def test_peft_modules_to_save_other_than_a_classification_head_is_refused(tmp_path):
+    """PEFT's SEQ_CLS heads (`classifier`, `score`) load as the model's new head; other modules do not."""
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                             task_type="CAUSAL_LM")
+    theirs = peft.get_peft_model(tiny_llama(), config)
+    theirs.save_pretrained(tmp_path / "peft")
+    with pytest.raises(ModelError, match=r"modules_to_save=\['lm_head'\] is not supported"):
+        tuneforge.load_adapter(tiny_llama(), tmp_path / "peft")

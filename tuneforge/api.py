@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tuneforge.compose import applied_strategies, apply_strategies, build_strategies
+from tuneforge.compose import applied_strategies, apply_strategies, build_strategies, new_head_parameters
 from tuneforge.errors import ModelError
 from tuneforge.strategies import StrategyContext
 
@@ -53,6 +53,11 @@ def load_adapter(model: nn.Module, directory: str | Path, tokenizer=None) -> nn.
         name = misshapen[0]
         raise ModelError(f"{directory}: {name} has shape {tuple(tensors[name].shape)}, "
                          f"model expects {tuple(state[name].shape)}")
+    missing = sorted(new_head_parameters(model) - set(tensors))
+    if missing:  # loading would keep the head the loader just drew at random: predictions at chance
+        raise ModelError(f"{directory}: the adapter holds no weights for {missing[0]}, a classification "
+                         f"head this model initialised at random when loaded (adapters saved before "
+                         f"tuneforge trained and saved new heads lack it); train the run again")
     model.load_state_dict(tensors, strict=False)
     return model
 

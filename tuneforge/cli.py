@@ -53,6 +53,10 @@ def cmd_validate(args) -> int:
     strategies = ", ".join(s.name for s in config.strategies) or f"{default_parametrization().name} (default)"
     print(f"{args.config}: ok ({summary['task_type']}: {summary['train_examples']} train, "
           f"{summary['eval_examples']} eval examples{labels}; strategies: {strategies})")
+    if config.retain and summary["task_type"] == "classification":
+        from tuneforge.tasks import retain_unused_note
+
+        print(f"note: {retain_unused_note(config.retain)}")
     if summary.get("skipped"):
         print(f"skipped {len(summary['skipped'])} invalid record(s) (data.skip_invalid), first: {summary['skipped'][0]}")
     return 0
@@ -91,10 +95,24 @@ def cmd_eval(args) -> int:
 
     config = _load(args)
     run_data = load_run_data(config)
+    from accelerate.utils import set_seed
+
+    set_seed(config.train.seed)  # as a run does: a new classification head draws what the run's drew
     model, tokenizer, _ = load_base_model(config, run_data, [s.name for s in config.strategies])
     if args.adapter:
+        from tuneforge.errors import ConfigError
+        from tuneforge.export import adapter_model
+
+        task_type, labels = adapter_model(Path(args.adapter))
+        loaded = [t.labels for t in run_data.tasks if t.task_type == "classification"]
+        named = (Path(args.adapter) / "tuneforge.json").is_file()  # PEFT-made adapters keep no label names
+        if named and task_type == "classification" and len(loaded) == 1 and loaded[0] != labels:
+            raise ConfigError(f"{args.adapter}: the adapter's head predicts the labels {labels}, the data "
+                              f"has {loaded[0]}; evaluate it on the data it was trained for")
         model = load_adapter(model, args.adapter, tokenizer)
     encode_run_data(run_data, config, tokenizer, tag_tasks=run_data.multi_task)
+    for note in run_data.notes:
+        print(f"tuneforge: note: {note}", file=sys.stderr)
     result = evaluate_all(model, tokenizer, run_data, config, "cpu")
     if args.json:
         print(json.dumps(result))
@@ -143,14 +161,17 @@ def cmd_export(args) -> int:
 
     from tuneforge.api import load_adapter
     from tuneforge.errors import ConfigError
-    from tuneforge.export import ADAPTER_DIR, export_merged
+    from tuneforge.export import ADAPTER_DIR, adapter_model, export_merged
     from tuneforge.models import load_model
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / ADAPTER_DIR).is_dir():
         raise ConfigError(f"{run_dir}: not a finished run directory (needs config.yaml and adapter/)")
-    model_name = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
-    model, tokenizer, _ = load_model(model_name)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # the base loads as the run loaded it: a classifier with the run's labels (its head is in the adapter)
+    task_type, labels = adapter_model(run_dir / ADAPTER_DIR)
+    trust = bool(config.get("trust_remote_code"))
+    model, tokenizer, _ = load_model(config["model"], task_type, labels, trust)
     model = load_adapter(model, run_dir / ADAPTER_DIR, tokenizer)
     check = tokenizer(["The quick brown fox", "Hello"], return_tensors="pt", padding=True)
     report = export_merged(model, tokenizer, Path(args.merged), dict(check))

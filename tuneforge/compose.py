@@ -8,6 +8,7 @@ from torch import nn
 
 from tuneforge.config import StrategySpec, parse_strategies
 from tuneforge.errors import ModelError
+from tuneforge.models import new_head_modules
 from tuneforge.strategies import (
     REGISTRY,
     Strategy,
@@ -16,8 +17,10 @@ from tuneforge.strategies import (
     default_parametrization,
     refusal,
 )
+from tuneforge.surgery import is_injected
 
 STRATEGIES_ATTR = "tuneforge_strategies"  # the applied strategies ride on the model for save_adapter
+NEW_HEAD = "new head"  # trainable_by_strategy's entry for a head the loader initialised at random
 
 
 def build_strategies(specs: list[StrategySpec] | list[dict] | list[str]) -> list[Strategy]:
@@ -54,8 +57,21 @@ def trainable_by_strategy(model: nn.Module, strategies: list[Strategy], ctx: Str
         default = default_parametrization()
         implied = build_strategy(default.name, REGISTRY[default.name].options())
         wanted[default.name] = implied.trainable(model, ctx)
+    head = new_head_parameters(model)
+    if head:  # trained with every parametrization: a random head never trained predicts at chance
+        wanted[NEW_HEAD] = head
     unused = set().union(*(strategy.unused_parameters(model, ctx) for strategy in strategies))
     return {name: names - unused for name, names in wanted.items()}
+
+
+def new_head_parameters(model: nn.Module) -> set[str]:
+    """Parameters of the head the loader initialised at random (`models.new_head_modules`): a classification
+    head put on a body or language-model checkpoint. Every run trains and saves them, whatever the
+    parametrization; in PEFT's layout they are `modules_to_save`. Strategies' injected modules are not part
+    of it."""
+    modules = new_head_modules(model)
+    return {name for name, _ in model.named_parameters()
+            if name.split(".", 1)[0] in modules and not is_injected(name)}
 
 
 def trainable_in_any_epoch(model: nn.Module, ctx: StrategyContext, strategies: list[Strategy] | None = None) -> set[str]:

@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
-from tuneforge.peft_layout import peft_config, strategies_from_peft
+from tuneforge.models import is_sequence_classifier
+from tuneforge.peft_layout import PEFT_PREFIX, SEQ_CLS_HEADS, our_name, peft_config, strategies_from_peft
 from tuneforge.strategies import Strategy
 from tuneforge.surgery import is_injected
 
 ADAPTER_DIR = "adapter"  # a run directory's adapter folder (a folder name, not the strategy)
-PEFT_PREFIX = "base_model.model."
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 TUNEFORGE_CONFIG_NAME = "tuneforge.json"
@@ -56,11 +56,37 @@ def write_adapter(
     save_file(keyed, str(tmp / WEIGHTS_NAME))
     specs = [{s.name: s.adapter_options()} for s in strategies]
     own = {"format": 1, "strategies": specs, "keys": {peft_key: name for name, peft_key in renames.items()}}
+    if is_sequence_classifier(model):  # how to load the base again (export, eval): labels in head order
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        own["model"] = {"task_type": "classification", "labels": labels}
     (tmp / TUNEFORGE_CONFIG_NAME).write_text(json.dumps(own, indent=2) + "\n")
     if config is not None:
         (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     _replace_dir(tmp, directory)
     return directory
+
+
+def adapter_model(directory: Path) -> tuple[str, list[str] | None]:
+    """How the base model of a saved adapter loads (`load_model`'s task type and labels): a sequence
+    classifier with its labels, a body for strategies that bring their own heads, or a causal LM. PEFT-made
+    `SEQ_CLS` adapters keep no label names: numbered labels, one per row of the saved head."""
+    from tuneforge.strategies import REGISTRY  # the registry imports the strategies, which import peft_layout
+
+    own, peft = directory / TUNEFORGE_CONFIG_NAME, directory / PEFT_CONFIG_NAME
+    if own.is_file():
+        saved = json.loads(own.read_text())
+        model = saved.get("model") or {}
+        if model.get("task_type") == "classification":
+            return "classification", list(model["labels"])
+        names = [next(iter(spec)) for spec in saved.get("strategies", [])]
+        if any(name in REGISTRY and REGISTRY[name].cls.provides_heads for name in names):
+            return "body", None  # the strategy puts its own heads on the body
+    elif peft.is_file() and json.loads(peft.read_text()).get("task_type") == "SEQ_CLS":
+        _, tensors = read_adapter(directory)
+        head = [t for name, t in tensors.items() if name.split(".", 1)[0] in SEQ_CLS_HEADS and t.dim() == 2]
+        if head:
+            return "classification", [f"LABEL_{i}" for i in range(head[-1].shape[0])]
+    return "causal_lm", None
 
 
 def read_adapter(directory: Path) -> tuple[list[dict], dict[str, Tensor]]:
@@ -77,7 +103,7 @@ def read_adapter(directory: Path) -> tuple[list[dict], dict[str, Tensor]]:
     else:
         raise ModelError(f"{directory}: neither {TUNEFORGE_CONFIG_NAME} nor {PEFT_CONFIG_NAME} found")
     stored = load_file(str(weights))
-    tensors = {renames.get(key, key.removeprefix(PEFT_PREFIX)): t for key, t in stored.items()}
+    tensors = {our_name(key, renames): t for key, t in stored.items()}
     return strategies, tensors
 
 

@@ -216,6 +216,45 @@ def load_model(
     return model, tokenizer, path
 
 
+def is_sequence_classifier(model: nn.Module) -> bool:
+    """Whether `model` is transformers' sequence classifier of its architecture (a body + a label head)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    return model_type is not None and MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type) == type(
+        model).__name__
+
+
+def new_head_modules(model: nn.Module) -> tuple[str, ...]:
+    """Top-level modules of a sequence classifier that its folder did not hold: initialised at random at load.
+
+    A classifier loaded (`load_model(..., "classification")`) from a body or language-model checkpoint gets
+    a new head: every module outside the body (`base_model_prefix`) with parameters, `score` on decoders,
+    `classifier` on BERT (and a pooler where the body has none). A folder saved as this very class holds its
+    head; a model built in memory (no folder in `config.name_or_path`) reports none. Read from the model as
+    loaded, before any strategy injects modules, or filter injected names out.
+    """
+    if not is_sequence_classifier(model):
+        return ()
+    folder = Path(str(getattr(model.config, "name_or_path", "") or ""))
+    if not str(folder) or not (folder / "config.json").is_file():
+        return ()
+    if type(model).__name__ in (_saved_architectures(str(folder)) or ()):
+        return ()
+    body = getattr(model, "base_model_prefix", "")
+    return tuple(name for name, module in model.named_children()
+                 if name != body and any(True for _ in module.parameters()))
+
+
+def _saved_architectures(folder: str) -> tuple[str, ...] | None:
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return tuple(config.get("architectures") or ()) if isinstance(config, dict) else None
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, trainable) parameter counts, shared (tied) weights counted once."""
     total = trainable = 0

@@ -7,6 +7,11 @@ strategy PEFT can express declares its `peft_type` and translates its own option
 reader by `peft_type`, and the refusal of PEFT options tuneforge does not implement. Only adapters made of
 exactly one PEFT-expressible strategy, with no trained base weights, get an `adapter_config.json`; composed
 ones stay tuneforge-only.
+
+A classification head the loader initialised at random (`models.new_head_modules`) trains with every
+parametrization; PEFT calls such modules `modules_to_save` (`task_type: SEQ_CLS` adds `classifier` and `score`
+itself). PEFT 0.21 keys their tensors `base_model.model.<name>` (LoRA, IA3), or `base_model.<name>` next to
+the `prompt_embeddings` of prompt-learning methods.
 """
 
 from __future__ import annotations
@@ -17,11 +22,15 @@ from typing import Any
 from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
+from tuneforge.models import is_sequence_classifier, new_head_modules
 from tuneforge.strategies.base import Strategy
-from tuneforge.surgery import layer_index, linear_modules
+from tuneforge.surgery import is_injected, layer_index
 
 PROMPT_KEY = "prompt_embeddings"  # PEFT's key for the one tensor of prompt-learning methods
-_UNSUPPORTED_OPTIONS = ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_pattern")
+PEFT_PREFIX = "base_model.model."  # PEFT's key of a parameter: `base_model.model.<parameter name>`
+PROMPT_LEARNING_PREFIX = "base_model."  # ... but `base_model.<name>` for the heads of prompt-learning methods
+SEQ_CLS_HEADS = ("classifier", "score")  # what PEFT's `task_type: SEQ_CLS` adds to `modules_to_save`
+_UNSUPPORTED_OPTIONS = ("rank_pattern", "alpha_pattern", "layers_pattern")
 
 
 def peft_config(
@@ -31,15 +40,22 @@ def peft_config(
     if len(strategies) != 1 or strategies[0].peft_type is None:
         return None, {}
     strategy, = strategies
-    # Every saved tensor must be the strategy's own: trained base weights are not PEFT-expressible.
-    if not tensors or set(tensors) != set(strategy.adapter_state(model)):
+    # Every saved tensor must be the strategy's own or a new head's: other trained base weights are not
+    # PEFT-expressible.
+    heads = new_head_modules(model)
+    head = {name for name in tensors if name.split(".", 1)[0] in heads and not is_injected(name)}
+    if not tensors or set(tensors) - head != set(strategy.adapter_state(model)):
         return None, {}
     translation = strategy.to_peft(model)
     if translation is None:
         return None, {}
+    renames = dict(translation.renames)
+    prefix = PROMPT_LEARNING_PREFIX if PROMPT_KEY in renames.values() else PEFT_PREFIX
+    renames.update({name: prefix + name for name in head})
+    modules_to_save = sorted({name.split(".", 1)[0] for name in head}) or None
     common = {"base_model_name_or_path": base_name, "task_type": _task_type(model), "inference_mode": True,
-              "revision": None, "modules_to_save": None}
-    return {**common, **translation.config}, dict(translation.renames)
+              "revision": None, "modules_to_save": modules_to_save}
+    return {**common, **translation.config}, renames
 
 
 def strategies_from_peft(config: dict, directory: Path) -> tuple[list[dict], dict[str, str]]:
@@ -53,6 +69,11 @@ def strategies_from_peft(config: dict, directory: Path) -> tuple[list[dict], dic
     for option in _UNSUPPORTED_OPTIONS:
         if config.get(option):
             raise ModelError(f"{directory}: PEFT option {option}={config[option]!r} is not supported by tuneforge")
+    extra = [name for name in config.get("modules_to_save") or []
+             if not (config.get("task_type") == "SEQ_CLS" and name in SEQ_CLS_HEADS)]
+    if extra:  # a classification head (task_type SEQ_CLS) loads as the model's own; other modules do not
+        raise ModelError(f"{directory}: PEFT option modules_to_save={extra!r} is not supported by tuneforge "
+                         f"(only a classification head with task_type SEQ_CLS: {', '.join(SEQ_CLS_HEADS)})")
     if config.get("bias", "none") != "none":
         raise ModelError(f"{directory}: PEFT option bias={config['bias']!r} is not supported (bias='none' only)")
     strategy = readers[kind]
@@ -61,18 +82,31 @@ def strategies_from_peft(config: dict, directory: Path) -> tuple[list[dict], dic
 
 
 def _task_type(model: nn.Module) -> str | None:
+    if is_sequence_classifier(model):
+        return "SEQ_CLS"
     return "CAUSAL_LM" if hasattr(model, "generate") and hasattr(model, "lm_head") else None
+
+
+def our_name(key: str, renames: dict[str, str]) -> str:
+    """The parameter name of a stored adapter key (PEFT's or ours)."""
+    if key in renames:
+        return renames[key]
+    if key.startswith(PEFT_PREFIX):
+        return key.removeprefix(PEFT_PREFIX)
+    return key.removeprefix(PROMPT_LEARNING_PREFIX)  # a prompt-learning adapter's modules_to_save
 
 
 def short_targets(
     model: nn.Module, wrapped: list[str], restricted: bool
 ) -> tuple[list[str], list[int] | None]:
     """Short names (q_proj), plus layer indices when `restricted`, if they select exactly the wrapped modules;
-    else the full module names (PEFT matches both)."""
+    else the full module names (PEFT matches both). PEFT matches a short name anywhere in the model, outside
+    the transformer blocks too (BERT's `pooler.dense` for `dense`), so every module is a candidate."""
     short = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
     layers = sorted({layer_index(name) for name in wrapped})
-    selected = [n for n, _ in linear_modules(model)
-                if n.rsplit(".", 1)[-1] in short and (not restricted or layer_index(n) in layers)]
+    selected = [n for n, _ in model.named_modules()
+                if n.rsplit(".", 1)[-1] in short and not is_injected(n)
+                and (not restricted or layer_index(n) in layers)]
     if sorted(selected) != sorted(wrapped):
         return sorted(wrapped), None
     return short, (layers if restricted else None)

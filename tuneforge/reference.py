@@ -32,7 +32,9 @@ class FrozenReference:
     """The model as it was before training, run without gradients (a teacher or a retention target).
 
     Uses `disabled_adapters(model)` when every trainable parameter belongs to a module that can be
-    disabled; otherwise a frozen deep copy taken now (call it before the first optimizer step).
+    disabled; otherwise a frozen deep copy taken now (call it before the first optimizer step), run with its
+    own injected modules disabled: base weights train (full, layer-wise, or a new classification head next to
+    a prompt or adapters), and the copy still holds what was injected, which is not the original.
     """
 
     def __init__(self, model: nn.Module):
@@ -51,7 +53,8 @@ class FrozenReference:
     @torch.no_grad()
     def __call__(self, **inputs: Any) -> Any:
         if self.copy is not None:
-            return self.copy(**inputs)
+            with disabled_adapters(self.copy):
+                return self.copy(**inputs)
         with eval_mode(self.model), disabled_adapters(self.model):  # the reference has no dropout
             return self.model(**inputs)
 

@@ -226,6 +226,8 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
         f"{params['total_params']:,} parameters "
         f"({', '.join(config_names(config)) or default_parametrization().name})"
     )
+    for note in session.data.notes:
+        session.accelerator.print(f"tuneforge: note: {note}")
     before = evaluate_before(session, resume)
     if config.schedule.mode == "sequence" and session.data.multi_task:
         from tuneforge.continual import train_sequence
@@ -266,6 +268,8 @@ def finish(session: Session, params: dict, before: dict, state, wall: float, ext
         "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(accelerator.device),
         "seed": config.train.seed, **extra,
     }
+    if session.data.notes:  # what the run left unused, and why
+        results["notes"] = list(session.data.notes)
     skipped = [message for task in session.data.tasks for message in task.skipped]
     if skipped:  # data.skip_invalid: how many records were left out, and the first few reasons
         results["skipped"] = {"count": len(skipped), "examples": skipped[:5]}
@@ -298,6 +302,11 @@ def validate_run(config: RunConfig) -> dict:
     kind = BUNDLED_MODELS[config.model].kind if config.model in BUNDLED_MODELS else model_kind(Path(config.model))
     if any(t.task_type == "causal_lm" for t in run_data.tasks) and kind != "causal_lm":
         raise ConfigError(f"model {config.model!r} is an encoder: it needs classification data (text/label)")
+    sequence = config.schedule.mode == "sequence" and run_data.multi_task
+    for spec in config.strategies:  # what a strategy refuses at its start, for this kind of run
+        reason = REGISTRY[spec.name].cls.refuses_run(run_data.task_type, sequence)
+        if reason:
+            raise ConfigError(f"strategies: {reason}")
     if config.retain:
         load_examples(config.retain, "text")
     labels = [label for t in run_data.tasks for label in (t.labels or [])]

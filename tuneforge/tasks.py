@@ -99,6 +99,7 @@ class RunData:
     tasks: list[TaskData]
     retain_items: list[dict] = field(default_factory=list)  # measures forgetting
     retain_pool: list[Example] = field(default_factory=list)  # disjoint retain text for regularisers
+    notes: list[str] = field(default_factory=list)  # what the run leaves unused, and why (results.json)
 
     @property
     def task_type(self) -> str:
@@ -124,9 +125,18 @@ def encode_run_data(run_data: RunData, config: RunConfig, tokenizer, tag_tasks: 
         measure, regularize = split_retain_documents(load_examples(config.retain, "text"))
         run_data.retain_items = encode_text_chunks(measure, tokenizer, max_len, config.evaluation.retain_examples)
         run_data.retain_pool = regularize
+    elif config.retain:  # never dropped silently: the run prints the note and keeps it in results.json
+        note = retain_unused_note(config.retain)
+        if note not in run_data.notes:
+            run_data.notes.append(note)
     return run_data
 
 
+def retain_unused_note(retain: str) -> str:
+    """Why a classification run leaves `retain:` unused (forgetting is not measured on it)."""
+    return (f"retain: {retain} is not used: forgetting is measured as a language model's loss on retain "
+            f"text, and this run's model is a classifier (no language-model head); set `retain: null` to "
+            f"silence this")
 
 
 def retain_batch_source(run_data: RunData, tokenizer, config: RunConfig):

@@ -59,6 +59,13 @@ class BottleneckAdapter(nn.Module):
             return hidden
         return hidden + self.up(self.activation(self.down(hidden)))
 
+    def adapt_output(self, module: nn.Module, inputs: tuple, output):
+        """The forward hook on the sub-layer: its output (or a tuple output's first item) through the
+        adapter. A bound method, so a deep copy of the model (a frozen reference) runs its own adapter."""
+        if isinstance(output, tuple):
+            return (self(output[0]), *output[1:])
+        return self(output)
+
     def extra_repr(self) -> str:
         return f"{self.down.in_features} -> {self.down.out_features} -> {self.up.out_features}"
 
@@ -108,7 +115,7 @@ class Adapter(Strategy):
                                      f"bottleneck adapters support Llama-, GPT-2- and BERT-style layers")
                 adapter = BottleneckAdapter(width, bottleneck, opts.activation, factory)
                 layer.add_module(attribute, adapter)
-                site.register_forward_hook(_adapt_output(adapter))
+                site.register_forward_hook(adapter.adapt_output)
         return model
 
 
@@ -131,17 +138,6 @@ def _find_site(layer: nn.Module, sites: tuple[str, ...]) -> nn.Module | None:
         except AttributeError:
             continue
     return None
-
-
-def _adapt_output(adapter: BottleneckAdapter):
-    """A forward hook that passes a sub-layer's output (or the first item of a tuple output) through `adapter`."""
-
-    def hook(module: nn.Module, inputs: tuple, output):
-        if isinstance(output, tuple):
-            return (adapter(output[0]), *output[1:])
-        return adapter(output)
-
-    return hook
 
 
 def _hidden_size(model: nn.Module) -> int:

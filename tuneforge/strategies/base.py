@@ -93,6 +93,13 @@ class Strategy:
         return None
 
     @classmethod
+    def refuses_run(cls, task_type: str, sequence: bool) -> str | None:
+        """Why this strategy cannot train a run of `task_type` (`classification` when every task is, else
+        `causal_lm`), trained as a task `sequence` or not (None: it can). Checked by `validate` before any
+        model loads and by the strategy when training starts; say what to change."""
+        return None
+
+    @classmethod
     def label(cls, options: dict[str, Any]) -> str:
         """How reports name this strategy with these options (e.g. `lora (dora)`)."""
         return cls.name

@@ -4,7 +4,9 @@
 
 Each protected "task" k contributes its anchor theta*_k (the weights when it was learned) and the
 diagonal Fisher F_k estimated there (`tuneforge.losses.fisher_diagonal`), over the trainable parameters:
-- the base model's knowledge: when the run has retain data, F_0 is estimated on `fisher_samples`
+- the base model's knowledge: when the run has retain data (a language model's run: a classifier has no
+  LM head to score retain text with, so EWC on a classifier needs a task sequence), F_0 is estimated on
+  `fisher_samples`
   retain sequences (one sequence per gradient: the per-sequence empirical Fisher, or the true Fisher with
   `fisher: true`) at the starting weights, before the first update;
 - each finished task of a sequence (`on_task_end`): F on `fisher_samples` of that task's training
@@ -63,7 +65,19 @@ class EWC(Strategy):
     def needs_logits(self) -> bool:
         return False  # the penalty reads the weights only
 
+    @classmethod
+    def refuses_run(cls, task_type: str, sequence: bool) -> str | None:
+        if task_type == "classification" and not sequence:
+            return ("ewc on a classifier protects earlier tasks of a sequence: `retain:` text cannot be "
+                    "scored by a classification model (it has no language-model head), so a single task "
+                    "has no old knowledge to keep; train a task sequence (`tasks:` + "
+                    "`schedule: {mode: sequence}`) or remove ewc")
+        return None
+
     def on_train_start(self, model: nn.Module, ctx: StrategyContext) -> None:
+        reason = self.refuses_run(ctx.task_type, ctx.current_task is not None)
+        if reason:
+            raise ConfigError(reason)
         if self.penalties:
             return
         if ctx.retain_batches is not None:

@@ -51,8 +51,19 @@ class Retention(Strategy):
         self._stream: Iterator[dict] | None = None
         self._stream_source: Any = None
 
+    @classmethod
+    def refuses_run(cls, task_type: str, sequence: bool) -> str | None:
+        if task_type == "classification":
+            return ("retention keeps a language model's predictions on `retain:` text; this run's model is "
+                    "a classifier (no language-model head): remove retention, or use ewc across a task "
+                    "sequence")
+        return None
+
     def on_train_start(self, model: nn.Module, ctx: StrategyContext) -> None:
-        if ctx.task_type != "causal_lm" or ctx.retain_batches is None:
+        reason = self.refuses_run(ctx.task_type, ctx.current_task is not None)
+        if reason:
+            raise ConfigError(reason)
+        if ctx.retain_batches is None:
             raise ConfigError("retention needs retain text for a causal LM: set `retain:` to a text file "
                               "or builtin:shakespeare")
         self.reference = self.kept.take(model)  # in a task sequence: the model before the first task
