@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
 from tuneforge.strategies.base import Strategy
-from tuneforge.surgery import layer_index, linear_modules
+from tuneforge.surgery import layer_index
 
 PROMPT_KEY = "prompt_embeddings"  # PEFT's key for the one tensor of prompt-learning methods
 _UNSUPPORTED_OPTIONS = ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_pattern")
@@ -68,10 +68,11 @@ def short_targets(
     model: nn.Module, wrapped: list[str], restricted: bool
 ) -> tuple[list[str], list[int] | None]:
     """Short names (q_proj), plus layer indices when `restricted`, if they select exactly the wrapped modules;
-    else the full module names (PEFT matches both)."""
+    else the full module names (PEFT matches both). Every module counts, not only the blocks' linear layers:
+    PEFT would also adapt BERT's `pooler.dense` for a short `dense`."""
     short = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
     layers = sorted({layer_index(name) for name in wrapped})
-    selected = [n for n, _ in linear_modules(model)
+    selected = [n for n, _ in model.named_modules()
                 if n.rsplit(".", 1)[-1] in short and (not restricted or layer_index(n) in layers)]
     if sorted(selected) != sorted(wrapped):
         return sorted(wrapped), None

@@ -34,6 +34,7 @@ from tuneforge.surgery import (
     describe_modules,
     ensure_unwrapped,
     find_linear_targets,
+    linear_modules,
     linear_names,
     model_type,
     plain_layer,
@@ -146,21 +147,15 @@ class IA3(Strategy):
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         opts = self.options
-        layout = None
-        if opts.targets is None or opts.feedforward_targets is None:
-            layout = architecture_default(model, IA3_DEFAULTS, lambda e: targets_exist(model, e.attention + e.feedforward))
-        if layout is None and opts.targets is None:
-            raise ModelError(
-                f"ia3: no default targets for {model_type(model) or type(model).__name__}; set `targets` (the "
-                f"attention key/value layers) and `feedforward_targets` (the feed-forward output layers) "
-                f"from its linear layers: {linear_names(model)}")
-        if opts.feedforward_targets is not None:
-            feedforward = {n for n, _ in find_linear_targets(model, opts.feedforward_targets, option="feedforward_targets")}
-        else:  # the architecture's feed-forward layers, where the targets include them
-            feedforward = {n for n, _ in find_linear_targets(model, list(layout.feedforward))} if layout else set()
+        layout = None if opts.targets is not None and opts.feedforward_targets is not None else default_layout(model)
+        default = f"ia3's default for {model_type(model)}"  # names the defaults in errors: the user set nothing
+        if opts.feedforward_targets is None:  # the architecture's feed-forward layers (among the targets, if set)
+            feedforward = _names(model, layout.feedforward, default) if layout else set()
+        else:  # [] is no feed-forward layer
+            feedforward = _names(model, opts.feedforward_targets, "feedforward_targets")
         if opts.targets is None:
-            targets = find_linear_targets(model, list(layout.attention))
-            targets += [(n, model.get_submodule(n)) for n in sorted(feedforward)]
+            names = _names(model, layout.attention, default) | feedforward
+            targets = [(n, m) for n, m in linear_modules(model) if n in names]
         else:
             targets = find_linear_targets(model, opts.targets)
             if opts.feedforward_targets is None:
@@ -202,6 +197,21 @@ class IA3(Strategy):
         feedforward = config.get("feedforward_modules") or []
         feedforward = [feedforward] if isinstance(feedforward, str) else list(feedforward)
         return {"targets": peft_targets(config), "feedforward_targets": feedforward}, {}
+
+
+def default_layout(model: nn.Module) -> IA3Layout:
+    """The model's default IA3 targets (IA3_DEFAULTS); a refusal saying what to set when there is none."""
+    layout = architecture_default(model, IA3_DEFAULTS, lambda e: targets_exist(model, e.attention + e.feedforward))
+    if layout is None:
+        raise ModelError(
+            f"ia3: no default targets for {model_type(model) or type(model).__name__}; set `targets` (its "
+            f"attention key and value layers, and the feed-forward output layers) and `feedforward_targets` "
+            f"(those feed-forward layers) from its linear layers: {linear_names(model)}")
+    return layout
+
+
+def _names(model: nn.Module, targets: list[str] | tuple[str, ...], option: str) -> set[str]:
+    return {name for name, _ in find_linear_targets(model, list(targets), option=option)} if targets else set()
 
 
 def ia3_modules(model: nn.Module) -> list[tuple[str, IA3Linear]]:
