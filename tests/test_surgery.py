@@ -21,7 +21,8 @@ from tuneforge.surgery import (
 )
 
 # Linear layers per transformer block: what `all-linear` wraps (two blocks in every tiny model)
-BLOCK_LINEARS = {**dict.fromkeys(LLAMA_LIKE, 7), "phi3": 4, "gpt2": 4, "gpt_neox": 4, "opt": 6, "falcon": 4, "bert": 6}
+BLOCK_LINEARS = {**dict.fromkeys(LLAMA_LIKE, 7), "phi3": 4, "gpt2": 4, "gpt_neox": 4, "opt": 6, "falcon": 4,
+                 "bert": 6}
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
@@ -30,7 +31,8 @@ def test_all_linear_is_the_blocks_linear_layers_only(kind):
     model = tuneforge.prepare(tiny_model(kind), [{"lora": {"rank": 2, "targets": "all-linear"}}])
     wrapped = {name for name, _ in lora_modules(model)}
     assert len(wrapped) == 2 * BLOCK_LINEARS[kind]
-    left = {name for name, m in model.named_modules() if type(m) in (nn.Linear, Conv1D) and "lora_" not in name}
+    left = {name for name, m in model.named_modules()
+            if type(m) in (nn.Linear, Conv1D) and "lora_" not in name}
     assert all(".0." not in name and ".1." not in name for name in left)  # nothing inside a block stays plain
     outside = {"bert": {"bert.pooler.dense", "classifier"}}.get(kind, {"lm_head"})
     assert outside <= left
@@ -40,8 +42,9 @@ def test_all_linear_leaves_out_opts_input_and_output_projections():
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=300, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                                     num_attention_heads=4, word_embed_proj_dim=16, max_position_embeddings=64))
+    config = OPTConfig(vocab_size=300, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                       word_embed_proj_dim=16, max_position_embeddings=64)
+    model = OPTForCausalLM(config)
     names = {name for name, _ in find_linear_targets(model, "all-linear")}
     assert len(names) == 12 and not any("project_" in name or "lm_head" in name for name in names)
 

@@ -1,4 +1,4 @@
-"""Tiny random models (hidden 32, 2 layers) of the architectures issue 18 lists, built offline from configs."""
+"""Tiny random models (hidden 32, 2 layers) of the architectures issue 18 lists, built offline."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def tiny_model(kind: str, seed: int = 0) -> nn.Module:
         config = T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                               bos_token_id=1, eos_token_id=2)
     elif kind == "opt":
-        config = T.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                             word_embed_proj_dim=32, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-                             eos_token_id=2)
+        config = T.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                             num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
     elif kind == "falcon":
         config = T.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                 bos_token_id=1, eos_token_id=2)

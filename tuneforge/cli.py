@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", help="run directory (overrides `output:`)")
     train.set_defaults(run=cmd_train)
     with_config("validate", "check a config and its data without loading a model").set_defaults(run=cmd_validate)
-    inspect = with_config("inspect", "count total and trainable parameters per strategy, and the modules each matched")
+    inspect = with_config("inspect", "count parameters per strategy and show the modules each matched")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=cmd_inspect)
     evaluate = with_config("eval", "evaluate without training (prompt-only baseline, or --adapter)")

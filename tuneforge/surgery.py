@@ -111,7 +111,9 @@ def model_type(model: nn.Module) -> str | None:
     return getattr(text, "model_type", None) or getattr(config, "model_type", None)
 
 
-def architecture_default(model: nn.Module, table: dict[str, Entry], fits: Callable[[Entry], bool]) -> Entry | None:
+def architecture_default(
+    model: nn.Module, table: dict[str, Entry], fits: Callable[[Entry], bool]
+) -> Entry | None:
     """A strategy's per-architecture default: the entry for the model's `model_type`; for an architecture the
     table does not name, the first entry (in table order) whose modules exist in the model; else None."""
     kind = model_type(model)
@@ -129,7 +131,8 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def describe_modules(names: list[str]) -> str:
-    """Module names in one line, layer indices folded: `8 modules: model.layers.*.self_attn.{q_proj,v_proj}`."""
+    """Module names in one line, layer indices folded:
+    `8 modules: model.layers.*.self_attn.{q_proj,v_proj}`."""
     if not names:
         return "0 modules"
     groups: dict[str, set[str]] = {}
@@ -137,14 +140,19 @@ def describe_modules(names: list[str]) -> str:
         folded = _LAYER_RE.sub(lambda m: m.group(0).replace(m.group(1), "*", 1), name, count=1)
         parent, _, leaf = folded.rpartition(".")
         groups.setdefault(parent, set()).add(leaf)
-    parts = [(f"{parent}." if parent else "") + (leaf.pop() if len(leaf) == 1 else "{" + ",".join(sorted(leaf)) + "}")
-             for parent, leaf in sorted(groups.items())]
+    parts = []
+    for parent, leaves in sorted(groups.items()):
+        leaf = next(iter(leaves)) if len(leaves) == 1 else "{" + ",".join(sorted(leaves)) + "}"
+        parts.append(f"{parent}.{leaf}" if parent else leaf)
     count = f"{len(names)} module" + ("s" if len(names) != 1 else "")
     return f"{count}: {', '.join(parts)}"
 
 
 def plain_layer(
-    weight: nn.Parameter, bias: nn.Parameter | None, fan_in_fan_out: bool, layer_type: type[nn.Module] | None = None
+    weight: nn.Parameter,
+    bias: nn.Parameter | None,
+    fan_in_fan_out: bool,
+    layer_type: type[nn.Module] | None = None,
 ) -> nn.Module:
     """A layer of `layer_type` (default nn.Linear, or GPT-2's Conv1D) holding these very parameters: what a
     wrapper gives back on unload. A subclass (FalconLinear) is rebuilt as itself, so unloading gives back
@@ -185,7 +193,7 @@ def ensure_unwrapped(name: str, module: nn.Module, strategy: str) -> None:
 
 @torch.no_grad()
 def _computes_affine_map(module: nn.Module) -> bool:
-    """Whether a Linear/Conv1D subclass computes the plain affine map, probed on a fixed input (no RNG use)."""
+    """Whether a Linear/Conv1D subclass computes the plain affine map, probed on a fixed input (no RNG)."""
     weight = module.weight
     if weight.is_meta or not weight.is_floating_point():
         return False
@@ -198,7 +206,8 @@ def _computes_affine_map(module: nn.Module) -> bool:
     except Exception:  # noqa: BLE001 - a forward that cannot take a plain tensor is not a plain linear layer
         return False
     tolerance = 1e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-5
-    return isinstance(output, torch.Tensor) and torch.allclose(output, expected, rtol=tolerance, atol=tolerance)
+    close = isinstance(output, torch.Tensor) and output.shape == expected.shape
+    return close and torch.allclose(output, expected, rtol=tolerance, atol=tolerance)
 
 
 @contextmanager

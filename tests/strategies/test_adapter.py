@@ -94,19 +94,23 @@ def test_adapter_options_are_checked():
 def test_adapters_are_placed_on_every_architecture_and_start_as_identity(kind, placement):
     """Issue 18, cause 4 (adapters found no insertion point on gpt_neox and opt)."""
     reference = tiny_model(kind).eval()(TOKENS).logits
-    model = tuneforge.prepare(tiny_model(kind), [{"adapter": {"placement": placement, "bottleneck_size": 4}}]).eval()
+    options = {"placement": placement, "bottleneck_size": 4}
+    model = tuneforge.prepare(tiny_model(kind), [{"adapter": options}]).eval()
     adapters = [name for name, module in model.named_modules() if isinstance(module, BottleneckAdapter)]
     assert len(adapters) == 2 * (2 if placement == "houlsby" else 1)
-    torch.testing.assert_close(model(TOKENS).logits, reference, atol=0, rtol=0)  # zero-initialised up-projection
+    torch.testing.assert_close(model(TOKENS).logits, reference, atol=0, rtol=0)  # zero-initialised up-proj
     randomize(model, "adapter_")
     assert not torch.allclose(model(TOKENS).logits, reference)
     with disabled_adapters(model):
         torch.testing.assert_close(model(TOKENS).logits, reference)
 
 
-SITES = {"gpt_neox": ("post_attention_dropout", "post_mlp_dropout"), "opt": ("self_attn", "fc2"),
-         "falcon": ("self_attention", "mlp"), "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
-         "phi3": ("self_attn", "mlp"), "gpt2": ("attn", "mlp"), "bert": ("attention.output.dropout", "output.dropout")}
+SITES = {
+    "gpt_neox": ("post_attention_dropout", "post_mlp_dropout"), "opt": ("self_attn", "fc2"),
+    "falcon": ("self_attention", "mlp"), "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "phi3": ("self_attn", "mlp"), "gpt2": ("attn", "mlp"),
+    "bert": ("attention.output.dropout", "output.dropout"),
+}
 
 
 @pytest.mark.parametrize("kind", list(SITES))
@@ -118,7 +122,7 @@ def test_adapter_sites_are_where_the_sub_layer_output_meets_the_residual(kind):
 
 
 def test_adapter_on_opt_follows_fc2_and_survives_lora_on_fc2():
-    """OPT has no feed-forward module: the adapter adapts fc2's output, also when LoRA wraps fc2 (either order)."""
+    """OPT has no feed-forward module: the adapter adapts fc2's output, even when LoRA wraps fc2."""
     adapter = {"adapter": {"placement": "pfeiffer", "bottleneck_size": 4}}
     alone = tuneforge.prepare(tiny_model("opt"), [adapter]).eval()
     randomize(alone, "adapter_")
@@ -136,7 +140,8 @@ def test_adapter_on_opt_follows_fc2_and_survives_lora_on_fc2():
 
 
 def test_adapter_on_parallel_gpt_neox_adapts_each_branch_before_the_sum():
-    model = tuneforge.prepare(tiny_model("gpt_neox"), [{"adapter": {"placement": "houlsby", "bottleneck_size": 4}}])
+    houlsby = {"adapter": {"placement": "houlsby", "bottleneck_size": 4}}
+    model = tuneforge.prepare(tiny_model("gpt_neox"), [houlsby])
     model.eval()
     randomize(model, "adapter_")
     layer = model.gpt_neox.layers[0]
@@ -144,7 +149,8 @@ def test_adapter_on_parallel_gpt_neox_adapts_each_branch_before_the_sum():
     h = torch.randn(1, 4, 32)
     position = model.gpt_neox.rotary_emb(h, torch.arange(4)[None])
     with disabled_adapters(model):
-        attention, _ = layer.attention(layer.input_layernorm(h), attention_mask=None, position_embeddings=position)
+        attention, _ = layer.attention(layer.input_layernorm(h), attention_mask=None,
+                                       position_embeddings=position)
         mlp = layer.mlp(layer.post_attention_layernorm(h))
     expected = h + layer.adapter_attn(attention) + layer.adapter_ffn(mlp)
     torch.testing.assert_close(layer(h, position_embeddings=position), expected)
@@ -157,7 +163,8 @@ def test_adapter_refuses_an_architecture_without_known_sites():
         def __init__(self):
             super().__init__()
             self.config = SimpleNamespace(model_type="mystery", hidden_size=8)
-            self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"mix": torch.nn.Linear(8, 8)}) for _ in range(2))
+            block = {"mix": torch.nn.Linear(8, 8)}
+            self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict(block) for _ in range(2))
 
     with pytest.raises(ModelError, match="adapter: no insertion points known for mystery .*use lora or ia3"):
         tuneforge.prepare(Mystery(), [{"adapter": {}}])

@@ -134,21 +134,26 @@ def test_lora_gaussian_init_keeps_outputs_and_draws_a_with_std_one_over_rank():
 
 
 # The default targets per architecture: attention query and value, or the fused qkv projection
-LORA_EXPECTED = {**dict.fromkeys(LLAMA_LIKE + ("opt",), frozenset({"q_proj", "v_proj"})), "phi3": {"qkv_proj"}, "gpt2": {"c_attn"},
-                 "gpt_neox": {"query_key_value"}, "falcon": {"query_key_value"}, "bert": {"query", "value"}}
+LORA_EXPECTED = {
+    **dict.fromkeys(LLAMA_LIKE + ("opt",), frozenset({"q_proj", "v_proj"})), "phi3": {"qkv_proj"},
+    "gpt2": {"c_attn"}, "gpt_neox": {"query_key_value"}, "falcon": {"query_key_value"},
+    "bert": {"query", "value"},
+}
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
 def test_lora_default_targets_per_architecture(kind):
     model = tuneforge.prepare(tiny_model(kind), [{"lora": {"rank": 2}}])
     names = [name for name, _ in lora_modules(model)]
-    assert {name.rsplit(".", 1)[-1] for name in names} == LORA_EXPECTED[kind] and len(names) == 2 * len(LORA_EXPECTED[kind])
+    assert {name.rsplit(".", 1)[-1] for name in names} == LORA_EXPECTED[kind]
+    assert len(names) == 2 * len(LORA_EXPECTED[kind])
 
 
 @pytest.mark.parametrize("options", [{}, {"dora": True}])
 def test_lora_on_falcon_wraps_and_merges_exactly(options):
     """Issue 18, cause 3: Falcon's FalconLinear layers were refused as "already wrapped"."""
-    model = tuneforge.prepare(tiny_model("falcon"), [{"lora": {"rank": 4, "targets": "all-linear", **options}}]).eval()
+    lora = {"lora": {"rank": 4, "targets": "all-linear", **options}}
+    model = tuneforge.prepare(tiny_model("falcon"), [lora]).eval()
     randomize_lora(model)
     with torch.no_grad():
         unmerged = model(TOKENS).logits
@@ -156,13 +161,15 @@ def test_lora_on_falcon_wraps_and_merges_exactly(options):
         torch.testing.assert_close(model(TOKENS).logits, unmerged, atol=1e-5, rtol=1e-5)
         unload_lora(model)
         torch.testing.assert_close(model(TOKENS).logits, unmerged, atol=1e-5, rtol=1e-5)
-    assert type(model.transformer.h[0].self_attention.query_key_value).__name__ == "FalconLinear"  # its own type back
+    # its own layer type back
+    assert type(model.transformer.h[0].self_attention.query_key_value).__name__ == "FalconLinear"
 
 
 @pytest.mark.parametrize("kind", ["falcon", "gpt_neox", "opt", "gpt2", "bert", "phi3"])
 def test_peft_loads_our_all_linear_lora_with_equal_logits(kind, tmp_path):
     peft = pytest.importorskip("peft")
-    model = tuneforge.prepare(tiny_model(kind), [{"lora": {"rank": 4, "alpha": 8, "targets": "all-linear"}}]).eval()
+    lora = {"lora": {"rank": 4, "alpha": 8, "targets": "all-linear"}}
+    model = tuneforge.prepare(tiny_model(kind), [lora]).eval()
     randomize_lora(model)
     tuneforge.save_adapter(model, tmp_path / "adapter")
     theirs = peft.PeftModel.from_pretrained(tiny_model(kind), tmp_path / "adapter").eval()
@@ -170,7 +177,8 @@ def test_peft_loads_our_all_linear_lora_with_equal_logits(kind, tmp_path):
     assert {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in theirs.named_modules()
             if n.endswith("lora_A")} == {n for n, _ in lora_modules(model)}
     with torch.no_grad():
-        torch.testing.assert_close(theirs(input_ids=TOKENS).logits, model(input_ids=TOKENS).logits, atol=1e-5, rtol=1e-5)
+        expected = model(input_ids=TOKENS).logits
+        torch.testing.assert_close(theirs(input_ids=TOKENS).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_inspect_shows_the_modules_each_strategy_matched(tmp_path, tiny_model_dir, task_file, capsys):

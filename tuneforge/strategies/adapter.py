@@ -21,15 +21,17 @@ output):
   with both branches read from h. `houlsby` adapts each branch before the sum, `pfeiffer` the
   feed-forward branch only; each adapter sees only its branch, not the sum. GPT-NeoX's sites are the
   dropouts after each branch (`post_attention_dropout`, `post_mlp_dropout`), sequential or parallel.
-- BERT (hooks on `attention.output.dropout` and `output.dropout`): `LayerNorm(x + adapter(dropout(dense(.))))`,
-  i.e. before the block's add & LayerNorm. Deviation: `pfeiffer` uses that same feed-forward site, while
-  AdapterHub's `seq_bn` (its Pfeiffer config; `original_ln_before: true`) feeds the adapter the output of
-  the feed-forward block's add & LayerNorm and applies that LayerNorm again after it (`original_ln_after:
-  true`). Same parameter count, different function: AdapterHub `seq_bn` weights are not equivalent here.
+- BERT (hooks on `attention.output.dropout` and `output.dropout`):
+  `LayerNorm(x + adapter(dropout(dense(.))))`, i.e. before the block's add & LayerNorm. Deviation:
+  `pfeiffer` uses that same feed-forward site, while AdapterHub's `seq_bn` (its Pfeiffer config;
+  `original_ln_before: true`) feeds the adapter the output of the feed-forward block's add & LayerNorm
+  and applies that LayerNorm again after it (`original_ln_after: true`). Same parameter count, different
+  function: AdapterHub `seq_bn` weights are not equivalent here.
 An architecture the table does not name gets the first entry whose two sites exist in its layers.
 
 The adapters are child modules of each transformer layer (`...layers.3.adapter_ffn.down.weight`) and run
-as forward hooks on the sub-layer, so no base module is replaced and base parameter names never change.
+as forward hooks on the sub-layer, so no base module is replaced and base parameter names never change
+(when another strategy wraps a hooked layer, such as LoRA on OPT's `fc2`, the hook moves to the wrapper).
 Adapters cannot be merged into the base weights (the non-linearity sits in between): ship them as adapters.
 """
 
@@ -58,7 +60,8 @@ _PRE_NORM = AdapterSites("self_attn", "mlp")
 _SANDWICH = AdapterSites("post_attention_layernorm", "post_feedforward_layernorm")  # norm before the add
 # BERT adds the residual inside `attention.output` / `output`, after their dropout
 _BERT = AdapterSites("attention.output.dropout", "output.dropout")
-ADAPTER_SITES: dict[str, AdapterSites] = {  # keyed by config.model_type; the first is the fallback tried first
+# Keyed by config.model_type; for other architectures the first entry whose sites exist (in this order)
+ADAPTER_SITES: dict[str, AdapterSites] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "stablelm", "granite", "smollm3",
                      "olmo", "mixtral", "qwen2_moe", "phi"), _PRE_NORM),
     **dict.fromkeys(("gemma2", "gemma3_text", "olmo2"), _SANDWICH),
@@ -121,12 +124,16 @@ class Adapter(Strategy):
         width = _hidden_size(model)
         bottleneck = opts.bottleneck_size or max(1, width // (opts.reduction_factor or 16))
         layers = transformer_layers(model)
-        sites = architecture_default(model, ADAPTER_SITES, lambda entry: all(_has(layer, p) for _, layer in layers for p in entry))
-        if sites is None or not all(_has(layer, path) for _, layer in layers for path in sites):
+        def fits(entry: AdapterSites) -> bool:
+            return all(_has(layer, path) for _, layer in layers for path in entry)
+
+        sites = architecture_default(model, ADAPTER_SITES, fits)
+        if sites is None or not fits(sites):
             known = ", ".join(sorted({f"{a}/{f}" for a, f in ADAPTER_SITES.values()}))
-            raise ModelError(f"adapter: no insertion points known for {model_type(model) or type(model).__name__} "
-                             f"({type(layers[0][1]).__name__} has none of the known sub-layer pairs: {known}); "
-                             f"use lora or ia3 on this model")
+            kind = model_type(model) or type(model).__name__
+            layer_type = type(layers[0][1]).__name__
+            raise ModelError(f"adapter: no insertion points known for {kind} ({layer_type} has none of the "
+                             f"known sub-layer pairs: {known}); use lora or ia3 on this model")
         kinds = {"adapter_attn": sites.attention, "adapter_ffn": sites.feedforward}
         if opts.placement == "pfeiffer":
             del kinds["adapter_attn"]

@@ -44,7 +44,7 @@ from tuneforge.surgery import (
 
 
 class IA3Layout(NamedTuple):
-    """An architecture's default IA3 targets: output-rescaled attention layers, input-rescaled feed-forward."""
+    """An architecture's default IA3 targets: attention layers (output rescaled), feed-forward (input)."""
 
     attention: tuple[str, ...]
     feedforward: tuple[str, ...]
@@ -54,7 +54,8 @@ _LLAMA = IA3Layout(("k_proj", "v_proj"), ("down_proj",))
 # BERT-style encoders: the block's feed-forward output is `layer.N.output.dense`; a bare `output.dense`
 # suffix would also match the attention output `layer.N.attention.output.dense`.
 _BERT_FFN = (r".*\.layer\.\d+\.output\.dense",)
-IA3_DEFAULTS: dict[str, IA3Layout] = {  # keyed by config.model_type; the first entry is the fallback tried first
+# Keyed by config.model_type; for other architectures the first entry whose layers exist (in this order)
+IA3_DEFAULTS: dict[str, IA3Layout] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "stablelm",
                      "olmo", "olmo2", "granite", "smollm3", "mixtral", "qwen2_moe"), _LLAMA),
     "phi3": IA3Layout(("qkv_proj",), ("down_proj",)),
@@ -147,9 +148,10 @@ class IA3(Strategy):
 
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         opts = self.options
-        layout = None if opts.targets is not None and opts.feedforward_targets is not None else default_layout(model)
-        default = f"ia3's default for {model_type(model)}"  # names the defaults in errors: the user set nothing
-        if opts.feedforward_targets is None:  # the architecture's feed-forward layers (among the targets, if set)
+        both_set = opts.targets is not None and opts.feedforward_targets is not None
+        layout = None if both_set else default_layout(model)
+        default = f"ia3's default for {model_type(model)}"  # errors name the defaults: the user set nothing
+        if opts.feedforward_targets is None:  # the architecture's feed-forward layers (among targets, if set)
             feedforward = _names(model, layout.feedforward, default) if layout else set()
         else:  # [] is no feed-forward layer
             feedforward = _names(model, opts.feedforward_targets, "feedforward_targets")
@@ -201,7 +203,8 @@ class IA3(Strategy):
 
 def default_layout(model: nn.Module) -> IA3Layout:
     """The model's default IA3 targets (IA3_DEFAULTS); a refusal saying what to set when there is none."""
-    layout = architecture_default(model, IA3_DEFAULTS, lambda e: targets_exist(model, e.attention + e.feedforward))
+    layout = architecture_default(
+        model, IA3_DEFAULTS, lambda entry: targets_exist(model, entry.attention + entry.feedforward))
     if layout is None:
         raise ModelError(
             f"ia3: no default targets for {model_type(model) or type(model).__name__}; set `targets` (its "
@@ -211,7 +214,9 @@ def default_layout(model: nn.Module) -> IA3Layout:
 
 
 def _names(model: nn.Module, targets: list[str] | tuple[str, ...], option: str) -> set[str]:
-    return {name for name, _ in find_linear_targets(model, list(targets), option=option)} if targets else set()
+    if not targets:
+        return set()
+    return {name for name, _ in find_linear_targets(model, list(targets), option=option)}
 
 
 def ia3_modules(model: nn.Module) -> list[tuple[str, IA3Linear]]:
