@@ -60,16 +60,18 @@ _PRE_NORM = AdapterSites("self_attn", "mlp")
 _SANDWICH = AdapterSites("post_attention_layernorm", "post_feedforward_layernorm")  # norm before the add
 # BERT adds the residual inside `attention.output` / `output`, after their dropout
 _BERT = AdapterSites("attention.output.dropout", "output.dropout")
-# Keyed by config.model_type; for other architectures the first entry whose sites exist (in this order)
-ADAPTER_SITES: dict[str, AdapterSites] = {
+# Keyed by config.model_type; for other architectures the first entry whose sites exist (in this order).
+# A string is why the architecture has no site.
+ADAPTER_SITES: dict[str, AdapterSites | str] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "stablelm", "granite", "smollm3",
-                     "olmo", "mixtral", "qwen2_moe", "phi"), _PRE_NORM),
+                     "olmo", "mixtral", "phi"), _PRE_NORM),
     **dict.fromkeys(("gemma2", "gemma3_text", "olmo2"), _SANDWICH),
-    "gpt2": AdapterSites("attn", "mlp"),
+    **dict.fromkeys(("gpt2", "gptj"), AdapterSites("attn", "mlp")),
     "gpt_neox": AdapterSites("post_attention_dropout", "post_mlp_dropout"),
     "falcon": AdapterSites("self_attention", "mlp"),
     "opt": AdapterSites("self_attn", "fc2"),
     **dict.fromkeys(("bert", "roberta", "deberta-v2"), _BERT),
+    "bloom": "BLOOM adds the residual inside its attention and MLP modules: no sub-layer output precedes it",
 }
 
 
@@ -124,12 +126,18 @@ class Adapter(Strategy):
         width = _hidden_size(model)
         bottleneck = opts.bottleneck_size or max(1, width // (opts.reduction_factor or 16))
         layers = transformer_layers(model)
-        def fits(entry: AdapterSites) -> bool:
+        def fits(entry: AdapterSites | str) -> bool:
+            if isinstance(entry, str):
+                return False
             return all(_has(layer, path) for _, layer in layers for path in entry)
 
         sites = architecture_default(model, ADAPTER_SITES, fits)
+        if isinstance(sites, str):
+            raise ModelError(f"adapter: {sites}; use lora or ia3 on this model")
         if sites is None or not fits(sites):
-            known = ", ".join(sorted({f"{a}/{f}" for a, f in ADAPTER_SITES.values()}))
+            pairs = {f"{e.attention}/{e.feedforward}" for e in ADAPTER_SITES.values()
+                     if not isinstance(e, str)}
+            known = ", ".join(sorted(pairs))
             kind = model_type(model) or type(model).__name__
             layer_type = type(layers[0][1]).__name__
             raise ModelError(f"adapter: no insertion points known for {kind} ({layer_type} has none of the "

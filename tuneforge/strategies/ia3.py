@@ -57,7 +57,9 @@ _BERT_FFN = (r".*\.layer\.\d+\.output\.dense",)
 # Keyed by config.model_type; for other architectures the first entry whose layers exist (in this order)
 IA3_DEFAULTS: dict[str, IA3Layout] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "stablelm",
-                     "olmo", "olmo2", "granite", "smollm3", "mixtral", "qwen2_moe"), _LLAMA),
+                     "olmo", "olmo2", "granite", "smollm3"), _LLAMA),
+    # Mixtral's experts are fused parameters in transformers 5, not linear layers: attention only
+    "mixtral": IA3Layout(("k_proj", "v_proj"), ()),
     "phi3": IA3Layout(("qkv_proj",), ("down_proj",)),
     "phi": IA3Layout(("k_proj", "v_proj"), ("fc2",)),
     "gpt2": IA3Layout(("c_attn",), ("mlp.c_proj",)),

@@ -58,7 +58,7 @@ _QUERY_VALUE = ("q_proj", "v_proj")
 # Keyed by config.model_type; for other architectures the first entry whose layers exist (in this order)
 LORA_DEFAULTS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "stablelm",
-                     "olmo", "olmo2", "granite", "smollm3", "mixtral", "qwen2_moe", "opt", "gptj", "phi"),
+                     "olmo", "olmo2", "granite", "smollm3", "mixtral", "opt", "gptj", "phi"),
                     _QUERY_VALUE),
     "phi3": ("qkv_proj",),
     "gpt2": ("c_attn",),
