@@ -168,3 +168,11 @@ def test_adapter_refuses_an_architecture_without_known_sites():
 
     with pytest.raises(ModelError, match="adapter: no insertion points known for mystery .*use lora or ia3"):
         tuneforge.prepare(Mystery(), [{"adapter": {}}])
+
+
+def test_adapter_refusal_on_bloom_says_why():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(vocab_size=300, hidden_size=32, n_layer=2, n_head=4))
+    with pytest.raises(ModelError, match="adapter: BLOOM adds the residual inside .*use lora or ia3"):
+        tuneforge.prepare(model, [{"adapter": {}}])
