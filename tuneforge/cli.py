@@ -74,6 +74,8 @@ def cmd_inspect(args) -> int:
               f"({100 * report['trainable_params'] / report['total_params']:.3f}%)")
         for name, count in report["trainable_by_strategy"].items():
             print(f"  {name}: {count:,}")
+        for name, text in report["matched"].items():
+            print(f"{name}: {text}")
     return 0
 
 
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", help="run directory (overrides `output:`)")
     train.set_defaults(run=cmd_train)
     with_config("validate", "check a config and its data without loading a model").set_defaults(run=cmd_validate)
-    inspect = with_config("inspect", "count total and trainable parameters per strategy")
+    inspect = with_config("inspect", "count parameters per strategy and show the modules each matched")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=cmd_inspect)
     evaluate = with_config("eval", "evaluate without training (prompt-only baseline, or --adapter)")

@@ -286,10 +286,12 @@ def finish(session: Session, params: dict, before: dict, state, wall: float, ext
 
 
 def inspect_config(config: RunConfig) -> dict:
-    """Parameter counts of the configured model and strategies, without training."""
+    """Parameter counts of the configured model and strategies, and the modules each strategy matched
+    (`matched`: {strategy: one line}), without training."""
     run_data = load_run_data(config)
     model, _, strategies, ctx = build_model(config, run_data)
-    return parameter_report(model, strategies, ctx)
+    matched = {s.name: text for s in strategies if (text := s.describe(model)) is not None}
+    return {**parameter_report(model, strategies, ctx), "matched": matched}
 
 
 def validate_run(config: RunConfig) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama as _tiny_llama
+from tiny_models import ARCHITECTURES, LLAMA_LIKE, tiny_model
 from transformers.pytorch_utils import Conv1D
 
 import tuneforge
@@ -130,3 +131,72 @@ def test_lora_gaussian_init_keeps_outputs_and_draws_a_with_std_one_over_rank():
     torch.testing.assert_close(model(TOKENS).logits, reference, atol=0, rtol=0)
     a_values = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("lora_A.weight")])
     assert abs(a_values.std().item() - 1 / 4) < 0.02  # ~6k draws; Kaiming-uniform would give ~0.10 here
+
+
+# The default targets per architecture: attention query and value, or the fused qkv projection
+LORA_EXPECTED = {
+    **dict.fromkeys(LLAMA_LIKE + ("opt",), frozenset({"q_proj", "v_proj"})), "phi3": {"qkv_proj"},
+    "gpt2": {"c_attn"}, "gpt_neox": {"query_key_value"}, "falcon": {"query_key_value"},
+    "bert": {"query", "value"},
+}
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_lora_default_targets_per_architecture(kind):
+    model = tuneforge.prepare(tiny_model(kind), [{"lora": {"rank": 2}}])
+    names = [name for name, _ in lora_modules(model)]
+    assert {name.rsplit(".", 1)[-1] for name in names} == LORA_EXPECTED[kind]
+    assert len(names) == 2 * len(LORA_EXPECTED[kind])
+
+
+@pytest.mark.parametrize("options", [{}, {"dora": True}])
+def test_lora_on_falcon_wraps_and_merges_exactly(options):
+    """Issue 18, cause 3: Falcon's FalconLinear layers were refused as "already wrapped"."""
+    lora = {"lora": {"rank": 4, "targets": "all-linear", **options}}
+    model = tuneforge.prepare(tiny_model("falcon"), [lora]).eval()
+    randomize_lora(model)
+    with torch.no_grad():
+        unmerged = model(TOKENS).logits
+        merge_lora(model)
+        torch.testing.assert_close(model(TOKENS).logits, unmerged, atol=1e-5, rtol=1e-5)
+        unload_lora(model)
+        torch.testing.assert_close(model(TOKENS).logits, unmerged, atol=1e-5, rtol=1e-5)
+    # its own layer type back
+    assert type(model.transformer.h[0].self_attention.query_key_value).__name__ == "FalconLinear"
+
+
+@pytest.mark.parametrize("kind", ["falcon", "gpt_neox", "opt", "gpt2", "bert", "phi3"])
+def test_peft_loads_our_all_linear_lora_with_equal_logits(kind, tmp_path):
+    peft = pytest.importorskip("peft")
+    lora = {"lora": {"rank": 4, "alpha": 8, "targets": "all-linear"}}
+    model = tuneforge.prepare(tiny_model(kind), [lora]).eval()
+    randomize_lora(model)
+    tuneforge.save_adapter(model, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(tiny_model(kind), tmp_path / "adapter").eval()
+    # PEFT adapts exactly our modules: no pooler or head picked up by a short name
+    assert {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in theirs.named_modules()
+            if n.endswith("lora_A")} == {n for n, _ in lora_modules(model)}
+    with torch.no_grad():
+        expected = model(input_ids=TOKENS).logits
+        torch.testing.assert_close(theirs(input_ids=TOKENS).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_inspect_shows_the_modules_each_strategy_matched(tmp_path, tiny_model_dir, task_file, capsys):
+    import json
+
+    import yaml
+
+    from tuneforge.cli import main
+
+    config = {"model": str(tiny_model_dir), "data": {"train": str(task_file)}, "retain": None,
+              "strategies": [{"lora": {"rank": 2}}, {"ia3": {"targets": ["k_proj", "down_proj"]}}],
+              "train": {"max_steps": 1, "max_seq_len": 32}, "output": str(tmp_path / "run")}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["inspect", str(path), "--json"]) == 0
+    matched = json.loads(capsys.readouterr().out)["matched"]
+    assert matched == {"lora": "8 modules: model.layers.*.self_attn.{q_proj,v_proj}",
+                       "ia3": "8 modules: model.layers.*.mlp.down_proj, model.layers.*.self_attn.k_proj "
+                              "(input rescaled: 4 modules: model.layers.*.mlp.down_proj)"}
+    assert main(["inspect", str(path)]) == 0
+    assert "lora: 8 modules: model.layers.*.self_attn.{q_proj,v_proj}" in capsys.readouterr().out

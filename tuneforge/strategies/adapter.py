@@ -9,22 +9,35 @@ W_up (weight and bias) starts at zero, so the model is unchanged at step 0. Plac
 - `houlsby`: after the attention block and after the feed-forward block of every layer;
 - `pfeiffer`: after the feed-forward block only (half the parameters, similar quality in the paper).
 
-Where exactly: on the sub-layer's output, before the layer's residual add. Pre-norm decoders (Llama,
-Mistral, Qwen, GPT-2; hooks on `self_attn`/`attn` and `mlp`): `h + adapter(mlp(norm(h)))`. BERT (hooks on
-`attention.output.dropout` and `output.dropout`): `LayerNorm(x + adapter(dropout(dense(.))))`, i.e.
-before the block's add & LayerNorm. Deviation: `pfeiffer` uses that same feed-forward site, while
-AdapterHub's `seq_bn` (its Pfeiffer config; `original_ln_before: true`) feeds the adapter the output of
-the feed-forward block's add & LayerNorm and applies that LayerNorm again after it (`original_ln_after:
-true`). Same parameter count, different function: AdapterHub `seq_bn` weights are not equivalent here.
+Where exactly: on the sub-layer's output, just before the layer's residual add, per architecture
+(`ADAPTER_SITES`, keyed by `config.model_type`; each is a path inside a transformer layer, hooked on its
+output):
+- pre-norm decoders (Llama, Mistral, Qwen, Gemma, Phi-3, StableLM, Granite; GPT-2's `attn`/`mlp`; OPT's
+  `self_attn` and `fc2`): `h + adapter(mlp(norm(h)))`. OPT's feed-forward has no module of its own: its
+  output leaves `fc2`, then dropout and the residual add.
+- sandwich-norm decoders (Gemma 2/3, OLMo 2) normalise a sub-layer's output before the add: the adapter
+  follows that norm (`post_attention_layernorm`, `post_feedforward_layernorm`).
+- parallel blocks (GPT-NeoX with `use_parallel_residual`, Falcon, StableLM's option): `h + attn(.) + mlp(.)`
+  with both branches read from h. `houlsby` adapts each branch before the sum, `pfeiffer` the
+  feed-forward branch only; each adapter sees only its branch, not the sum. GPT-NeoX's sites are the
+  dropouts after each branch (`post_attention_dropout`, `post_mlp_dropout`), sequential or parallel.
+- BERT (hooks on `attention.output.dropout` and `output.dropout`):
+  `LayerNorm(x + adapter(dropout(dense(.))))`, i.e. before the block's add & LayerNorm. Deviation:
+  `pfeiffer` uses that same feed-forward site, while AdapterHub's `seq_bn` (its Pfeiffer config;
+  `original_ln_before: true`) feeds the adapter the output of the feed-forward block's add & LayerNorm
+  and applies that LayerNorm again after it (`original_ln_after: true`). Same parameter count, different
+  function: AdapterHub `seq_bn` weights are not equivalent here.
+An architecture the table does not name gets the first entry whose two sites exist in its layers.
 
 The adapters are child modules of each transformer layer (`...layers.3.adapter_ffn.down.weight`) and run
-as forward hooks on the sub-layer, so no base module is replaced and base parameter names never change.
+as forward hooks on the sub-layer, so no base module is replaced and base parameter names never change
+(when another strategy wraps a hooked layer, such as LoRA on OPT's `fc2`, the hook moves to the wrapper).
 Adapters cannot be merged into the base weights (the non-linearity sits in between): ship them as adapters.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import Field, model_validator
 from torch import Tensor, nn
@@ -33,13 +46,33 @@ from transformers.activations import ACT2FN
 from tuneforge.errors import ModelError
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
-from tuneforge.surgery import layer_index
+from tuneforge.surgery import architecture_default, describe_modules, layer_index, model_type
 
-# Where a sub-layer's output leaves it, before its residual add, per model family (first match wins).
-# BERT adds the residual inside `attention.output` / `output` after their dropout, so the adapter goes on
-# the dropout's output; Llama/Mistral/Qwen (`self_attn`, `mlp`) and GPT-2 (`attn`, `mlp`) add it in the layer.
-ATTENTION_SITES = ("attention.output.dropout", "self_attn", "attn", "self_attention")
-FFN_SITES = ("output.dropout", "mlp", "feed_forward")
+
+class AdapterSites(NamedTuple):
+    """Paths inside a transformer layer whose outputs are the attention and feed-forward sub-layer outputs."""
+
+    attention: str
+    feedforward: str
+
+
+_PRE_NORM = AdapterSites("self_attn", "mlp")
+_SANDWICH = AdapterSites("post_attention_layernorm", "post_feedforward_layernorm")  # norm before the add
+# BERT adds the residual inside `attention.output` / `output`, after their dropout
+_BERT = AdapterSites("attention.output.dropout", "output.dropout")
+# Keyed by config.model_type; for other architectures the first entry whose sites exist (in this order).
+# A string is why the architecture has no site.
+ADAPTER_SITES: dict[str, AdapterSites | str] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "stablelm", "granite", "smollm3",
+                     "olmo", "mixtral", "phi"), _PRE_NORM),
+    **dict.fromkeys(("gemma2", "gemma3_text", "olmo2"), _SANDWICH),
+    **dict.fromkeys(("gpt2", "gptj"), AdapterSites("attn", "mlp")),
+    "gpt_neox": AdapterSites("post_attention_dropout", "post_mlp_dropout"),
+    "falcon": AdapterSites("self_attention", "mlp"),
+    "opt": AdapterSites("self_attn", "fc2"),
+    **dict.fromkeys(("bert", "roberta", "deberta-v2"), _BERT),
+    "bloom": "BLOOM adds the residual inside its attention and MLP modules: no sub-layer output precedes it",
+}
 
 
 class BottleneckAdapter(nn.Module):
@@ -99,24 +132,41 @@ class Adapter(Strategy):
         opts = self.options
         width = _hidden_size(model)
         bottleneck = opts.bottleneck_size or max(1, width // (opts.reduction_factor or 16))
-        kinds = {"adapter_attn": ATTENTION_SITES, "adapter_ffn": FFN_SITES}
+        layers = transformer_layers(model)
+        def fits(entry: AdapterSites | str) -> bool:
+            if isinstance(entry, str):
+                return False
+            return all(_has(layer, path) for _, layer in layers for path in entry)
+
+        sites = architecture_default(model, ADAPTER_SITES, fits)
+        if isinstance(sites, str):
+            raise ModelError(f"adapter: {sites}; use lora or ia3 on this model")
+        if sites is None or not fits(sites):
+            pairs = {f"{e.attention}/{e.feedforward}" for e in ADAPTER_SITES.values()
+                     if not isinstance(e, str)}
+            known = ", ".join(sorted(pairs))
+            kind = model_type(model) or type(model).__name__
+            layer_type = type(layers[0][1]).__name__
+            raise ModelError(f"adapter: no insertion points known for {kind} ({layer_type} has none of the "
+                             f"known sub-layer pairs: {known}); use lora or ia3 on this model")
+        kinds = {"adapter_attn": sites.attention, "adapter_ffn": sites.feedforward}
         if opts.placement == "pfeiffer":
             del kinds["adapter_attn"]
-        layers = transformer_layers(model)
         for layer_name, layer in layers:
             parameter = next(layer.parameters())
             factory = {"device": parameter.device, "dtype": parameter.dtype}
-            for attribute, sites in kinds.items():
+            for attribute, path in kinds.items():
                 if hasattr(layer, attribute):
                     raise ModelError(f"adapter: {layer_name} already has {attribute} (adapter listed twice?)")
-                site = _find_site(layer, sites)
-                if site is None:
-                    raise ModelError(f"adapter: {type(layer).__name__} has none of {', '.join(sites)}; "
-                                     f"bottleneck adapters support Llama-, GPT-2- and BERT-style layers")
                 adapter = BottleneckAdapter(width, bottleneck, opts.activation, factory)
                 layer.add_module(attribute, adapter)
-                site.register_forward_hook(adapter.adapt_output)
+                layer.get_submodule(path).register_forward_hook(adapter.adapt_output)
+        self.sites = [f"{name}.{path}" for name, _ in layers for path in kinds.values()]
         return model
+
+    def describe(self, model: nn.Module) -> str | None:
+        """The sub-layers whose outputs pass through an adapter."""
+        return describe_modules(getattr(self, "sites", []))
 
 
 def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -131,13 +181,12 @@ def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [found[i] for i in sorted(found)]
 
 
-def _find_site(layer: nn.Module, sites: tuple[str, ...]) -> nn.Module | None:
-    for path in sites:
-        try:
-            return layer.get_submodule(path)
-        except AttributeError:
-            continue
-    return None
+def _has(layer: nn.Module, path: str) -> bool:
+    try:
+        layer.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _hidden_size(model: nn.Module) -> int:

@@ -123,6 +123,11 @@ class Strategy:
         bypasses). They stay frozen whatever other strategies ask: trained, they would get no gradient."""
         return set()
 
+    def describe(self, model: nn.Module) -> str | None:
+        """After `setup`: which modules this strategy matched, in one line for `tuneforge inspect` (e.g.
+        `8 modules: model.layers.*.self_attn.{q_proj,v_proj}`); None when it matches none."""
+        return None
+
     def param_groups(self, model: nn.Module, base_lr: float) -> dict[str, float]:
         """Optional per-parameter learning rates, `{name: lr}`; parameters not listed use `base_lr`."""
         return {}

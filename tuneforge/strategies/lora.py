@@ -15,6 +15,11 @@ PEFT (0.21.2, `DoraLinearVariant`) in training with dropout > 0 computes `W x + 
 dropped x. Without dropout, and in eval mode, the two are equal (and equal W' x + b), so adapters,
 merged weights and inference agree; training steps with DoRA and dropout > 0 differ from PEFT's.
 
+Default targets per architecture (`LORA_DEFAULTS`, keyed by `config.model_type`): the attention query and
+value projections (Hu et al.'s choice), or the fused query/key/value projection where the architecture
+has one. `targets: all-linear` is every linear layer inside the transformer blocks: output heads,
+poolers, classifiers and projections outside the blocks (OPT's `project_in`/`project_out`) are left out.
+
 `LoRALinear` keeps the wrapped layer's own `weight` and `bias` parameters, so base parameter names
 (`...q_proj.weight`) never change and base checkpoints still load. Merging folds the update into
 `weight` for inference at the base model's speed; unmerging restores it.
@@ -31,17 +36,36 @@ from pydantic import Field
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from tuneforge.errors import ModelError
 from tuneforge.peft_layout import peft_targets, short_targets
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, PeftTranslation, Strategy, StrategyContext
 from tuneforge.surgery import (
+    architecture_default,
+    describe_modules,
     ensure_unwrapped,
     find_linear_targets,
+    linear_names,
+    model_type,
     num_layers,
     parse_layer_spec,
     plain_layer,
     replace_module,
+    targets_exist,
 )
+
+_QUERY_VALUE = ("q_proj", "v_proj")
+# Keyed by config.model_type; for other architectures the first entry whose layers exist (in this order)
+LORA_DEFAULTS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "stablelm",
+                     "olmo", "olmo2", "granite", "smollm3", "mixtral", "opt", "gptj", "phi"),
+                    _QUERY_VALUE),
+    "phi3": ("qkv_proj",),
+    "gpt2": ("c_attn",),
+    **dict.fromkeys(("gpt_neox", "falcon", "bloom"), ("query_key_value",)),
+    **dict.fromkeys(("bert", "roberta"), ("query", "value")),
+    "deberta-v2": ("query_proj", "value_proj"),
+}
 
 
 class LoRALinear(nn.Module):
@@ -59,6 +83,7 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         self.fan_in_fan_out = isinstance(base, Conv1D)  # Conv1D stores weight as (d_in, d_out)
+        self.base_type = type(base)  # a subclass (FalconLinear) comes back as itself on unwrap
         self.weight = base.weight
         self.bias = base.bias
         d_in, d_out = (base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1])
@@ -135,7 +160,7 @@ class LoRALinear(nn.Module):
 
     def unwrap(self) -> nn.Linear | Conv1D:
         """The plain layer type it wrapped, holding the current (merged or base) weight."""
-        return plain_layer(self.weight, self.bias, self.fan_in_fan_out)
+        return plain_layer(self.weight, self.bias, self.fan_in_fan_out, self.base_type)
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.lora_magnitude_vector is not None else ""
@@ -146,7 +171,8 @@ class LoRAOptions(Options):
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    targets: list[str] | Literal["all-linear"] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # None: the architecture's attention query and value projections (LORA_DEFAULTS)
+    targets: list[str] | Literal["all-linear"] | None = None
     layers: list[int | str] | str | int | None = None  # indices, "8-11", "top:4"; None: all layers
     rslora: bool = False
     dora: bool = False
@@ -173,13 +199,24 @@ class LoRA(Strategy):
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         opts = self.options
         layers = parse_layer_spec(opts.layers, num_layers(model)) if opts.layers is not None else None
+        targets = opts.targets
+        if targets is None:
+            default = architecture_default(model, LORA_DEFAULTS, lambda names: targets_exist(model, names))
+            if default is None:
+                raise ModelError(f"lora: no default targets for {model_type(model) or type(model).__name__}; "
+                                 f"set `targets` to some of its linear layers ({linear_names(model)}) "
+                                 f"or all-linear")
+            targets = list(default)
         self.target_names = []
-        for name, module in find_linear_targets(model, opts.targets, layers):
+        for name, module in find_linear_targets(model, targets, layers):
             ensure_unwrapped(name, module, "lora")
             wrapped = LoRALinear(module, opts.rank, opts.alpha, opts.dropout, opts.rslora, opts.dora, opts.init)
             replace_module(model, name, wrapped)
             self.target_names.append(name)
         return model
+
+    def describe(self, model: nn.Module) -> str | None:
+        return describe_modules([name for name, _ in lora_modules(model)])
 
     def merged_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return lora_modules(model)
