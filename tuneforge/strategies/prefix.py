@@ -235,7 +235,14 @@ class PrefixTuning(Strategy):
     def adapter_options(self) -> dict:
         return {"length": self.options.length, "reparam": False, "reparam_hidden": None}
 
-    def to_peft(self, model: nn.Module) -> PeftTranslation:
+    def to_peft(self, model: nn.Module) -> PeftTranslation | None:
+        """PEFT's layout, unless PEFT would compute something else: with a sliding window shorter than the
+        model's context, PEFT's cached prefix leaves the window while ours stays visible to every query, so
+        such an adapter gets no `adapter_config.json` rather than one that claims equality."""
+        text = model.config.get_text_config()
+        window = getattr(text, "sliding_window", None)
+        if isinstance(window, int) and window < getattr(text, "max_position_embeddings", window + 1):
+            return None
         encoder = getattr(model, ENCODER_ATTR)
         return PeftTranslation({
             "peft_type": self.peft_type, "num_virtual_tokens": encoder.length, "num_layers": encoder.layers,

@@ -22,6 +22,7 @@ above the body (RoBERTa's head) reads the real first token, which has attended t
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 import torch
@@ -137,7 +138,7 @@ class PromptTuning(Strategy):
         if not isinstance(embeddings, nn.Embedding):
             raise ModelError(f"prompt: {type(model).__name__} has no input embedding layer "
                              f"to prepend a prompt to")
-        body = getattr(model, "base_model", model)
+        body = embedding_body(model, embeddings)
         if not hasattr(body, "get_input_embeddings"):
             raise ModelError(f"prompt: the body of {type(model).__name__} has no input embedding layer")
         encoder = PromptEncoder(self._initial_prompt(embeddings.weight.detach(), ctx))
@@ -145,6 +146,18 @@ class PromptTuning(Strategy):
         body.register_forward_pre_hook(encoder.before_forward, with_kwargs=True)
         body.register_forward_hook(encoder.after_forward, with_kwargs=True, always_call=True)
         return model
+
+    def to_peft(self, model: nn.Module) -> PeftTranslation | None:
+        """PEFT's layout, unless PEFT would compute something else: an encoder classifier whose head reads
+        the first position of the body's output (RoBERTa, DeBERTa: no pooler inside the body) reads a
+        virtual token in PEFT and the first real token here, so such an adapter gets no
+        `adapter_config.json` rather than one that claims equality. BERT's pooler sits inside the body
+        and reads the same position in both; decoder classifiers pool the last token."""
+        body = embedding_body(model, model.get_input_embeddings())
+        reads_first = heads_outside_body(model) and getattr(body, "pooler", None) is None
+        if reads_first and not hasattr(model, "score"):
+            return None
+        return self._peft_translation(model)
 
     def _initial_prompt(self, table: Tensor, ctx: StrategyContext) -> Tensor:  # table: (vocab, hidden)
         opts, length = self.options, self.options.length
@@ -165,7 +178,7 @@ class PromptTuning(Strategy):
         # The saved prompt replaces any initialisation, so a reload needs no tokenizer.
         return {"length": self.options.length, "init": "random", "init_text": None}
 
-    def to_peft(self, model: nn.Module) -> PeftTranslation:
+    def _peft_translation(self, model: nn.Module) -> PeftTranslation:
         config = model.config.get_text_config()
         return PeftTranslation({
             "peft_type": self.peft_type, "num_virtual_tokens": getattr(model, ENCODER_ATTR).length,
@@ -177,3 +190,29 @@ class PromptTuning(Strategy):
     @classmethod
     def from_peft(cls, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         return {"length": config["num_virtual_tokens"], "init": "random"}, {PROMPT_KEY: WEIGHT_NAME}
+
+
+def embedding_body(model: nn.Module, embeddings: nn.Module) -> nn.Module:
+    """The innermost module that embeds the tokens and takes `inputs_embeds` with an `attention_mask`: the
+    prompt is prepended there. Usually `model.base_model`; OPT's LM calls `model.decoder` directly."""
+    body = getattr(model, "base_model", model)
+    while True:
+        inner = next((child for child in body.children() if _takes_embeddings(child, embeddings)), None)
+        if inner is None:
+            return body
+        body = inner
+
+
+def _takes_embeddings(module: nn.Module, embeddings: nn.Module) -> bool:
+    parameters = inspect.signature(module.forward).parameters
+    holds = any(child is embeddings for child in module.modules())
+    return holds and "inputs_embeds" in parameters and "attention_mask" in parameters
+
+
+def heads_outside_body(model: nn.Module) -> list[nn.Module]:
+    """Modules outside the body (`base_model`) of a sequence classifier: its classification head."""
+    body = getattr(model, "base_model", None)
+    if body is None or body is model or not type(model).__name__.endswith("ForSequenceClassification"):
+        return []
+    return [child for child in model.children() if child is not body]
+
