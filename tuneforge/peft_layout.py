@@ -53,7 +53,7 @@ def peft_config(
     prefix = PROMPT_LEARNING_PREFIX if PROMPT_KEY in renames.values() else PEFT_PREFIX
     renames.update({name: prefix + name for name in head})
     modules_to_save = sorted({name.split(".", 1)[0] for name in head}) or None
-    common = {"base_model_name_or_path": base_name, "task_type": _task_type(model), "inference_mode": True,
+    common = {"base_model_name_or_path": base_name, "task_type": _task_type(model, bool(head)), "inference_mode": True,
               "revision": None, "modules_to_save": modules_to_save}
     return {**common, **translation.config}, renames
 
@@ -81,9 +81,11 @@ def strategies_from_peft(config: dict, directory: Path) -> tuple[list[dict], dic
     return [{strategy.name: options}], renames
 
 
-def _task_type(model: nn.Module) -> str | None:
+def _task_type(model: nn.Module, head_saved: bool) -> str | None:
+    """PEFT's task type. `SEQ_CLS` makes PEFT expect the classification head among the saved tensors, so it
+    is declared only when the head is saved (a new head); a classifier whose head came trained stays None."""
     if is_sequence_classifier(model):
-        return "SEQ_CLS"
+        return "SEQ_CLS" if head_saved else None
     return "CAUSAL_LM" if hasattr(model, "generate") and hasattr(model, "lm_head") else None
 
 

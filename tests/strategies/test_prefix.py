@@ -275,7 +275,12 @@ def test_peft_loads_our_prefix_with_equal_logits_and_generation(arch, tmp_path):
     mask = torch.ones_like(TOKENS)
     expected = ours(input_ids=TOKENS, attention_mask=mask).logits
     tuneforge.save_adapter(ours, tmp_path / "adapter")
-    theirs = peft.PeftModel.from_pretrained(tiny(arch), tmp_path / "adapter").eval()
+    text = ours.config.get_text_config()
+    if isinstance(getattr(text, "sliding_window", None), int) and text.sliding_window < text.max_position_embeddings:
+        # PEFT's cached prefix leaves a sliding window, ours stays visible: no adapter_config.json is written
+        assert not (tmp_path / "adapter" / "adapter_config.json").exists()
+        return
+    theirs = peft.PeftModel.from_pretrained(tiny(arch), str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=TOKENS, attention_mask=mask).logits, expected,
                                    atol=1e-5, rtol=1e-5)

@@ -98,6 +98,24 @@ class PrefixEncoder(nn.Module):
         keys_values = rows.view(self.length, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
         return keys_values[0], keys_values[1]
 
+    def shift_positions(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Position pre-hook: real tokens sit after the prefix (positions + length), as with a prefilled cache.
+
+        Rotary embeddings take (x, position_ids); OPT's table takes position_ids= (and adds its offset after);
+        GPT-2's and BERT's plain nn.Embedding take the position ids first. A bound method, not a closure, so a
+        deep copy of the model (a frozen reference) consults its own encoder.
+        """
+        if self.injected_disabled:
+            return None
+        if kwargs.get("position_ids") is not None:
+            return args, {**kwargs, "position_ids": self._shifted(kwargs["position_ids"])}
+        if isinstance(module, nn.Embedding):
+            return (self._shifted(args[0]), *args[1:]), kwargs
+        return (args[0], self._shifted(args[1]), *args[2:]), kwargs
+
+    def _shifted(self, positions: Tensor) -> Tensor:  # OPT marks padding -1 (its padding row): left as it is
+        return torch.where(positions >= 0, positions + self.length, positions)
+
     def folded(self) -> Tensor:
         """P as (length, layers * 2 * kv_heads * head_dim): the MLP evaluated once."""
         if self.reparam_in is None:
@@ -226,7 +244,7 @@ class PrefixTuning(Strategy):
         for layer, attention in enumerate(attentions):
             object.__setattr__(attention, LINK_ATTR, (encoder, layer))
         for module in position_modules:
-            module.register_forward_pre_hook(_shift_positions(encoder), with_kwargs=True)
+            module.register_forward_pre_hook(encoder.shift_positions, with_kwargs=True)
         return model
 
     def adapter_state(self, model: nn.Module) -> dict[str, Tensor]:
@@ -289,28 +307,6 @@ def _position_modules(model: nn.Module) -> list[nn.Module]:
                          f"a learned position table ({', '.join(POSITION_TABLES)}), so real tokens cannot be "
                          f"placed after the prefix; {USE_INSTEAD}")
     return found
-
-
-def _shift_positions(encoder: PrefixEncoder):
-    """Position pre-hook: real tokens sit after the prefix (positions + length), as with a prefilled cache.
-
-    Rotary embeddings take (x, position_ids); OPT's table takes position_ids= (and adds its offset after);
-    GPT-2's and BERT's plain nn.Embedding take the position ids first.
-    """
-
-    def shifted(positions: Tensor) -> Tensor:  # OPT marks padding -1 (its padding row): left as it is
-        return torch.where(positions >= 0, positions + encoder.length, positions)
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict):
-        if encoder.injected_disabled:
-            return None
-        if kwargs.get("position_ids") is not None:
-            return args, {**kwargs, "position_ids": shifted(kwargs["position_ids"])}
-        if isinstance(module, nn.Embedding):
-            return (shifted(args[0]), *args[1:]), kwargs
-        return (args[0], shifted(args[1]), *args[2:]), kwargs
-
-    return hook
 
 
 @contextmanager
