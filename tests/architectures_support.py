@@ -1,5 +1,6 @@
-"""Helpers of the architecture matrix (tests/test_architectures.py): tiny model folders of common architectures,
-the strategy columns, and one run per cell through the public run path (`tuneforge.run.train_run`).
+"""Helpers of the architecture matrix (tests/test_architectures.py): tiny model folders of common
+architectures, the strategy columns, and one run per cell through the public run path
+(`tuneforge.run.train_run`).
 
 A cell is an architecture x a strategy list. Its run records what the checks need: refused (and why), or
 trained (step losses), the new classification head's fate, the logits of the trained model against those of
@@ -51,8 +52,8 @@ class Architecture:
         """A random model as a user's folder holds it: a causal LM, or an encoder body without any head."""
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-        config = AutoConfig.for_model(self.model_type or self.name, vocab_size=vocab_size, initializer_range=0.2,
-                                      tie_word_embeddings=False, **_IDS, **self.config)
+        config = AutoConfig.for_model(self.model_type or self.name, vocab_size=vocab_size,
+                                      initializer_range=0.2, tie_word_embeddings=False, **_IDS, **self.config)
         torch.manual_seed(seed)
         model = (AutoModelForCausalLM if self.kind == "lm" else AutoModel).from_config(config)
         if self.kind == "lm":
@@ -66,27 +67,31 @@ ARCHITECTURES = {a.name: a for a in [
     Architecture("qwen2", _LLAMA_LIKE),
     Architecture("qwen3", {**_LLAMA_LIKE, "head_dim": 8}),  # default head_dim 128
     Architecture("gemma", {**_LLAMA_LIKE, "head_dim": 8}),  # default head_dim 256
-    Architecture("gemma2", {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 16}),  # softcapped attention logits
+    Architecture("gemma2", {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 16}),  # softcapped attn logits
     Architecture("phi3", _LLAMA_LIKE),  # fused qkv_proj and gate_up_proj
     Architecture("gpt2", {"n_embd": 32, "n_inner": 64, "n_layer": 2, "n_head": 4, "n_positions": 128,
-                          "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),  # Conv1D c_attn, learned positions
+                          "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                          "attn_pdrop": 0.0}),  # Conv1D c_attn, learned positions
     Architecture("gpt_neox", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                              "num_attention_heads": 4, "max_position_embeddings": 128}),  # fused query_key_value
+                              "num_attention_heads": 4,
+                              "max_position_embeddings": 128}),  # fused query_key_value
     Architecture("opt", {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                          "max_position_embeddings": 128, "word_embed_proj_dim": 32, "dropout": 0.0,
                          "init_std": 0.2}),  # fc1/fc2 on the layer, learned positions
+    # FalconLinear, fused query_key_value, multi-query
     Architecture("falcon", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-                            "max_position_embeddings": 128}),  # FalconLinear, fused query_key_value, multi-query
+                            "max_position_embeddings": 128}),
     Architecture("stablelm", _LLAMA_LIKE),
     Architecture("olmo2", _LLAMA_LIKE),
     Architecture("granite", _LLAMA_LIKE),
-    # attention variants: a sliding window shorter than the sequences (Mistral's default, 4096, is never reached
-    # here), and ALiBi instead of rotary positions
+    # attention variants: a sliding window shorter than the sequences (Mistral's default, 4096, is never
+    # reached here), and ALiBi instead of rotary positions
     Architecture("mistral-window4", {**_LLAMA_LIKE, "sliding_window": 4}, model_type="mistral"),
     Architecture("falcon-alibi", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                                   "max_position_embeddings": 128, "alibi": True}, model_type="falcon"),
     Architecture("bert", _ENCODER, kind="cls"),
-    Architecture("roberta", {**_ENCODER, "max_position_embeddings": 130}, kind="cls"),  # positions start at pad + 1
+    Architecture("roberta", {**_ENCODER, "max_position_embeddings": 130},
+                 kind="cls"),  # positions start at pad + 1
     Architecture("deberta-v2", _ENCODER, kind="cls"),  # relative attention, query_proj/key_proj/value_proj
 ]}
 
@@ -108,7 +113,8 @@ VARIANTS = {
     "dora": [{"lora": {"rank": 2, "targets": "all-linear", "dora": True}}],
 }
 # One objective hybrid: EWC's Fisher is estimated on the run's retain text (decoders and encoders alike).
-HYBRID = ("lora+ewc", [{"lora": {"rank": 2, "targets": "all-linear"}}, {"ewc": {"weight": 10.0, "fisher_samples": 2}}])
+HYBRID = ("lora+ewc", [{"lora": {"rank": 2, "targets": "all-linear"}},
+                       {"ewc": {"weight": 10.0, "fisher_samples": 2}}])
 
 
 def parametrizations() -> list[str]:
@@ -117,7 +123,8 @@ def parametrizations() -> list[str]:
             if entry.family == "parametrization" and entry.cls.__module__.split(".")[0] == "tuneforge"]
 
 
-ORDER = ("full", "layerwise", "lora", "adapter", "prefix", "prompt", "ia3", "heads")  # table order; others follow
+# table order; others follow
+ORDER = ("full", "layerwise", "lora", "adapter", "prefix", "prompt", "ia3", "heads")
 
 
 def columns() -> dict[str, list[dict]]:
@@ -152,7 +159,9 @@ class Cell:
     @property
     def peft_expressible(self) -> bool:
         """One strategy that declares a PEFT type: its adapter is written in PEFT's layout."""
-        return len(self.strategies) == 1 and REGISTRY[next(iter(self.strategies[0]))].cls.peft_type is not None
+        if len(self.strategies) != 1:
+            return False
+        return REGISTRY[next(iter(self.strategies[0]))].cls.peft_type is not None
 
 
 def cells() -> list[Cell]:
@@ -194,7 +203,8 @@ def build_assets(directory: Path, tokenizer) -> Assets:
     from matrix_support import write_jsonl
 
     directory.mkdir(parents=True, exist_ok=True)
-    documents = [{"text": " ".join(r["prompt"] + r["completion"] for r in task_records(8)[i:] * 2)} for i in range(6)]
+    documents = [{"text": " ".join(r["prompt"] + r["completion"] for r in task_records(8)[i:] * 2)}
+                 for i in range(6)]
     return Assets(directory, tokenizer, write_jsonl(directory / "lm.jsonl", task_records(16)),
                   write_jsonl(directory / "cls.jsonl", classification_records("animal", 16)),
                   write_jsonl(directory / "retain.jsonl", documents))
@@ -225,7 +235,7 @@ class CellResult:
     refused: str = ""  # the one-line reason of a ModelError/ConfigError
     crash: str = ""  # any other exception: "Type: first line"
     losses: list[float] = field(default_factory=list)  # the logged loss of each optimizer step
-    new_params: list[str] = field(default_factory=list)  # parameters the base load draws at random (a new head)
+    new_params: list[str] = field(default_factory=list)  # params the base load draws at random (a new head)
     untrained_new: list[str] = field(default_factory=list)  # ... of them, those training left unchanged
     reload: float | None = None  # max |trained - reloaded| logits
     reload_error: str = ""
@@ -273,7 +283,8 @@ _BASES: dict[tuple, tuple] = {}
 
 
 def fresh_base(config, run_data, names: list[str], seed: int):
-    """The base model as the run loads it, any new head drawn from `seed` (not the run's: an unsaved head shows).
+    """The base model as the run loads it, any new head drawn from `seed` (not the run's: an unsaved head
+    shows).
 
     Loaded once per (model folder, shape the run needs, seed); every caller gets its own deep copy.
     """
@@ -319,7 +330,8 @@ def difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_cell(cell: Cell, assets: Assets, workdir: Path) -> CellResult:
-    """Train 2 steps through `train_run`, then compare the trained model with its reloaded adapter (and PEFT's)."""
+    """Train 2 steps through `train_run`, then compare the trained model with its reloaded adapter (and
+    PEFT's)."""
     from tuneforge import load_adapter
     from tuneforge.run import train_run
 
@@ -329,7 +341,8 @@ def run_cell(cell: Cell, assets: Assets, workdir: Path) -> CellResult:
     names = [next(iter(s)) for s in cell.strategies]
     quiet = io.StringIO()
     try:
-        with captured_session() as captured, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        with captured_session() as captured, contextlib.redirect_stdout(quiet), \
+                contextlib.redirect_stderr(quiet):
             train_run(config, overwrite=True)
     except (ModelError, ConfigError) as exc:
         result.refused = str(exc)
@@ -347,13 +360,14 @@ def run_cell(cell: Cell, assets: Assets, workdir: Path) -> CellResult:
     batch = probe_batch(session)
     expected = outputs(model, batch)
 
-    # a head the base load creates at random (it differs between two loads): trained, and saved with the adapter
+    # a head the base load creates at random (differs between two loads): trained, saved with the adapter
     start, _ = fresh_base(config, session.data, names, config.train.seed)  # as the run started
     fresh, tokenizer = fresh_base(config, session.data, names, config.train.seed + 1)
     initial, other = dict(start.named_parameters()), dict(fresh.named_parameters())
     result.new_params = [n for n, p in initial.items() if not torch.equal(p, other[n])]
     trained = dict(model.named_parameters())
-    result.untrained_new = [n for n in result.new_params if n in trained and torch.equal(trained[n].detach(), initial[n])]
+    result.untrained_new = [n for n in result.new_params
+                            if n in trained and torch.equal(trained[n].detach(), initial[n])]
 
     adapter = run_dir / "adapter"
     try:
@@ -414,8 +428,8 @@ def verdict(cell: Cell, result: CellResult) -> tuple[str, str]:
 
 
 def markdown_table(entries: dict[str, dict]) -> str:
-    """Architectures x columns from per-cell entries ({cell id: {arch, column, verdict, note}}, as in the JSON):
-    a mark per cell, one numbered footnote per distinct reason."""
+    """Architectures x columns from per-cell entries ({cell id: {arch, column, verdict, note}}, as in the
+    JSON): a mark per cell, one numbered footnote per distinct reason."""
     archs = list(dict.fromkeys(e["arch"] for e in entries.values()))
     present = list(dict.fromkeys(e["column"] for e in entries.values()))
     cols = [c for c in columns() if c in present] + [c for c in present if c not in columns()]
@@ -460,7 +474,8 @@ def results_json(all_cells: list[Cell], results: dict[str, CellResult], command:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
         "tolerance": TOLERANCE,
         "architectures": {a.name: {"model_type": a.model_type or a.name, "kind": a.kind, "config": a.config}
                           for a in ARCHITECTURES.values()},

@@ -22,7 +22,8 @@ from tuneforge.compose import build_strategies
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.strategies import REGISTRY, refusal
 
-KINDS = ("lm", "dec_cls", "enc_cls")  # tiny Llama causal LM; LlamaForSequenceClassification; tiny BERT classifier
+# tiny Llama causal LM; LlamaForSequenceClassification; tiny BERT classifier
+KINDS = ("lm", "dec_cls", "enc_cls")
 
 # Tiny options per strategy (dropout 0 everywhere: invariant 4 compares two runs bit for bit up to rounding).
 OPTIONS: dict[str, dict] = {
@@ -47,8 +48,9 @@ KIND_OPTIONS: dict[tuple[str, str], dict] = {
 }
 
 
-# Options a strategy needs next to another: LoRA on all-linear would wrap IA3's layers again (refused at setup:
-# "already wrapped ... give the two strategies different targets"), so with IA3 it takes the other layers.
+# Options a strategy needs next to another: LoRA on all-linear would wrap IA3's layers again (refused at
+# setup: "already wrapped ... give the two strategies different targets"), so with IA3 it takes the other
+# layers.
 WITH_OPTIONS: dict[tuple[str, str, str], dict] = {
     ("lora", "ia3", "lm"): {"targets": ["q_proj", "o_proj", "gate_proj", "up_proj"]},
     ("lora", "ia3", "dec_cls"): {"targets": ["q_proj", "o_proj", "gate_proj", "up_proj"]},
@@ -84,7 +86,8 @@ HYBRIDS = [
     Hybrid("multitask-lora+ewc", ("lora", "ewc"), context="mixture", kinds=("lm",),
            why_not="examples/hybrids/multitask-ewc.yaml: a mixture of two chat tasks with retain text"),
     Hybrid("multitask-heads+ewc", ("heads", "ewc"), context="mixture", kinds=("lm",), why_not=_MIXED),
-    Hybrid("multitask-lora+heads+ewc", ("lora", "heads", "ewc"), context="mixture", kinds=("lm",), why_not=_MIXED),
+    Hybrid("multitask-lora+heads+ewc", ("lora", "heads", "ewc"), context="mixture", kinds=("lm",),
+           why_not=_MIXED),
     Hybrid("multitask-full+heads+retention", ("full", "heads", "retention"), context="mixture", kinds=("lm",),
            why_not=_MIXED),
 ]
@@ -113,7 +116,8 @@ class Case:
     @property
     def keeps_reference(self) -> bool:
         """Whether some strategy holds a frozen reference or teacher (an attribute `teacher`/`reference`)."""
-        return any(hasattr(s, "teacher") or hasattr(s, "reference") for s in build_strategies(self.strategies))
+        return any(hasattr(s, "teacher") or hasattr(s, "reference")
+                   for s in build_strategies(self.strategies))
 
 
 def combos() -> list[tuple[str, tuple[str, ...], Hybrid | None]]:
@@ -204,10 +208,12 @@ def build_assets(directory: Path, tokenizer, llama: Path | None = None) -> Asset
     BertForSequenceClassification(config).bert.save_pretrained(bert, safe_serialization=True)
     tokenizer.save_pretrained(bert)
     second = [{**r, "completion": r["completion"].replace("is", "was")} for r in task_records(16)]
-    lm = [write_jsonl(directory / "lm0.jsonl", task_records(16)), write_jsonl(directory / "lm1.jsonl", second)]
+    lm = [write_jsonl(directory / "lm0.jsonl", task_records(16)),
+          write_jsonl(directory / "lm1.jsonl", second)]
     cls = [write_jsonl(directory / "cls0.jsonl", classification_records("animal", 16)),
            write_jsonl(directory / "cls1.jsonl", classification_records("colour", 16))]
-    documents = [{"text": " ".join(r["prompt"] + r["completion"] for r in task_records(8)[i:] * 2)} for i in range(6)]
+    documents = [{"text": " ".join(r["prompt"] + r["completion"] for r in task_records(8)[i:] * 2)}
+                 for i in range(6)]
     return Assets(llama, bert, lm, cls, write_jsonl(directory / "retain.jsonl", documents))
 
 
@@ -285,7 +291,8 @@ def fresh_base(config, run_data, names):
     from tuneforge.run import load_base_model
 
     heads = any(REGISTRY[n].cls.provides_heads for n in names)
-    key = (config.model, heads, tuple((t.task_type, tuple(t.labels or ())) for t in run_data.tasks), config.train.seed)
+    tasks = tuple((t.task_type, tuple(t.labels or ())) for t in run_data.tasks)
+    key = (config.model, heads, tasks, config.train.seed)
     if key not in _BASES:
         set_seed(config.train.seed)
         model, tokenizer, _ = load_base_model(config, run_data, list(names))
@@ -311,7 +318,7 @@ def per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 def row_scores(model, batch: dict, row: int, with_task: bool, length: int) -> torch.Tensor:
-    """What invariant 5 compares for `row` of `batch`: its per-token losses (LM) or its logits (classifier)."""
+    """What invariant 5 compares for `row` of `batch`: its per-token losses (LM) or logits (classifier)."""
     out = scores(model, batch, with_task)
     if batch["labels"].dim() == 1:
         return out[row]
@@ -323,7 +330,7 @@ def alone(batch: dict, row: int, length: int) -> dict:
 
 
 def reference_modules(strategies) -> list[tuple[str, object]]:
-    """(strategy name, its frozen reference or teacher) for every strategy holding one after on_train_start."""
+    """(strategy name, its frozen reference or teacher) for each strategy holding one after on_train_start."""
     found = []
     for strategy in strategies:
         for attribute in ("teacher", "reference"):
@@ -356,7 +363,8 @@ def run_trial(case: Case, assets: Assets, workdir: Path) -> Trial:
     except (ModelError, ConfigError) as exc:
         trial.refused = str(exc)
         return trial
-    model, strategies, ctx, pad = session.model, session.strategies, session.ctx, session.tokenizer.pad_token_id
+    model, strategies, ctx = session.model, session.strategies, session.ctx
+    pad = session.tokenizer.pad_token_id
     with_task = routes_tasks(model)
     tasks = session.data.tasks
     first = tasks[0].train_items
@@ -377,7 +385,8 @@ def run_trial(case: Case, assets: Assets, workdir: Path) -> Trial:
     except Exception as exc:  # noqa: BLE001 - recorded, re-raised by the invariant's own test
         trial.errors["identity"] = exc
 
-    # 2, 3: a few steps as the loop takes them (task loss / step targets + strategy terms; set_trainable per step)
+    # 2, 3: a few steps as the loop takes them (task loss / step targets + strategy terms; set_trainable
+    # per step)
     try:
         ctx.num_epochs, ctx.total_steps, ctx.base_lr = 1, 3, config.train.lr
         frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -401,7 +410,8 @@ def run_trial(case: Case, assets: Assets, workdir: Path) -> Trial:
                 copy = reference_copy(reference)
                 if label not in snapshots:
                     references.append((label, reference))
-                    snapshots[label] = {} if copy is None else {k: v.clone() for k, v in copy.state_dict().items()}
+                    snapshots[label] = ({} if copy is None
+                                        else {k: v.clone() for k, v in copy.state_dict().items()})
             return items, build_optimizer(model, strategies, ctx, config.train)
 
         def step(optimizer, items: list[dict]):
@@ -453,12 +463,14 @@ def run_trial(case: Case, assets: Assets, workdir: Path) -> Trial:
                 copy = reference_copy(reference)
                 entry = {"label": label, "copy": copy is not None}
                 ref_out = reference(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"])
-                ref_out = ref_out.logits if getattr(ref_out, "logits", None) is not None else ref_out.last_hidden_state
+                ref_out = (ref_out.logits if getattr(ref_out, "logits", None) is not None
+                           else ref_out.last_hidden_state)
                 if copy is not None:
                     now = copy.state_dict()
-                    entry["changed"] = sorted(k for k, v in snapshots[label].items() if not torch.equal(now[k], v))
-                    entry["differs"] = (float((ref_out - trained).abs().max()) if ref_out.shape == trained.shape
-                                        else math.inf)
+                    entry["changed"] = sorted(k for k, v in snapshots[label].items()
+                                              if not torch.equal(now[k], v))
+                    entry["differs"] = (float((ref_out - trained).abs().max())
+                                        if ref_out.shape == trained.shape else math.inf)
                 base_out = scores(base, probe, False)
                 entry["vs_base"] = (float((ref_out - base_out).abs().max()) if ref_out.shape == base_out.shape
                                     else math.inf)

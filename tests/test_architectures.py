@@ -1,20 +1,20 @@
-"""The architecture matrix (issue 18): every parametrization on every common architecture trains, or is refused
-with a true one-line reason.
+"""The architecture matrix (issue 18): every parametrization on every common architecture trains, or is
+refused with a true one-line reason.
 
-Tiny random models (hidden 32, 2 layers, the conftest tokenizer's vocabulary) of 14 decoder families, plus two
-attention variants (Mistral with a 4-token sliding window, Falcon with ALiBi), built from each family's own config
-class and saved as a user's model folder, train as causal LMs; BERT, RoBERTa and DeBERTa-v2 encoder bodies train
-as sequence classifiers. Columns (tests/architectures_support.py): every
-registered parametrization with tiny sizes and its own defaults otherwise (`lora` with `all-linear`; task heads
-only where a run classifies), LoRA with its default targets, DoRA, and one objective hybrid (LoRA + EWC on the
-run's retain text).
+Tiny random models (hidden 32, 2 layers, the conftest tokenizer's vocabulary) of 14 decoder families, plus
+two attention variants (Mistral with a 4-token sliding window, Falcon with ALiBi), built from each family's
+own config class and saved as a user's model folder, train as causal LMs; BERT, RoBERTa and DeBERTa-v2
+encoder bodies train as sequence classifiers. Columns (tests/architectures_support.py): every
+registered parametrization with tiny sizes and its own defaults otherwise (`lora` with `all-linear`; task
+heads only where a run classifies), LoRA with its default targets, DoRA, and one objective hybrid (LoRA + EWC
+on the run's retain text).
 
 Each cell is one `tuneforge.run.train_run` of 2 steps. Checks per cell:
 - `outcome`: trains (2 finite step losses), or is refused (ModelError/ConfigError, never a traceback) with the
   reason `REFUSALS` expects. A refusal not in `REFUSALS` fails, and so does an entry whose cell now trains.
 - `head`: a parameter the base load draws at random (a new classification head) is trained.
-- `reload`: the run's adapter loaded into a fresh base (`tuneforge.load_adapter`; a new head drawn from another
-  seed, so an unsaved head shows) gives the trained model's logits.
+- `reload`: the run's adapter loaded into a fresh base (`tuneforge.load_adapter`; a new head drawn from
+  another seed, so an unsaved head shows) gives the trained model's logits.
 - `peft`: an adapter PEFT can express (`adapter_config.json`) loads in `peft.PeftModel` with the same logits.
 
 Known failures are strict xfails (`XFAILS`), each with the text of the failure it expects: the same failure is
@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # support modules and conftest, also under `python -m tests....`
+# support modules and conftest, also under `python -m tests....`
+sys.path.insert(0, str(Path(__file__).parent))
 
 from architectures_support import (
     ARCHITECTURES,
@@ -155,7 +156,8 @@ def test_outcome(cell, result):
             assert result.refused, f"trains, but REFUSALS expects a refusal ({expected!r}): remove the entry"
             assert expected in result.refused, f"refused for another reason: {result.refused}"
             assert "\n" not in result.refused.strip(), f"a refusal is one line: {result.refused!r}"
-            assert any(word in result.refused.lower() for word in HINTS), f"says what to use instead: {result.refused}"
+            assert any(word in result.refused.lower() for word in HINTS), \
+                f"says what to use instead: {result.refused}"
         else:
             assert not result.refused, f"refused: {result.refused}"
             assert len(result.losses) == 2, f"expected 2 logged steps, got {result.losses}"
@@ -166,8 +168,8 @@ def test_outcome(cell, result):
 def test_head(cell, result):
     trained(result)
     with known("head", cell):
-        assert not result.untrained_new, (f"the new head ({', '.join(result.untrained_new)}) is never trained "
-                                          f"(created at random by the base load)")
+        assert not result.untrained_new, (f"the new head ({', '.join(result.untrained_new)}) "
+                                          f"is never trained (created at random by the base load)")
 
 
 @pytest.mark.parametrize("cell", params(CELLS, "reload"))
@@ -195,8 +197,8 @@ def test_peft(cell, result):
 
 @pytest.mark.parametrize("cell", params([c for c in CELLS if c.peft_expressible], "peft_keys"))
 def test_peft_keys(cell, result):
-    """PEFT builds exactly the adapted modules the adapter holds weights for: `target_modules` selects in PEFT's
-    model what it selected in ours (PEFT warns about adapter keys it expected and did not find)."""
+    """PEFT builds exactly the adapted modules the adapter holds weights for: `target_modules` selects in
+    PEFT's model what it selected in ours (PEFT warns about adapter keys it expected and did not find)."""
     pytest.importorskip("peft")
     trained(result)
     if not result.peft_config or result.peft_error:

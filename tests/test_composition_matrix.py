@@ -167,7 +167,8 @@ def test_validate_refuses_before_loading(names, reason, assets, tmp_path, monkey
     monkeypatch.setattr(tuneforge.run, "build_model", no_model)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"model": str(assets.llama), "data": {"train": str(assets.lm_tasks[0])},
-                                    "strategies": [{name: {}} for name in names], "output": str(tmp_path / "run")}))
+                                    "strategies": [{name: {}} for name in names],
+                                    "output": str(tmp_path / "run")}))
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         code = main(["validate", str(path)])
@@ -211,7 +212,8 @@ def test_3_references_unchanged(case, trial):
     raise_recorded(trial, "references")
     assert trial.references, "a strategy holding a teacher/reference kept none after on_train_start"
     for entry in trial.references:
-        assert entry["vs_base"] <= 1e-5, f"{entry['label']} no longer computes the base's outputs ({entry['vs_base']:.3g})"
+        assert entry["vs_base"] <= 1e-5, (f"{entry['label']} no longer computes the base's outputs "
+                                          f"({entry['vs_base']:.3g})")
         if entry["copy"]:
             assert not entry["changed"], f"{entry['label']}: frozen copy changed: {entry['changed'][:5]}"
             assert entry["differs"] > 1e-6, f"{entry['label']}: the copy computes what the trained model does"
@@ -246,10 +248,13 @@ def _pick(ids: list[str]) -> list[Case]:
 EXPENSIVE = _pick([
     # pairs across the three kinds, every strategy in at least two of them
     "full+heads-dec_cls", "distill+full-enc_cls", "layerwise+retention-lm", "l2sp+layerwise-enc_cls",
-    "ewc+lora-lm", "heads+lora-enc_cls", "adapter+distill-dec_cls", "adapter+replay-lm", "l2sp+prefix-dec_cls",
-    "prefix+retention-lm", "distill+prompt-lm", "dropout+prompt-enc_cls", "heads+ia3-dec_cls", "dropout+ia3-lm",
-    "ewc+replay-lm", "l2sp+replay-lm", "ewc+retention-lm", "replay+retention-lm",  # sequences, resumed in task 2
-    # the named hybrids that are more than a pair (layerwise+prefix and adapter+distill are pairs above/in the matrix)
+    "ewc+lora-lm", "heads+lora-enc_cls", "adapter+distill-dec_cls", "adapter+replay-lm",
+    "l2sp+prefix-dec_cls", "prefix+retention-lm", "distill+prompt-lm", "dropout+prompt-enc_cls",
+    "heads+ia3-dec_cls", "dropout+ia3-lm",
+    # sequences, resumed in task 2
+    "ewc+replay-lm", "l2sp+replay-lm", "ewc+retention-lm", "replay+retention-lm",
+    # the named hybrids that are more than a pair (layerwise+prefix and adapter+distill are pairs
+    # above/in the matrix)
     "lora+ewc+distill-lm", "multitask-lora+heads+ewc-lm",
 ])
 
@@ -290,7 +295,8 @@ def test_4_grad_accumulation_equivalence(case, assets, tmp_path):
         assert set(fields) <= set(second), (first, second)
         for field_name in fields:
             assert second[field_name] == pytest.approx(first[field_name], rel=1e-4, abs=1e-6), (
-                f"step {first['step']}: {field_name} {first[field_name]} (B x 1) vs {second[field_name]} (B/2 x 2)")
+                f"step {first['step']}: {field_name} {first[field_name]} (B x 1) "
+                f"vs {second[field_name]} (B/2 x 2)")
 
 
 @pytest.mark.parametrize("case", params(EXPENSIVE, "resume"))

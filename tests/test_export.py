@@ -1,4 +1,5 @@
-"""Adapters, prefix, prompt and IA3 against closed forms; composition conflicts; merged export; inspect counts."""
+"""Adapters, prefix, prompt and IA3 against closed forms; composition conflicts; merged export; inspect
+counts."""
 
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ def test_ia3_closed_forms_and_exact_merge():
         torch.testing.assert_close(layer.bias, bias)
 
 
-@pytest.mark.parametrize("strategies", [[{"ia3": {}}], [{"lora": {"rank": 4, "dora": True, "targets": "all-linear"}}],
-                                        [{"ia3": {"targets": ["k_proj", "down_proj"]}}, {"lora": {"targets": ["q_proj"]}}]])
+@pytest.mark.parametrize("strategies", [
+    [{"ia3": {}}],
+    [{"lora": {"rank": 4, "dora": True, "targets": "all-linear"}}],
+    [{"ia3": {"targets": ["k_proj", "down_proj"]}}, {"lora": {"targets": ["q_proj"]}}],
+])
 def test_merged_export_loads_with_transformers_alone(strategies, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 

@@ -40,7 +40,8 @@ def greedy(model, prompt: torch.Tensor, steps: int = 5) -> list[int]:
 
 OURS = {
     "lora": [{"lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "up_proj"]}}],
-    "lora-layers": [{"lora": {"rank": 2, "targets": ["k_proj", "o_proj"], "layers": "top:2", "rslora": True}}],
+    "lora-layers": [{"lora": {"rank": 2, "targets": ["k_proj", "o_proj"], "layers": "top:2",
+                              "rslora": True}}],
     "dora": [{"lora": {"rank": 4, "targets": "all-linear", "dora": True}}],
     "ia3": [{"ia3": {}}],
     "ia3-regex": [{"ia3": {"targets": [r"model\.layers\.[02]\.(self_attn\.v_proj|mlp\.down_proj)"],
@@ -66,17 +67,18 @@ def test_peft_loads_our_adapter_with_equal_logits(method, tmp_path):
     # Our cached `generate` continues exactly as PEFT's model does (PEFT's own generate is not used as the
     # reference: with transformers 5.24 its prefix/prompt generation diverges from its forward pass).
     prompt = TOKENS[:1, :5]
-    generated = ours.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False,
-                              pad_token_id=0, eos_token_id=None)
+    generated = ours.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)
     assert generated[0, 5:].tolist() == greedy(theirs, prompt)
 
 
 def test_dora_matches_peft_in_training_including_gradients():
     """Same weights in both: DoRA outputs and the gradients of A, B and the magnitude agree with PEFT."""
-    ours = tuneforge.prepare(tiny_llama(), [{"lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "down_proj"],
-                                                      "dora": True}}])
+    options = {"rank": 4, "alpha": 8, "targets": ["q_proj", "down_proj"], "dora": True}
+    ours = tuneforge.prepare(tiny_llama(), [{"lora": options}])
     perturb(ours, "lora_")
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                target_modules=["q_proj", "down_proj"],
                                                                 use_dora=True))
     state = {n: p for n, p in ours.named_parameters() if "lora_" in n}
     with torch.no_grad():
@@ -97,12 +99,14 @@ def test_dora_matches_peft_in_training_including_gradients():
                  for n, p in theirs.named_parameters() if "lora_" in n}
     assert len(gradients) == len(state) == 2 * 4 * 3
     for name, parameter in state.items():
-        torch.testing.assert_close(parameter.grad, gradients[name].view_as(parameter.grad), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(parameter.grad, gradients[name].view_as(parameter.grad),
+                                   atol=1e-5, rtol=1e-4)
 
 
 THEIRS = {
     "lora": lambda: peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj"]),
-    "lora-layers": lambda: peft.LoraConfig(r=2, target_modules=["k_proj"], layers_to_transform=[1, 3], use_rslora=True),
+    "lora-layers": lambda: peft.LoraConfig(r=2, target_modules=["k_proj"], layers_to_transform=[1, 3],
+                                           use_rslora=True),
     "dora": lambda: peft.LoraConfig(r=4, target_modules="all-linear", use_dora=True),
     "ia3": lambda: peft.IA3Config(),
     "prefix": lambda: peft.PrefixTuningConfig(num_virtual_tokens=3),
@@ -124,7 +128,8 @@ def test_we_load_a_peft_adapter_with_equal_logits(method, tmp_path):
     expected = theirs(input_ids=TOKENS).logits
     ours = tuneforge.load_adapter(tiny_llama(), tmp_path / "peft").eval()
     logits = ours(input_ids=TOKENS).logits
-    torch.testing.assert_close(logits, expected[:, expected.shape[1] - TOKENS.shape[1]:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, expected[:, expected.shape[1] - TOKENS.shape[1]:],
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_unsupported_peft_adapters_are_refused_by_name(tmp_path):
@@ -138,8 +143,8 @@ def test_composed_adapters_stay_tuneforge_only(tmp_path):
     model = tuneforge.prepare(tiny_llama(), [{"prefix": {"length": 2}}, {"lora": {"targets": ["q_proj"]}}])
     tuneforge.save_adapter(model, tmp_path / "adapter")
     assert not (tmp_path / "adapter" / "adapter_config.json").exists()  # PEFT cannot express the combination
-    assert [next(iter(s)) for s in json.loads((tmp_path / "adapter" / "tuneforge.json").read_text())["strategies"]] \
-        == ["prefix", "lora"]
+    saved = json.loads((tmp_path / "adapter" / "tuneforge.json").read_text())["strategies"]
+    assert [next(iter(s)) for s in saved] == ["prefix", "lora"]
 
 
 def test_peft_modules_to_save_other_than_a_classification_head_is_refused(tmp_path):

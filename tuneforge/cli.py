@@ -58,7 +58,8 @@ def cmd_validate(args) -> int:
 
         print(f"note: {retain_unused_note(config.retain)}")
     if summary.get("skipped"):
-        print(f"skipped {len(summary['skipped'])} invalid record(s) (data.skip_invalid), first: {summary['skipped'][0]}")
+        print(f"skipped {len(summary['skipped'])} invalid record(s) (data.skip_invalid), "
+              f"first: {summary['skipped'][0]}")
     return 0
 
 
@@ -189,7 +190,8 @@ def cmd_compare(args) -> int:
     sources = [s for s in args.sources if s not in overrides]
     runs = ["--runs-dir", args.runs_dir] if args.runs_dir else []
     command = "tuneforge compare " + " ".join([*sources, "--output", args.output, *runs, *overrides])
-    report = compare(sources, Path(args.output), overrides, command, Path(args.runs_dir) if args.runs_dir else None)
+    runs_dir = Path(args.runs_dir) if args.runs_dir else None
+    report = compare(sources, Path(args.output), overrides, command, runs_dir)
     shown = [line for line in report.read_text().splitlines() if line.startswith(("|", "Fair", "**Not"))]
     print("\n".join(shown))
     print(f"\ncomparison written to {report} (and report.html, plots)")
@@ -208,10 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = with_config("train", "fine-tune as the config says")
     train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an existing run in the output directory")
     train.add_argument("--output", help="run directory (overrides `output:`)")
     train.set_defaults(run=cmd_train)
-    with_config("validate", "check a config and its data without loading a model").set_defaults(run=cmd_validate)
+    with_config("validate", "check a config and its data without loading a model") \
+        .set_defaults(run=cmd_validate)
     inspect = with_config("inspect", "count parameters per strategy and show the modules each matched")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=cmd_inspect)
@@ -250,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (`train cfg.yaml --resume train.lr=1e-4`)
-    if extra and (not hasattr(args, "overrides") or not all("=" in item and not item.startswith("-") for item in extra)):
+    if extra and (not hasattr(args, "overrides")
+                  or not all("=" in item and not item.startswith("-") for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
@@ -262,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuneforge: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tuneforge: interrupted (checkpoints written so far are kept; resume with --resume)", file=sys.stderr)
+        print("tuneforge: interrupted (checkpoints written so far are kept; resume with --resume)",
+              file=sys.stderr)
         return 130
 
 

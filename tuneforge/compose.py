@@ -50,7 +50,8 @@ def has_parametrization(strategies: list[Strategy]) -> bool:
     return any(REGISTRY[s.name].family == "parametrization" for s in strategies)
 
 
-def trainable_by_strategy(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext) -> dict[str, set[str]]:
+def trainable_by_strategy(model: nn.Module, strategies: list[Strategy],
+                          ctx: StrategyContext) -> dict[str, set[str]]:
     """Parameter names each strategy trains. With no parametrization listed, full fine-tuning is implied."""
     wanted = {strategy.name: strategy.trainable(model, ctx) for strategy in strategies}
     if not has_parametrization(strategies):
@@ -74,7 +75,8 @@ def new_head_parameters(model: nn.Module) -> set[str]:
             if name.split(".", 1)[0] in modules and not is_injected(name)}
 
 
-def trainable_in_any_epoch(model: nn.Module, ctx: StrategyContext, strategies: list[Strategy] | None = None) -> set[str]:
+def trainable_in_any_epoch(model: nn.Module, ctx: StrategyContext,
+                           strategies: list[Strategy] | None = None) -> set[str]:
     """Names of parameters some strategy trains in some epoch the loop will start (`ctx.num_epochs`).
 
     Gradual unfreezing adds layers by epoch; the optimizer, L2-SP and EWC all need the whole set. Without

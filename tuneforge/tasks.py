@@ -60,7 +60,8 @@ def load_task(task: TaskConfig, task_id: int, seed: int) -> TaskData:
     skipped: list[str] | None = [] if data.skip_invalid else None
     examples = load_examples(data.train, data.format, data.template, skipped, data.where)
     if data.eval:
-        train_examples, eval_examples = examples, load_examples(data.eval, data.format, data.template, skipped, data.where)
+        train_examples = examples
+        eval_examples = load_examples(data.eval, data.format, data.template, skipped, data.where)
     else:
         train_examples, eval_examples = split_train_eval(examples, data.eval_fraction, seed, None)
     # Caps take a seeded random subset: files are often sorted (by label, by topic).
@@ -82,10 +83,13 @@ def load_tasks(config: RunConfig) -> list[TaskData]:
 def encode_task(task: TaskData, tokenizer, max_seq_len: int, tag: bool) -> TaskData:
     """Tokenize a task's examples; `tag` adds `task_id` to every item (multi-task runs)."""
     label_to_id = {label: i for i, label in enumerate(task.labels)} if task.labels else None
-    task.train_items, dropped = encode_dataset(task.train_examples, tokenizer, max_seq_len, task.task_type, label_to_id)
+    task.train_items, dropped = encode_dataset(task.train_examples, tokenizer, max_seq_len, task.task_type,
+                                               label_to_id)
     if not task.train_items:
-        raise DataError(f"{task.source}: every example was dropped ({dropped} too long or empty at max_seq_len={max_seq_len})")
-    task.eval_items, _ = encode_dataset(task.eval_examples, tokenizer, max_seq_len, task.task_type, label_to_id)
+        raise DataError(f"{task.source}: every example was dropped "
+                        f"({dropped} too long or empty at max_seq_len={max_seq_len})")
+    task.eval_items, _ = encode_dataset(task.eval_examples, tokenizer, max_seq_len, task.task_type,
+                                        label_to_id)
     if tag:
         for item in task.train_items + task.eval_items:
             item["task_id"] = task.task_id
@@ -123,7 +127,8 @@ def encode_run_data(run_data: RunData, config: RunConfig, tokenizer, tag_tasks: 
         encode_task(task, tokenizer, max_len, tag=tag_tasks)
     if config.retain and run_data.task_type == "causal_lm":
         measure, regularize = split_retain_documents(load_examples(config.retain, "text"))
-        run_data.retain_items = encode_text_chunks(measure, tokenizer, max_len, config.evaluation.retain_examples)
+        run_data.retain_items = encode_text_chunks(measure, tokenizer, max_len,
+                                                   config.evaluation.retain_examples)
         run_data.retain_pool = regularize
     elif config.retain:  # never dropped silently: the run prints the note and keeps it in results.json
         note = retain_unused_note(config.retain)
@@ -145,7 +150,8 @@ def retain_batch_source(run_data: RunData, tokenizer, config: RunConfig):
     if not run_data.retain_pool:
         return None
     return retain_stream(run_data.retain_pool, tokenizer, config.train.max_seq_len,
-                         max(64, 4 * config.evaluation.retain_examples), config.train.batch_size, config.train.seed + 1)
+                         max(64, 4 * config.evaluation.retain_examples), config.train.batch_size,
+                         config.train.seed + 1)
 
 
 def _subset(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
@@ -167,7 +173,8 @@ def task_probabilities(sizes: list[int], schedule: ScheduleConfig) -> list[float
     return [w / total for w in weights]
 
 
-def mixture_plan(sizes: list[int], batch_size: int, schedule: ScheduleConfig, seed: int, grad_accum: int = 1) -> Plan:
+def mixture_plan(sizes: list[int], batch_size: int, schedule: ScheduleConfig, seed: int,
+                 grad_accum: int = 1) -> Plan:
     """A plan of single-task optimizer steps over tasks whose items sit at consecutive offsets.
 
     A step draws `batch_size * grad_accum * world` items of one task (a task's last step in a
@@ -214,7 +221,8 @@ def mixture_plan(sizes: list[int], batch_size: int, schedule: ScheduleConfig, se
     return plan
 
 
-def training_plan(items: list[dict], train: TrainConfig, schedule: ScheduleConfig, seed: int) -> tuple[list[dict], Plan]:
+def training_plan(items: list[dict], train: TrainConfig, schedule: ScheduleConfig,
+                  seed: int) -> tuple[list[dict], Plan]:
     """The items of a training stream, grouped by task, and the plan the loop draws its steps from.
 
     The one place mixture runs and each task of a sequence get their plan, so `train.packing` and the
@@ -225,7 +233,8 @@ def training_plan(items: list[dict], train: TrainConfig, schedule: ScheduleConfi
     items, sizes = grouped_by_task(items)  # replayed items keep their own task: one task per micro-batch
     if train.packing:  # micro-batches of batch_size rows of max_seq_len tokens, filled with whole examples
         lengths = [len(item["input_ids"]) for item in items]
-        return items, packing_plan(lengths, sizes, train.batch_size, train.max_seq_len, seed, train.grad_accum)
+        plan = packing_plan(lengths, sizes, train.batch_size, train.max_seq_len, seed, train.grad_accum)
+        return items, plan
     return items, mixture_plan(sizes, train.batch_size, schedule, seed, train.grad_accum)
 
 

@@ -33,7 +33,8 @@ def test_bottleneck_adapter_closed_form():
     adapter = BottleneckAdapter(6, 2, "relu", {})
     torch.nn.init.normal_(adapter.up.weight)
     h = torch.randn(3, 6)
-    expected = h + torch.relu(h @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T + adapter.up.bias
+    down = torch.relu(h @ adapter.down.weight.T + adapter.down.bias)
+    expected = h + down @ adapter.up.weight.T + adapter.up.bias
     torch.testing.assert_close(adapter(h), expected)
 
 
@@ -47,15 +48,18 @@ def test_adapter_placement_and_parameter_count(placement, per_layer):
 
 
 def test_adapter_runs_inside_each_sublayer_and_disables():
-    model = tuneforge.prepare(tiny_llama(), [{"adapter": {"placement": "houlsby", "bottleneck_size": 4}}]).eval()
+    model = tuneforge.prepare(tiny_llama(),
+                              [{"adapter": {"placement": "houlsby", "bottleneck_size": 4}}]).eval()
     randomize(model, "adapter_")
     layer = model.model.layers[0]
     hidden = torch.randn(1, 5, 32)
-    attention_out, _ = layer.self_attn.forward(layer.input_layernorm(hidden), position_embeddings=model.model.rotary_emb(
-        hidden, torch.arange(5)[None]), attention_mask=None)
-    adapted, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=model.model.rotary_emb(
-        hidden, torch.arange(5)[None]), attention_mask=None)
-    torch.testing.assert_close(adapted, layer.adapter_attn(attention_out))  # the hook applies exactly the adapter
+    positions = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    attention_out, _ = layer.self_attn.forward(layer.input_layernorm(hidden), position_embeddings=positions,
+                                               attention_mask=None)
+    adapted, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=positions,
+                                 attention_mask=None)
+    # the hook applies exactly the adapter
+    torch.testing.assert_close(adapted, layer.adapter_attn(attention_out))
     with disabled_adapters(model):
         plain = model(TOKENS).logits
     assert not torch.allclose(model(TOKENS).logits, plain)
@@ -63,7 +67,8 @@ def test_adapter_runs_inside_each_sublayer_and_disables():
 
 
 def test_adapter_on_bert_sits_before_the_residual_layer_norm():
-    model = tuneforge.prepare(tiny_bert(), [{"adapter": {"placement": "pfeiffer", "bottleneck_size": 4}}]).eval()
+    model = tuneforge.prepare(tiny_bert(),
+                              [{"adapter": {"placement": "pfeiffer", "bottleneck_size": 4}}]).eval()
     randomize(model, "adapter_")
     output = model.bert.encoder.layer[0].output  # dense -> dropout -> LayerNorm(h + input)
     hidden, residual = torch.randn(1, 3, 64), torch.randn(1, 3, 32)
@@ -75,7 +80,8 @@ def test_adapter_on_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
+                                       eos_token_id=2))
     reference = model.eval()(TOKENS).logits
     tuneforge.prepare(model, [{"adapter": {"placement": "houlsby", "bottleneck_size": 4}}])
     torch.testing.assert_close(model(TOKENS).logits, reference)

@@ -28,7 +28,8 @@ def test_ia3_defaults_and_parameter_count():
 
 def test_ia3_feedforward_must_be_a_target():
     with pytest.raises(ModelError, match="feedforward_targets match .*down_proj.*list it in targets"):
-        tuneforge.prepare(tiny_llama(), [{"ia3": {"targets": ["k_proj"], "feedforward_targets": ["down_proj"]}}])
+        tuneforge.prepare(tiny_llama(),
+                          [{"ia3": {"targets": ["k_proj"], "feedforward_targets": ["down_proj"]}}])
 
 
 # Issue 18, cause 2: the default targets per architecture (attention keys/values, feed-forward output input)

@@ -88,7 +88,8 @@ def test_base_parameter_names_kept_and_only_lora_trainable():
     assert trainable and all(".lora_" in n for n in trainable)
     assert {int(n.split(".")[2]) for n in trainable} == {2, 3}
     # closed form: rank * (d_in + d_out) per adapted matrix; q: 32 -> 32, v: 32 -> 16 (2 kv heads of 8)
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (2 * (32 + 32) + 2 * (32 + 16))
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert count == 2 * (2 * (32 + 32) + 2 * (32 + 16))
 
 
 def test_targets_that_match_nothing_say_what_exists():
@@ -97,13 +98,16 @@ def test_targets_that_match_nothing_say_what_exists():
 
 
 def test_regex_targets():
-    model = tuneforge.prepare(tiny_llama(), [{"lora": {"targets": [r"model\.layers\.[01]\.mlp\.(up|down)_proj"]}}])
-    assert sorted(n for n, _ in lora_modules(model)) == [f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("down", "up")]
+    model = tuneforge.prepare(tiny_llama(),
+                              [{"lora": {"targets": [r"model\.layers\.[01]\.mlp\.(up|down)_proj"]}}])
+    assert sorted(n for n, _ in lora_modules(model)) == [f"model.layers.{i}.mlp.{p}_proj"
+                                                         for i in (0, 1) for p in ("down", "up")]
 
 
 def test_peft_loads_our_adapter_with_equal_logits(tmp_path):
     peft = pytest.importorskip("peft")
-    model = tuneforge.prepare(tiny_llama(), [{"lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "up_proj"]}}])
+    model = tuneforge.prepare(tiny_llama(),
+                              [{"lora": {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "up_proj"]}}])
     randomize_lora(model)
     x = torch.randint(0, 300, (2, 9))
     ours = model(x).logits

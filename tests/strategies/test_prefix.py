@@ -276,7 +276,8 @@ def test_peft_loads_our_prefix_with_equal_logits_and_generation(arch, tmp_path):
     expected = ours(input_ids=TOKENS, attention_mask=mask).logits
     tuneforge.save_adapter(ours, tmp_path / "adapter")
     text = ours.config.get_text_config()
-    if isinstance(getattr(text, "sliding_window", None), int) and text.sliding_window < text.max_position_embeddings:
+    window = getattr(text, "sliding_window", None)
+    if isinstance(window, int) and window < text.max_position_embeddings:
         # PEFT's cached prefix leaves a sliding window, ours stays visible: no adapter_config.json is written
         assert not (tmp_path / "adapter" / "adapter_config.json").exists()
         return

@@ -18,7 +18,8 @@ def split_retain_documents(documents: list[Example]) -> tuple[list[Example], lis
     """
     if len(documents) < 3:
         return documents, documents
-    return [d for i, d in enumerate(documents) if i % 3 != 2], [d for i, d in enumerate(documents) if i % 3 == 2]
+    return ([d for i, d in enumerate(documents) if i % 3 != 2],
+            [d for i, d in enumerate(documents) if i % 3 == 2])
 
 
 def retain_stream(pool: list[Example], tokenizer, max_seq_len: int, pool_chunks: int, default_batch_size: int,

@@ -177,7 +177,8 @@ def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if index is not None and name.rsplit(".", 1)[-1] == str(index) and index not in found:
             found[index] = (name, module)
     if not found:
-        raise ModelError(f"{type(model).__name__}: no transformer layers found (expected names like model.layers.0)")
+        raise ModelError(f"{type(model).__name__}: no transformer layers found "
+                         f"(expected names like model.layers.0)")
     return [found[i] for i in sorted(found)]
 
 
@@ -194,5 +195,6 @@ def _hidden_size(model: nn.Module) -> int:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if size is None:
-        raise ModelError(f"adapter: cannot tell the hidden size of {type(model).__name__} (no config.hidden_size)")
+        raise ModelError(f"adapter: cannot tell the hidden size of {type(model).__name__} "
+                         f"(no config.hidden_size)")
     return size

@@ -73,7 +73,7 @@ class Strategy:
     family: ClassVar[Family] = "parametrization"
     param_prefix: ClassVar[str | None] = None  # injected parameters carry this prefix, e.g. "lora_"
     trains_base_weights: ClassVar[bool] = False  # full, layerwise: the trained base weights are the result
-    parameter_efficient: ClassVar[bool] = False  # trains a few injected parameters while the base stays frozen
+    parameter_efficient: ClassVar[bool] = False  # trains a few injected parameters; the base stays frozen
     provides_heads: ClassVar[bool] = False  # owns the output heads: the model loads as a headless body
     is_default: ClassVar[bool] = False  # the parametrization implied when a list names none (one strategy)
     # options naming a file or folder (resolved like data paths), each with its keywords that are not paths
@@ -137,7 +137,7 @@ class Strategy:
         """Called once before the first step (anchors for regularisers, teacher set-up)."""
 
     def loss(self, model: nn.Module, batch: dict, outputs: Any, ctx: StrategyContext) -> dict[str, Tensor]:
-        """Extra loss terms of one micro-batch, already weighted, by name. The loop sums them with the task loss.
+        """Extra loss terms of one micro-batch, already weighted, by name. The loop adds the task loss.
 
         Each term is this micro-batch's share of the optimizer step's term: a token-level term sums over
         the micro-batch and divides by the step's count (`ctx.step_targets` loss targets, `ctx.step_tokens`

@@ -43,7 +43,7 @@ class EWCOptions(Options):
     fisher_samples: int = Field(64, ge=1)  # sequences the Fisher is averaged over
     online: bool = False
     decay: float = Field(1.0, gt=0, le=1)  # online EWC's gamma: how much older tasks' Fisher is kept
-    fisher: Literal["empirical", "true"] = "empirical"  # observed next tokens, or tokens sampled from the model
+    fisher: Literal["empirical", "true"] = "empirical"  # observed next tokens, or ones the model samples
 
 
 @register("ewc", EWCOptions)
@@ -92,12 +92,14 @@ class EWC(Strategy):
             self.add_task(model, self._pending_start(), ctx)
             self._pending_start = None
         if len(self.task_examples) < self.options.fisher_samples:
-            self.task_examples += single_examples(batch)[:self.options.fisher_samples - len(self.task_examples)]
+            missing = self.options.fisher_samples - len(self.task_examples)
+            self.task_examples += single_examples(batch)[:missing]
         if not self.penalties:
             return {}
         params = dict(model.named_parameters())
         self._follow_device(params)
-        total = sum(ewc_penalty(params, anchors, fisher, self.options.weight) for anchors, fisher in self.penalties)
+        total = sum(ewc_penalty(params, anchors, fisher, self.options.weight)
+                    for anchors, fisher in self.penalties)
         return {"ewc": total}
 
     def _follow_device(self, params: dict[str, Tensor]) -> None:
@@ -126,8 +128,8 @@ class EWC(Strategy):
             for parameter in frozen_now:
                 parameter.requires_grad_(True)
             with torch.enable_grad():
-                fisher = estimate_fisher(model, params, itertools.islice(batches, self.options.fisher_samples),
-                                         ctx.task_type, self.options.fisher)
+                samples = itertools.islice(batches, self.options.fisher_samples)
+                fisher = estimate_fisher(model, params, samples, ctx.task_type, self.options.fisher)
         finally:
             for parameter in frozen_now:
                 parameter.requires_grad_(False)
@@ -153,7 +155,8 @@ class EWC(Strategy):
             anchors = _with_prefix(state, f"anchor.{index}.")
             fisher = _with_prefix(state, f"fisher.{index}.")
             self.penalties.append((anchors, fisher))
-        self.task_examples = [_with_prefix(state, f"example.{i}.") for i in range(int(state.get("examples", 0)))]
+        self.task_examples = [_with_prefix(state, f"example.{i}.")
+                              for i in range(int(state.get("examples", 0)))]
         if self.penalties:
             self._pending_start = None
 

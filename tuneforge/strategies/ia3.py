@@ -75,7 +75,7 @@ IA3_DEFAULTS: dict[str, IA3Layout] = {
 
 
 class IA3Linear(nn.Module):
-    """A linear layer (nn.Linear or GPT-2's Conv1D) whose output (or, for feed-forward layers, input) is rescaled."""
+    """A linear layer (nn.Linear or GPT-2's Conv1D) whose output (feed-forward layers: input) is rescaled."""
 
     def __init__(self, base: nn.Linear | Conv1D, feedforward: bool):
         super().__init__()

@@ -210,7 +210,8 @@ class LoRA(Strategy):
         self.target_names = []
         for name, module in find_linear_targets(model, targets, layers):
             ensure_unwrapped(name, module, "lora")
-            wrapped = LoRALinear(module, opts.rank, opts.alpha, opts.dropout, opts.rslora, opts.dora, opts.init)
+            wrapped = LoRALinear(module, opts.rank, opts.alpha, opts.dropout, opts.rslora, opts.dora,
+                                 opts.init)
             replace_module(model, name, wrapped)
             self.target_names.append(name)
         return model

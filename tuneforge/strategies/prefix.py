@@ -99,7 +99,7 @@ class PrefixEncoder(nn.Module):
         return keys_values[0], keys_values[1]
 
     def shift_positions(self, module: nn.Module, args: tuple, kwargs: dict):
-        """Position pre-hook: real tokens sit after the prefix (positions + length), as with a prefilled cache.
+        """Position pre-hook: real tokens sit after the prefix (positions + length), as with a filled cache.
 
         Rotary embeddings take (x, position_ids); OPT's table takes position_ids= (and adds its offset after);
         GPT-2's and BERT's plain nn.Embedding take the position ids first. A bound method, not a closure, so a
