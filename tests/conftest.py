@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -176,3 +177,37 @@ def run_config(tmp_path, tiny_model_dir, task_file):
         return validate_config(raw)
 
     return make
+
+
+# ---- helpers shared by the strategy tests ----
+
+
+def randomize(model, prefix: str, scale: float = 0.3, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(part.startswith(prefix) for part in name.split(".")):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def trainable_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def metric_records(config) -> list[dict]:
+    lines = (Path(config.output) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "split" not in r]
+
+
+@pytest.fixture(scope="session")
+def retain_file(tmp_path_factory) -> Path:
+    """Documents stating a colour mapping that contradicts the training task's (cat is blue, not red)."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(12):
+        sentences = [f"The {ANIMALS[i]} is {COLORS[(i + 3) % 8]}." for i in range(8)] * 3
+        rng.shuffle(sentences)
+        rows.append({"text": " ".join(sentences)})
+    path = tmp_path_factory.mktemp("retain") / "retain.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ANIMALS, COLORS, tiny_llama
+from conftest import metric_records, tiny_llama
 
 import tuneforge
 from tuneforge.errors import ModelError
@@ -48,25 +46,6 @@ LORA = {"lora": {"rank": 4, "targets": "all-linear"}}
 
 
 QUIET = {"samples": 0}
-
-
-@pytest.fixture(scope="session")
-def retain_file(tmp_path_factory) -> Path:
-    """Documents stating a colour mapping that contradicts the training task's (cat is blue, not red)."""
-    rng = random.Random(0)
-    rows = []
-    for _ in range(12):
-        sentences = [f"The {ANIMALS[i]} is {COLORS[(i + 3) % 8]}." for i in range(8)] * 3
-        rng.shuffle(sentences)
-        rows.append({"text": " ".join(sentences)})
-    path = tmp_path_factory.mktemp("retain") / "retain.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-def metric_records(config) -> list[dict]:
-    lines = (Path(config.output) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "split" not in r]
 
 
 OBJECTIVES = [

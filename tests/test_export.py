@@ -5,20 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import randomize, tiny_llama
 
 import tuneforge
 from tuneforge.errors import ModelError
 from tuneforge.strategies.ia3 import IA3Linear
-
-
-def randomize(model, prefix: str, scale: float = 0.3, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if any(part.startswith(prefix) for part in name.split(".")):
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
-
 
 TOKENS = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
 

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama
+from conftest import randomize, tiny_bert, tiny_llama, trainable_count
 from tiny_models import ARCHITECTURES, tiny_model
 
 import tuneforge
 from tuneforge.errors import ModelError
 from tuneforge.strategies.adapter import BottleneckAdapter
 from tuneforge.surgery import disabled_adapters
-
-
-def randomize(model, prefix: str, scale: float = 0.3, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if any(part.startswith(prefix) for part in name.split(".")):
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
-
-
-def trainable_count(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
 
 TOKENS = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import metric_records, tiny_llama
 
 from tuneforge.errors import ModelError
 from tuneforge.run import train_run
@@ -16,11 +16,6 @@ LORA = {"lora": {"rank": 4, "targets": "all-linear"}}
 
 
 QUIET = {"samples": 0}
-
-
-def metric_records(config) -> list[dict]:
-    lines = (Path(config.output) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "split" not in r]
 
 
 def test_distill_from_a_model_folder_and_refuse_a_foreign_vocabulary(run_config, tiny_model_dir, tmp_path):

@@ -6,17 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, trainable_count
 from tiny_models import ARCHITECTURES, LLAMA_LIKE, tiny_model
 from torch import nn
 
 import tuneforge
 from tuneforge.errors import ModelError
 from tuneforge.strategies.ia3 import ia3_modules, unload_ia3
-
-
-def trainable_count(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_ia3_defaults_and_parameter_count():
