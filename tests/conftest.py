@@ -211,3 +211,16 @@ def retain_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("retain") / "retain.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def colour_sequence_tasks(directory: Path) -> list[dict]:
+    """Two colour-naming tasks for a sequence run; the second remaps every colour (overwrites the first)."""
+    tasks = []
+    for index, shift in enumerate((0, 3)):
+        path = directory / f"task{index}.jsonl"
+        records = [{"prompt": f"What colour is the {ANIMALS[i % 8]}?",
+                    "completion": f" {COLORS[(i + shift) % 8]}"} for i in range(32)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tasks.append({"name": f"t{index}", "data": {"train": str(path), "eval_fraction": 0.25}})
+    return tasks
+

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ANIMALS, COLORS, metric_records, tiny_llama
+from conftest import COLORS, colour_sequence_tasks, metric_records, tiny_llama
 from safetensors.torch import load_file
 
 import tuneforge
@@ -199,14 +199,7 @@ def test_online_ewc_folds_task_fishers_and_state_round_trips(tokenizer):
 def test_ewc_across_a_task_sequence_keeps_the_first_task(tmp_path, tiny_model_dir):
     from tuneforge.config import validate_config
 
-    tasks = []
-    for index, shift in enumerate((0, 3)):  # the second task remaps every colour: it overwrites the first
-        path = tmp_path / f"task{index}.jsonl"
-        records = [{"prompt": f"What colour is the {ANIMALS[i % 8]}?",
-                    "completion": f" {COLORS[(i + shift) % 8]}"}
-                   for i in range(32)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tasks.append({"name": f"t{index}", "data": {"train": str(path), "eval_fraction": 0.25}})
+    tasks = colour_sequence_tasks(tmp_path)  # task 1 remaps every colour: it overwrites task 0
 
     def sequence(strategies: list, name: str) -> dict:
         return train_run(validate_config({

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import colour_sequence_tasks, tiny_llama
 
 import tuneforge
 from tuneforge.losses import l2sp_penalty
@@ -47,14 +47,12 @@ def test_lora_is_new_its_penalty_is_its_norm_not_its_distance_to_init():
     assert penalty(model) > 0
 
 
-def test_classification_head_is_new_and_the_body_is_anchored():
-    from transformers import LlamaForSequenceClassification
+def test_classification_head_is_new_and_the_body_is_anchored(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
 
-    config = tiny_llama().config
-    config.num_labels = 3
-    torch.manual_seed(0)
-    model = tuneforge.prepare(LlamaForSequenceClassification(config),
-                              [{"full": {}}, {"l2sp": {"weight": ALPHA, "new_weight": BETA}}])
+    torch.manual_seed(0)  # a causal-LM folder loaded as a classifier: the head is new, the body pretrained
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    model = tuneforge.prepare(base, [{"full": {}}, {"l2sp": {"weight": ALPHA, "new_weight": BETA}}])
     strategy = model.tuneforge_strategies[-1]
     strategy.on_train_start(model, StrategyContext())
     assert strategy.new_names == ["score.weight"] and "score.weight" not in strategy.anchors
@@ -75,20 +73,11 @@ def test_new_weight_defaults_to_weight():
 
 
 def sequence_config(tmp_path, model_dir, strategies, name):
-    import json
 
-    from conftest import ANIMALS, COLORS
 
     from tuneforge.config import validate_config
 
-    tasks = []
-    for index, shift in enumerate((0, 3)):
-        path = tmp_path / f"task{index}.jsonl"
-        records = [{"prompt": f"What colour is the {ANIMALS[i % 8]}?",
-                    "completion": f" {COLORS[(i + shift) % 8]}"}
-                   for i in range(32)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tasks.append({"name": f"t{index}", "data": {"train": str(path), "eval_fraction": 0.25}})
+    tasks = colour_sequence_tasks(tmp_path)
     return validate_config({
         "model": str(model_dir), "retain": None, "tasks": tasks, "schedule": {"mode": "sequence"},
         "strategies": strategies, "evaluation": {"samples": 0}, "output": str(tmp_path / name),
@@ -140,3 +129,15 @@ def test_sequence_resumed_in_a_later_task_keeps_the_first_tasks_anchors(tmp_path
     wa = load_file(str(latest_checkpoint(tmp_path / "a" / "checkpoints" / "t1") / "weights.safetensors"))
     wb = load_file(str(latest_checkpoint(tmp_path / "b" / "checkpoints" / "t1") / "weights.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_trained_classification_head_is_anchored_not_new(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3).save_pretrained(tmp_path)
+    model = tuneforge.prepare(AutoModelForSequenceClassification.from_pretrained(tmp_path),
+                              [{"full": {}}, {"l2sp": {"weight": ALPHA}}])
+    strategy = model.tuneforge_strategies[-1]
+    strategy.on_train_start(model, StrategyContext())
+    assert strategy.new_names == [] and "score.weight" in strategy.anchors
+

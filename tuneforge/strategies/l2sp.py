@@ -97,12 +97,10 @@ class L2SP(Strategy):
 
 
 def new_parameter_names(model: nn.Module, names: set[str]) -> set[str]:
-    """Which of `names` the pretrained model did not have (L2-SP's w_new): injected parameters, and the
-    head `AutoModelForSequenceClassification` puts outside `base_model` (freshly initialised on a body or
-    language-model checkpoint)."""
-    head: set[str] = set()
-    if type(model).__name__.endswith("ForSequenceClassification") and hasattr(model, "base_model"):
-        body = {id(p) for p in model.base_model.parameters()}
-        head = {name for name, p in model.named_parameters() if id(p) not in body}
-    return {name for name in names if is_injected(name) or name in head}
+    """Which of `names` the pretrained model did not have (L2-SP's w_new): injected parameters, and a
+    classification head the loader initialised at random (`compose.new_head_parameters`); a classifier
+    loaded with its trained head keeps that head anchored like any pretrained weight."""
+    from tuneforge.compose import new_head_parameters  # compose imports the registry
 
+    head = new_head_parameters(model)
+    return {name for name in names if is_injected(name) or name in head}
