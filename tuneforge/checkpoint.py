@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from tuneforge.errors import TrainingError
+from tuneforge.faults import save_tensors, tree_bytes, warn_if_short_of_space
 
 if TYPE_CHECKING:  # no runtime import: strategy modules import helpers from here
     from tuneforge.strategies import Strategy
@@ -41,25 +42,48 @@ def save_checkpoint(
     loop_state: dict,
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically, then keep only the newest `keep` checkpoints."""
+    """Write checkpoint `step` under `root` atomically, then keep only the newest `keep` checkpoints.
+
+    A failed write (a full disk) removes its partial `.tmp` directory and raises the `OSError`; the
+    checkpoints already there are untouched. Warns first when free space is below the last one's size.
+    """
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    previous = list_checkpoints(root)
+    if previous:
+        warn_if_short_of_space(root, tree_bytes(previous[-1]))
+    try:
+        _write_checkpoint(tmp, model, optimizer, scheduler, strategies, step, loop_state)
+    except BaseException:  # a full disk, or a second signal mid-write: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                      strategies: list[Strategy], step: int, loop_state: dict) -> None:
+    """Every file of a checkpoint into the directory `tmp`, manifest last, all fsynced."""
     tmp.mkdir(parents=True)
 
     names = {id(p): n for n, p in model.named_parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    save_file({names[id(p)]: p.detach().cpu().contiguous() for p in params}, str(tmp / "weights.safetensors"))
+    save_tensors({names[id(p)]: p.detach().cpu().contiguous() for p in params}, tmp / "weights.safetensors")
 
     opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_tensors(opt_tensors, tmp / "optimizer.safetensors")
 
     strategy_meta = _write_strategy_state(tmp, strategies)
 
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
+    save_tensors(rng, tmp / "rng.safetensors")
 
     state = {
         "step": step,
@@ -73,12 +97,6 @@ def save_checkpoint(
     manifest = {path.name: _sha256(path) for path in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_dir_files(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync(root)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -187,7 +205,7 @@ def _write_strategy_state(directory: Path, strategies: list[Strategy]) -> dict:
                 tensors[f"{strategy.name}.{key}"] = value.detach().cpu().contiguous()
             else:
                 meta[f"{strategy.name}.{key}"] = value
-    save_file(tensors, str(directory / "strategies.safetensors.tmp"))
+    save_tensors(tensors, directory / "strategies.safetensors.tmp")
     os.replace(directory / "strategies.safetensors.tmp", directory / "strategies.safetensors")
     return meta
 

@@ -33,14 +33,31 @@ def cmd_train(args) -> int:
 
     from tuneforge.report import console_summary
     from tuneforge.run import train_run
+    from tuneforge.stopping import Stopped, stop_requests
 
     config = _load(args)
-    results = train_run(config, resume=args.resume, overwrite=args.overwrite)
+    with stop_requests(config.train.max_time):  # SIGTERM, Ctrl-C, max_time: stop at a checkpoint
+        try:
+            results = train_run(config, resume=args.resume, overwrite=args.overwrite)
+        except Stopped as stopped:
+            if PartialState().is_main_process:
+                print(f"tuneforge: {stopped}; resume with: {resume_command(args)}", file=sys.stderr)
+            return stopped.exit_code
     if PartialState().is_main_process:  # under torchrun / accelerate launch: one summary, not one per process
         print()
         print(console_summary(results))
         print(f"\nrun directory: {config.output} (report.md, metrics.jsonl, adapter/)")
     return 0
+
+
+def resume_command(args) -> str:
+    """The command line that continues this `train` run."""
+    import shlex
+
+    words = ["tuneforge", "train", args.config, *args.overrides]
+    if args.output:
+        words += ["--output", args.output]
+    return shlex.join([*words, "--resume"])
 
 
 def cmd_validate(args) -> int:

@@ -102,6 +102,15 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     packing: bool = False
     gradient_checkpointing: bool = False
+    # wall-clock seconds for this process (`3h30m`, `90m`, `45s`): stop at a checkpoint before a job's limit
+    max_time: float | None = Field(None, gt=0)
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        from tuneforge.stopping import parse_duration
+
+        return value if value is None or isinstance(value, bool) else parse_duration(value)
 
 
 class EvaluationConfig(StrictModel):

@@ -50,10 +50,28 @@ def step_targets(count: int, accelerator: Accelerator) -> float:
 
 def finite_everywhere(loss: torch.Tensor, accelerator: Accelerator) -> bool:
     """Whether the loss is finite on every process (one process stopping alone would hang the others)."""
+    return step_checks(loss, 0, accelerator)[0]
+
+
+def step_checks(loss: torch.Tensor, stop: int, accelerator: Accelerator) -> tuple[bool, int]:
+    """(is the loss finite on every process, the largest stop code any process holds), in one collective.
+
+    A stop code is 0 (go on) or a positive number naming why to stop (`tuneforge.stopping`); taking the
+    maximum makes every process stop at the same step, for the same reason.
+    """
     if accelerator.num_processes == 1:
-        return bool(torch.isfinite(loss))
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    return accelerator.reduce(bad, "sum").item() == 0
+        return bool(torch.isfinite(loss)), stop
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
+                         torch.tensor(float(stop), device=loss.device)])
+    bad, code = accelerator.reduce(flags, "max").tolist()
+    return bad == 0, int(code)
+
+
+def agreed_stop(stop: int, accelerator: Accelerator) -> int:
+    """The largest stop code any process holds (one collective; none on one process)."""
+    if accelerator.num_processes == 1:
+        return stop
+    return int(accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "max").item())
 
 
 def mean_over_processes(values: dict[str, torch.Tensor], accelerator: Accelerator) -> dict[str, float]:

@@ -10,16 +10,19 @@ A directory holds
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
+from tuneforge.faults import save_tensors
 from tuneforge.models import is_sequence_classifier
 from tuneforge.peft_layout import PEFT_PREFIX, SEQ_CLS_HEADS, our_name, peft_config, strategies_from_peft
 from tuneforge.strategies import Strategy
@@ -49,20 +52,17 @@ def write_adapter(
     """Write the adapter atomically: into a temporary sibling directory, then rename over `directory`."""
     tensors = adapter_tensors(model, strategies)
     config, renames = peft_config(model, strategies, tensors, base_name)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     keyed = {renames.get(name, PEFT_PREFIX + name): t for name, t in tensors.items()}
-    save_file(keyed, str(tmp / WEIGHTS_NAME))
     specs = [{s.name: s.adapter_options()} for s in strategies]
     own = {"format": 1, "strategies": specs, "keys": {peft_key: name for name, peft_key in renames.items()}}
     if is_sequence_classifier(model):  # how to load the base again (export, eval): labels in head order
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
         own["model"] = {"task_type": "classification", "labels": labels}
-    (tmp / TUNEFORGE_CONFIG_NAME).write_text(json.dumps(own, indent=2) + "\n")
-    if config is not None:
-        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    _replace_dir(tmp, directory)
+    with _staged(directory) as tmp:
+        save_tensors(keyed, tmp / WEIGHTS_NAME)
+        (tmp / TUNEFORGE_CONFIG_NAME).write_text(json.dumps(own, indent=2) + "\n")
+        if config is not None:
+            (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
@@ -145,13 +145,26 @@ def export_merged(model: nn.Module, tokenizer, output: Path, check_inputs: dict 
         if difference > 1e-4:
             raise ModelError(f"merged logits differ from the unmerged model by {difference:.2e} (> 1e-4); "
                              f"not written")
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    _replace_dir(tmp, output)
+    with _staged(output) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return report
+
+
+@contextlib.contextmanager
+def _staged(directory: Path) -> Iterator[Path]:
+    """A temporary sibling directory to write into; swapped over `directory` when the block succeeds,
+    removed when it fails (a full disk), so an existing `directory` is never damaged."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _replace_dir(tmp: Path, directory: Path) -> None:

@@ -20,14 +20,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from tuneforge.checkpoint import write_atomic
+from tuneforge.checkpoint import latest_checkpoint, write_atomic
 from tuneforge.compose import apply_strategies, build_strategies, check_combination, trainable_by_strategy
 from tuneforge.config import RunConfig, check_output_location, config_location
 from tuneforge.data import load_examples
 from tuneforge.data.retain import split_retain_documents  # noqa: F401  (public here before it moved)
-from tuneforge.distributed import SHARDED_LAUNCHES, make_accelerator  # noqa: F401  (public here before)
+from tuneforge.distributed import SHARDED_LAUNCHES, agreed_stop, make_accelerator  # noqa: F401  (public here before)
 from tuneforge.errors import ConfigError
 from tuneforge.evaluate import evaluate_all, evaluate_task, forgetting, mean_metrics  # noqa: F401  (public here)
+from tuneforge.faults import reported_faults
 from tuneforge.metrics import peak_memory_mb
 from tuneforge.models import (
     BUNDLED_MODELS,
@@ -39,6 +40,7 @@ from tuneforge.models import (
     resolve_model_path,
 )
 from tuneforge.packing import check_packing
+from tuneforge.stopping import Stopped, current_request, reason_of
 from tuneforge.strategies import REGISTRY, Strategy, StrategyContext, TaskInfo, default_parametrization
 from tuneforge.surgery import disabled_adapters
 from tuneforge.tasks import (
@@ -262,7 +264,25 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
 
 
 def finish(session: Session, params: dict, before: dict, state, wall: float, extra: dict) -> dict:
-    """Evaluate the tuned model, save the adapter, and write results.json and report.md."""
+    """Evaluate the tuned model, save the adapter, and write results.json and report.md.
+
+    A stop requested after training ended (SIGTERM during the last steps) stops here instead; a failed
+    write is one line naming the last good checkpoint."""
+    reason = reason_of(agreed_stop(current_request().code(), session.accelerator))
+    if reason is not None:  # a stop asked for once training ended: its last checkpoint is the resume point
+        raise Stopped(state.step, reason, last_checkpoint(session.run_dir))
+    with reported_faults(lambda: last_checkpoint(session.run_dir)):
+        return _finish(session, params, before, state, wall, extra)
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest valid checkpoint of a run (of any task of a continual run)."""
+    roots = [run_dir / "checkpoints", *sorted((run_dir / "checkpoints").glob("*/"))]
+    found = [path for root in roots if (path := latest_checkpoint(root)) is not None]
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
+def _finish(session: Session, params: dict, before: dict, state, wall: float, extra: dict) -> dict:
     from tuneforge.export import write_adapter
     from tuneforge.report import write_report
 

@@ -32,12 +32,14 @@ from tuneforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkp
 from tuneforge.compose import set_trainable, trainable_in_any_epoch
 from tuneforge.config import TrainConfig
 from tuneforge.data import collate
-from tuneforge.distributed import finite_everywhere, mean_over_processes, step_targets
+from tuneforge.distributed import agreed_stop, mean_over_processes, step_checks, step_targets
 from tuneforge.errors import TrainingError
 from tuneforge.evaluate import head_skipped, hidden_token_losses, label_head, token_losses
+from tuneforge.faults import reported_faults
 from tuneforge.forward import is_classification_batch, model_inputs, routes_tasks
 from tuneforge.metrics import MetricsLogger
 from tuneforge.packing import packed_collate, packed_model_inputs
+from tuneforge.stopping import Stopped, current_request, reason_of
 from tuneforge.strategies import Strategy, StrategyContext
 from tuneforge.tasks import Plan
 
@@ -260,55 +262,72 @@ def fit(
     checkpoint = functools.partial(save_state, checkpoints, raw_model, optimizer, scheduler, strategies,
                                    state, cfg, accelerator)
 
+    stop = current_request()  # SIGTERM, SIGINT or train.max_time (see tuneforge.stopping)
     model.train()
     progress = tqdm(total=num_steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
-    while state.step < num_steps:
-        ctx.epoch, ctx.step = state.epoch, state.step
-        set_trainable(raw_model, strategies, ctx)  # the trainable set may change by epoch
-        steps = plan(state.epoch, rank, world)
-        if not steps:
-            raise TrainingError("no training batches: the data is smaller than one batch per process")
-        for step_indices in steps[state.step_in_epoch:]:
-            step_start = time.perf_counter()
-            check_optimized(raw_model, optimized)
-            batches = [make_batch([train_items[i] for i in indices], pad_token_id)
-                       for indices in step_indices]
-            result = train_step(model, strategies, ctx, batches, accelerator, cfg, with_task, head)
-            if not finite_everywhere(result.total, accelerator):  # every process stops at the same step
-                progress.close()  # the error goes on a line of its own
-                raise non_finite_error(result.total, state.step + 1, checkpoints)
-            grad_norm = optimizer_step(model, optimizer, scheduler, cfg, accelerator)
-            state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
-            state.tokens, window_tokens = (state.tokens + result.tokens * world,
-                                           window_tokens + result.tokens * world)
-            state.elapsed += time.perf_counter() - step_start
-            ctx.step = state.step
+    step_seconds = save_seconds = 0.0  # how long the next step and its checkpoint may take (max_time)
+    with reported_faults(lambda: latest_checkpoint(checkpoints)):  # full disk, out of memory: one line
+        reason = reason_of(agreed_stop(stop.code(), accelerator))  # a signal before the first step
+        while state.step < num_steps and reason is None:
+            ctx.epoch, ctx.step = state.epoch, state.step
+            set_trainable(raw_model, strategies, ctx)  # the trainable set may change by epoch
+            steps = plan(state.epoch, rank, world)
+            if not steps:
+                raise TrainingError("no training batches: the data is smaller than one batch per process")
+            for step_indices in steps[state.step_in_epoch:]:
+                step_start = time.perf_counter()
+                check_optimized(raw_model, optimized)
+                batches = [make_batch([train_items[i] for i in indices], pad_token_id)
+                           for indices in step_indices]
+                result = train_step(model, strategies, ctx, batches, accelerator, cfg, with_task, head)
+                # one collective: every process stops at the same step, for a bad loss or a stop request
+                finite, stop_code = step_checks(result.total, stop.code(step_seconds + save_seconds),
+                                                accelerator)
+                if not finite:
+                    progress.close()  # the error goes on a line of its own
+                    raise non_finite_error(result.total, state.step + 1, checkpoints)
+                grad_norm = optimizer_step(model, optimizer, scheduler, cfg, accelerator)
+                state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
+                state.tokens, window_tokens = (state.tokens + result.tokens * world,
+                                               window_tokens + result.tokens * world)
+                step_seconds = time.perf_counter() - step_start
+                state.elapsed += step_seconds
+                ctx.step = state.step
 
-            if state.step % cfg.log_every == 0 or state.step == num_steps:
-                seconds = time.perf_counter() - window_start
-                record = step_record(state, result, grad_norm, scheduler.get_last_lr()[-1],
-                                     window_tokens / max(seconds, 1e-9), accelerator)
-                logger.log(record)
-                progress.set_postfix(loss=f"{record['loss']:.3f}",
-                                     tok_s=f"{state.tokens / max(state.elapsed, 1e-9):.0f}")
-                window_start, window_tokens = time.perf_counter(), 0
-            progress.update(1)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
-                metrics = evaluate(raw_model)
-                state.history.append({"step": state.step, **metrics})
-                logger.log({"step": state.step, "split": "eval", **metrics})
-                model.train()
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
-                checkpoint()
-            if state.step >= num_steps:
-                break
-        else:
-            state.epoch, state.step_in_epoch = state.epoch + 1, 0
-    progress.close()
-    checkpoint()
-    logger.close()
+                if state.step % cfg.log_every == 0 or state.step == num_steps:
+                    seconds = time.perf_counter() - window_start
+                    record = step_record(state, result, grad_norm, scheduler.get_last_lr()[-1],
+                                         window_tokens / max(seconds, 1e-9), accelerator)
+                    logger.log(record)
+                    progress.set_postfix(loss=f"{record['loss']:.3f}",
+                                         tok_s=f"{state.tokens / max(state.elapsed, 1e-9):.0f}")
+                    window_start, window_tokens = time.perf_counter(), 0
+                progress.update(1)
+                paused = False  # evaluation or a checkpoint took time: a signal may have come meanwhile
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
+                    metrics = evaluate(raw_model)
+                    state.history.append({"step": state.step, **metrics})
+                    logger.log({"step": state.step, "split": "eval", **metrics})
+                    model.train()
+                    paused = True
+                if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
+                    save_start = time.perf_counter()
+                    checkpoint()
+                    save_seconds, paused = time.perf_counter() - save_start, True
+                if not stop_code and (paused or world == 1):  # free on one process; else only after a pause
+                    stop_code = agreed_stop(stop.code(step_seconds + save_seconds), accelerator)
+                reason = reason_of(stop_code) if state.step < num_steps else None
+                if state.step >= num_steps or reason is not None:
+                    break
+            else:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        progress.close()
+        checkpoint()
+        logger.close()
+    if reason is not None:
+        raise Stopped(state.step, reason, latest_checkpoint(checkpoints))
     return state
 
 
