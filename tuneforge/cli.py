@@ -283,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).splitlines())  # one line, whatever a message quoted
         print(f"tuneforge: error: {message}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a failed write outside a run (a full disk during export): one line too
+        from tuneforge.faults import as_os_error, describe_os_error
+
+        failed = as_os_error(exc)
+        if failed is None:
+            raise
+        print(f"tuneforge: error: {' '.join(describe_os_error(failed).splitlines())}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("tuneforge: interrupted (checkpoints written so far are kept; resume with --resume)",
               file=sys.stderr)

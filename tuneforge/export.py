@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
-from tuneforge.faults import save_tensors
+from tuneforge.faults import as_os_error, save_tensors
 from tuneforge.models import is_sequence_classifier
 from tuneforge.peft_layout import PEFT_PREFIX, SEQ_CLS_HEADS, our_name, peft_config, strategies_from_peft
 from tuneforge.strategies import Strategy
@@ -162,8 +162,11 @@ def _staged(directory: Path) -> Iterator[Path]:
     try:
         yield tmp
         _replace_dir(tmp, directory)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        failed = None if isinstance(exc, OSError) else as_os_error(exc, tmp)  # safetensors' own error type
+        if failed is not None:
+            raise failed from None
         raise
 
 

@@ -33,11 +33,18 @@ def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     try:
         save_file(tensors, str(path))
     except SafetensorError as exc:
-        match = _OS_ERROR.search(str(exc))
-        if match is None:
-            raise
-        code = int(match.group(1))
-        raise OSError(code, os.strerror(code), str(path)) from None
+        raise as_os_error(exc, path) or exc from None
+
+
+def as_os_error(exc: BaseException, path: Path | str | None = None) -> OSError | None:
+    """The `OSError` behind an exception: itself, or the `os error N` a safetensors error reports."""
+    if isinstance(exc, OSError):
+        return exc
+    match = _OS_ERROR.search(str(exc)) if isinstance(exc, SafetensorError) else None
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code), None if path is None else str(path))
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -268,7 +268,8 @@ def fit(
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
     step_seconds = save_seconds = 0.0  # how long the next step and its checkpoint may take (max_time)
-    with reported_faults(lambda: latest_checkpoint(checkpoints)):  # full disk, out of memory: one line
+    # a full disk or out of memory: one line naming the last good checkpoint, under a closed progress bar
+    with reported_faults(lambda: latest_checkpoint(checkpoints)), progress:
         reason = reason_of(agreed_stop(stop.code(), accelerator))  # a signal before the first step
         while state.step < num_steps and reason is None:
             ctx.epoch, ctx.step = state.epoch, state.step
@@ -286,7 +287,6 @@ def fit(
                 finite, stop_code = step_checks(result.total, stop.code(step_seconds + save_seconds),
                                                 accelerator)
                 if not finite:
-                    progress.close()  # the error goes on a line of its own
                     raise non_finite_error(result.total, state.step + 1, checkpoints)
                 grad_norm = optimizer_step(model, optimizer, scheduler, cfg, accelerator)
                 state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
@@ -323,7 +323,7 @@ def fit(
                     break
             else:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
-        progress.close()
+        progress.close()  # before the final checkpoint: a stop's message goes on a line of its own
         checkpoint()
         logger.close()
     if reason is not None:
