@@ -92,3 +92,17 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """YAML keeps the last of two `train:` blocks: every setting of the first would be lost unseen."""
+    text = "model: x\ntrain:\n  lr: 1.0e-3\ndata: {train: t.jsonl}\ntrain:\n  epochs: 2\n"
+    with pytest.raises(ConfigError, match=r"config.yaml:5: train is given twice \(lines 2 and 5\)"):
+        load_config(write(tmp_path, text))
+    nested = "data: {train: t.jsonl}\nstrategies:\n  - lora:\n      rank: 4\n      alpha: 8\n      rank: 8\n"
+    with pytest.raises(ConfigError, match=r":6: strategies\[0\]\.lora\.rank is given twice \(lines 4 and 6\)"):
+        load_config(write(tmp_path, nested))
+    # a merge key and anchors are not duplicates; the same alias used many times is checked once
+    shared = "base: &b {lr: 1.0e-3}\ndata: {train: t.jsonl}\ntrain:\n  <<: *b\n  epochs: 2\n"
+    with pytest.raises(ConfigError, match="base"):  # the unknown top-level key, not a duplicate
+        load_config(write(tmp_path, shared))

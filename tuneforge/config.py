@@ -251,6 +251,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         line = f":{mark.line + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}{line}: invalid YAML: {shown(problem, 120)[1:-1]}") from None
+    if root is not None:
+        refuse_duplicate_keys(root, path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -261,6 +263,32 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     config = validate_config(raw, source=str(path), root=root, overrides=overrides or [])
     config._origin = (str(path), root, tuple(overrides or ()))
     return resolve_paths(config, path.parent)
+
+
+def refuse_duplicate_keys(root: yaml.Node, path: Path) -> None:
+    """A key given twice in one mapping (a second `train:` block) is an error naming both lines: YAML
+    loaders keep the last silently, which would drop every setting of the first."""
+    seen_nodes: set[int] = set()
+    pending: list[tuple[yaml.Node, str]] = [(root, "")]
+    while pending:
+        node, where = pending.pop()
+        if id(node) in seen_nodes:  # aliases share nodes: each is checked once (no alias bomb)
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                dotted = f"{where}.{name}" if where else str(name)
+                if name is not None and name != "<<":
+                    if name in lines:
+                        raise ConfigError(f"{path}:{key.start_mark.line + 1}: {shown(dotted)[1:-1]} is given "
+                                          f"twice (lines {lines[name]} and {key.start_mark.line + 1}); "
+                                          f"the second would silently replace the first: merge them")
+                    lines[name] = key.start_mark.line + 1
+                pending.append((value, dotted))
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend((item, f"{where}[{index}]") for index, item in enumerate(node.value))
 
 
 def config_location(config: RunConfig, dotted: str) -> str:
