@@ -1,4 +1,4 @@
-"""A full disk at every place a run writes: one line naming the path, the reason and the last good
+"""A full disk at every place a run writes (and out of memory): one line naming the path, the reason and the last good
 checkpoint; no partial `.tmp` left; nothing already written damaged; and once space is back, `--resume`
 finishes with the weights of a run that never failed.
 
@@ -211,3 +211,29 @@ def test_low_free_space_warns_before_a_checkpoint(config_file, tmp_path, monkeyp
     err = capfd.readouterr().err
     warnings = [line for line in err.splitlines() if "the next checkpoint may not fit" in line]
     assert len(warnings) == 1 and str(run / "checkpoints") in warnings[0]
+
+
+def test_out_of_memory_is_one_line_with_advice_and_keeps_the_checkpoint(config_file, tmp_path, monkeypatch,
+                                                                       capfd):
+    """What CUDA raises when a step does not fit (raised here on the CPU at step 5): one line, the advice,
+    and the checkpoint of step 3 kept."""
+    import tuneforge.train
+
+    original, steps = tuneforge.train.train_step, []
+
+    def step_or_oom(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB "
+                                         "total capacity; 21.9 GiB already allocated)\nmore detail")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tuneforge.train, "train_step", step_or_oom)
+    run = tmp_path / "run"
+    assert main(["train", str(config_file), "--output", str(run)]) == 2
+    line = one_error_line(capfd)
+    assert "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB" in line
+    assert "train.gradient_checkpointing: true" in line and "train.grad_accum" in line
+    good = run / "checkpoints" / "step-00000003"
+    assert f"last good checkpoint: {good}" in line and verify_checkpoint(good)
+    no_partial_writes(run)

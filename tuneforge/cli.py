@@ -81,9 +81,13 @@ def cmd_validate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from tuneforge.memory import advice, estimate_memory, format_estimate
     from tuneforge.run import inspect_config
 
-    report = inspect_config(_load(args))
+    config = _load(args)
+    estimate = estimate_memory(config)  # first: it counts this process's memory before the model loads
+    report = inspect_config(config)
+    report["memory"] = estimate.as_dict()
     if args.json:
         print(json.dumps(report))
     else:
@@ -94,6 +98,9 @@ def cmd_inspect(args) -> int:
             print(f"  {name}: {count:,}")
         for name, text in report["matched"].items():
             print(f"{name}: {text}")
+        print(format_estimate(estimate))
+        if not estimate.fits:
+            print("to fit, try: " + "; ".join(advice(estimate, config)))
     return 0
 
 

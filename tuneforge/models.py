@@ -223,6 +223,31 @@ def load_model(
     return model, tokenizer, path
 
 
+def meta_model(name: str, task_type: str = "causal_lm", labels: list[str] | None = None,
+               trust_remote_code: bool = False) -> nn.Module:
+    """The model `load_model` would return, built on the meta device from its config: every shape and
+    dtype, no weight read and no memory taken (for the memory estimate)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model {name!r}: cannot read its config in {path}: {message}") from None
+    if task_type == "classification":
+        config.num_labels = len(labels or [])
+        config.id2label = dict(enumerate(labels or []))
+        config.label2id = {label: i for i, label in enumerate(labels or [])}
+        auto = AutoModelForSequenceClassification
+    elif task_type == "body" and model_kind(path) == "encoder":
+        auto = AutoModel
+    else:
+        auto = AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+
+
 def is_sequence_classifier(model: nn.Module) -> bool:
     """Whether `model` is transformers' sequence classifier of its architecture (a body + a label head)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES

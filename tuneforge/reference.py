@@ -75,6 +75,21 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return duplicate
 
 
+def reference_bytes(model: nn.Module, trainable: set[str]) -> int:
+    """What a `FrozenReference` taken of `model` would hold: nothing when only switchable injected modules
+    train (`trainable`), else a copy of every parameter and buffer."""
+    switchable = {name for name, m in model.named_modules() if hasattr(m, "injected_disabled")}
+    if trainable and all(is_injected(n) and _under_any(n, switchable) for n in trainable):
+        return 0
+    return tensor_bytes(model)
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def _under_any(name: str, modules: set[str]) -> bool:
     parts = name.split(".")
     return any(".".join(parts[:i]) in modules for i in range(len(parts), 0, -1))

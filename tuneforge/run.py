@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -92,8 +94,8 @@ def prepare_output(config: RunConfig, resume: bool, overwrite: bool,
     return run_dir
 
 
-def load_base_model(config: RunConfig, run_data: RunData, strategy_names: list[str]):
-    """Load the model in the shape the tasks need.
+def load_base_model(config: RunConfig, run_data: RunData, strategy_names: list[str], loader=load_model):
+    """Load the model in the shape the tasks need (with `loader`, `load_model` by default).
 
     Language-model tasks only: a causal LM. One classification task without `heads`: the model with a
     sequence-classification head. Otherwise (several classification tasks, or classification mixed with
@@ -101,15 +103,15 @@ def load_base_model(config: RunConfig, run_data: RunData, strategy_names: list[s
     """
     classification = [t for t in run_data.tasks if t.task_type == "classification"]
     if not classification:
-        return load_model(config.model, "causal_lm", None, config.trust_remote_code)
+        return loader(config.model, "causal_lm", None, config.trust_remote_code)
     if not any(REGISTRY[name].cls.provides_heads for name in strategy_names):
         if len(run_data.tasks) == 1:
             labels = classification[0].labels
-            return load_model(config.model, "classification", labels, config.trust_remote_code)
+            return loader(config.model, "classification", labels, config.trust_remote_code)
         providers = [name for name, entry in REGISTRY.items() if entry.cls.provides_heads]
         raise ConfigError(f"several tasks with classification need task-specific heads: "
                           f"add `- {providers[0]}: {{}}` to strategies")
-    return load_model(config.model, "body", None, config.trust_remote_code)
+    return loader(config.model, "body", None, config.trust_remote_code)
 
 
 def build_model(config: RunConfig,
@@ -172,6 +174,8 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     run_dir = prepare_output(config, resume, overwrite, accelerator)
     if accelerator.is_main_process and not resume:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.resolved_dict(), sort_keys=False))
+    if accelerator.is_main_process and config.train.max_steps != 0:
+        warn_if_short_of_memory(config, accelerator.device)
     set_seed(config.train.seed)
     model, tokenizer, strategies, ctx = build_model(config, run_data)
     check_sequence_length(config.model, config.train.max_seq_len,
@@ -183,6 +187,21 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     ctx.device = accelerator.device
     ctx.retain_batches = retain_batch_source(run_data, tokenizer, config)
     return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data)
+
+
+def warn_if_short_of_memory(config: RunConfig, device) -> None:
+    """Before any weight loads: warn, with what would fit, when the estimated peak exceeds free memory."""
+    from tuneforge.memory import advice, estimate_memory
+
+    try:
+        estimate = estimate_memory(config, device=torch.device(device))
+    except Exception as exc:  # noqa: BLE001 - an estimate never stops a run; a model it cannot build
+        print(f"tuneforge: note: no memory estimate ({type(exc).__name__}: {str(exc)[:120]})")
+        return
+    if not estimate.fits:
+        print(f"tuneforge: warning: this run may need about {estimate.total / 2**30:.1f} GiB on "
+              f"{estimate.device}, and {estimate.available / 2**30:.1f} GiB is free (see `tuneforge "
+              f"inspect`); to fit, try: {'; '.join(advice(estimate, config))}", file=sys.stderr)
 
 
 def check_packing_run(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig,

@@ -128,6 +128,12 @@ class Strategy:
         `8 modules: model.layers.*.self_attn.{q_proj,v_proj}`); None when it matches none."""
         return None
 
+    def held_bytes(self, model: nn.Module, trainable: set[str], ctx: StrategyContext) -> int:
+        """Bytes this strategy holds beside the model while it trains (a frozen reference copy, anchors, a
+        Fisher), for the memory estimate (`tuneforge.memory`); `trainable`: the names any epoch trains.
+        Called after `setup`, possibly on a model on the meta device."""
+        return 0
+
     def param_groups(self, model: nn.Module, base_lr: float) -> dict[str, float]:
         """Optional per-parameter learning rates, `{name: lr}`; parameters not listed use `base_lr`."""
         return {}

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
 from tuneforge.losses import hidden_cosine_loss, kd_loss
-from tuneforge.reference import FrozenReference, KeptReference, frozen_copy
+from tuneforge.reference import FrozenReference, KeptReference, frozen_copy, reference_bytes, tensor_bytes
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
 from tuneforge.surgery import layer_index, num_layers, replace_module
@@ -99,6 +99,13 @@ class Distill(Strategy):
         if opts.hidden_weight > 0:
             model.config.output_hidden_states = True  # the loop's forward then returns them
         return model
+
+    def held_bytes(self, model: nn.Module, trainable: set[str], ctx: StrategyContext) -> int:
+        if self.teacher_path is not None:  # a teacher folder, loaded in fp32 like the student
+            return teacher_bytes(self.teacher_path)
+        if isinstance(self.teacher, nn.Module):  # the whole original of a smaller student
+            return tensor_bytes(self.teacher)
+        return reference_bytes(model, trainable)
 
     def on_train_start(self, model: nn.Module, ctx: StrategyContext) -> None:
         if self.teacher_path is not None and self.teacher is None:
@@ -233,6 +240,19 @@ def _read_config(path: Path) -> dict[str, Any]:
     import json
 
     return json.loads((path / "config.json").read_text())
+
+
+def teacher_bytes(path: Path) -> int:
+    """fp32 bytes of a teacher folder's weights, from its safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                shape = handle.get_slice(key).get_shape()
+                total += 4 * int(torch.Size(shape).numel())
+    return total
 
 
 def _config_of(teacher: nn.Module | FrozenReference) -> Any:

@@ -87,6 +87,13 @@ class EWC(Strategy):
             raise ConfigError("ewc needs data whose knowledge to keep: set `retain:` (a text file or "
                               "builtin:shakespeare), or train a task sequence")
 
+    def held_bytes(self, model: nn.Module, trainable: set[str], ctx: StrategyContext) -> int:
+        """An fp32 anchor and Fisher per protected task (one running pair when online)."""
+        sizes = dict(model.named_parameters())
+        per_task = 2 * 4 * sum(sizes[name].numel() for name in trainable if name in sizes)
+        protected = 1 if self.options.online else max(1, len(ctx.tasks) if ctx.current_task else 1)
+        return per_task * protected
+
     def loss(self, model: nn.Module, batch: dict, outputs, ctx: StrategyContext) -> dict[str, Tensor]:
         if self._pending_start is not None:
             self.add_task(model, self._pending_start(), ctx)

@@ -67,6 +67,12 @@ class L2SP(Strategy):
                         if name in names and name not in new}
         self.started = True
 
+    def held_bytes(self, model: nn.Module, trainable: set[str], ctx: StrategyContext) -> int:
+        """An anchor copy of every trained pretrained parameter."""
+        sizes = dict(model.named_parameters())
+        anchored = trainable - new_parameter_names(model, trainable)
+        return sum(sizes[name].numel() * sizes[name].element_size() for name in anchored if name in sizes)
+
     def on_task_end(self, model: nn.Module, task: str, ctx: StrategyContext) -> None:
         self.task_ended = True
 

@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from tuneforge.errors import ConfigError
 from tuneforge.losses import retention_kl
-from tuneforge.reference import FrozenReference, KeptReference
+from tuneforge.reference import FrozenReference, KeptReference, reference_bytes
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
 
@@ -58,6 +58,9 @@ class Retention(Strategy):
                     "a classifier (no language-model head): remove retention, or use ewc across a task "
                     "sequence")
         return None
+
+    def held_bytes(self, model: nn.Module, trainable: set[str], ctx: StrategyContext) -> int:
+        return reference_bytes(model, trainable)  # the model before training, when base weights train
 
     def on_train_start(self, model: nn.Module, ctx: StrategyContext) -> None:
         reason = self.refuses_run(ctx.task_type, ctx.current_task is not None)

@@ -1,0 +1,228 @@
+"""Estimate a run's peak memory before any weight loads, and say what would make it fit.
+
+The model is built on the meta device from its config (shapes only), the strategies are applied to it,
+and the peak is the sum of
+- weights (fp32, as tuneforge loads them; plus a bf16 copy of the weights autocast casts when
+  `precision: bf16`);
+- gradients and AdamW's two moments for every parameter any epoch trains (fp32: 12 bytes a parameter);
+- what strategies hold beside the model (`Strategy.held_bytes`: a frozen reference, anchors, a Fisher);
+- activations kept for the backward pass of the largest micro-batch (batch_size x its longest sequence,
+  or max_seq_len when packing): counted by running the model's forward on the meta device and adding up
+  every tensor autograd saves (what Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+  Transformer Models", sec. 4, derive by hand), so any architecture and strategy is counted as it runs;
+  with gradient checkpointing, each layer's input plus one layer's tensors;
+- the output layer's logits: batch x sequence x vocabulary three times over (logits, log-softmax, their
+  gradient) when a strategy reads every position, else one 64 MB chunk of the label-only head;
+- the runtime itself (the interpreter and libraries: this process's resident memory now, on a CPU).
+`docs/results/memory_estimate.json` holds the check against measured peaks (`bench/memory_estimate.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tuneforge.config import RunConfig
+from tuneforge.evaluate import CE_CHUNK_ELEMENTS, head_skipped, label_head
+from tuneforge.surgery import layer_index
+
+# fp32 values a decoder layer saves per token, in hidden sizes, when its forward cannot run on the meta
+# device (a Llama layer saves about 16 with its feed-forward at 2.7x the hidden size: counted, see above)
+FALLBACK_PER_TOKEN_LAYER = 16
+BF16_ACTIVATIONS = 0.75  # share of the fp32 activations left under bf16 autocast (casts keep some fp32)
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated peak bytes of a run, by part, against what the device has free."""
+
+    parts: dict[str, int]
+    device: str  # "cpu" or "cuda:N"
+    available: int | None  # bytes free on the device now (None: unknown)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.total <= self.available
+
+    def as_dict(self) -> dict:
+        return {"parts": self.parts, "total": self.total, "device": self.device, "available": self.available,
+                "fits": self.fits, "notes": self.notes}
+
+
+def estimate_memory(config: RunConfig, run_data=None, device: torch.device | None = None) -> MemoryEstimate:
+    """The peak memory `tuneforge train` would need for `config` (no weights are read)."""
+    from tuneforge.compose import apply_strategies, build_strategies, trainable_in_any_epoch
+    from tuneforge.models import load_tokenizer, meta_model, resolve_model_path
+    from tuneforge.run import load_base_model
+    from tuneforge.strategies import StrategyContext, TaskInfo
+    from tuneforge.tasks import encode_run_data, load_run_data
+
+    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    runtime = resident_bytes() if device.type == "cpu" else 0  # before anything below allocates
+    run_data = run_data or load_run_data(config)
+    strategies = build_strategies(config.strategies)
+    tokenizer = load_tokenizer(resolve_model_path(config.model), config.trust_remote_code)
+
+    def on_meta(name, task_type="causal_lm", labels=None, trust_remote_code=False):
+        return meta_model(name, task_type, labels, trust_remote_code), tokenizer, None
+
+    model, _, _ = load_base_model(config, run_data, [s.name for s in strategies], loader=on_meta)
+    tasks = tuple(TaskInfo(t.name, t.task_type, tuple(t.labels) if t.labels else None)
+                  for t in run_data.tasks)
+    sequence = config.schedule.mode == "sequence" and run_data.multi_task
+    ctx = StrategyContext(tokenizer=tokenizer, task_type=run_data.task_type, tasks=tasks,
+                          num_epochs=config.train.epochs, current_task=tasks[0].name if sequence else None)
+    with torch.device("meta"):
+        model = apply_strategies(model, strategies, ctx)
+    trainable = trainable_in_any_epoch(model, ctx, strategies)
+    encode_run_data(run_data, config, tokenizer, tag_tasks=run_data.multi_task)
+    lengths = [len(item["input_ids"]) for task in run_data.tasks for item in task.train_items]
+    sequence_length = config.train.max_seq_len if config.train.packing else min(
+        max(lengths, default=config.train.max_seq_len), config.train.max_seq_len)
+
+    sizes = dict(model.named_parameters())
+    trained = sum(sizes[name].numel() for name in trainable if name in sizes)
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    bf16 = config.train.precision == "bf16"
+    notes = [f"largest micro-batch: {config.train.batch_size} x {sequence_length} tokens"]
+    parts = {
+        "weights": weights + (weights // 2 if bf16 else 0),
+        "gradients": 4 * trained,
+        "optimizer": 8 * trained,
+        "strategies": sum(s.held_bytes(model, trainable, ctx) for s in strategies),
+        "activations": activation_bytes(model, trainable, config.train.batch_size, sequence_length,
+                                        config.train.gradient_checkpointing, bf16, notes),
+        "logits": (logit_bytes(model, strategies, config.train.batch_size, sequence_length)
+                   if any(t.task_type == "causal_lm" for t in run_data.tasks) else 0),
+        "runtime": runtime,
+    }
+    return MemoryEstimate(parts, str(device), available_bytes(device), notes)
+
+
+def activation_bytes(model: nn.Module, trainable: set[str], batch: int, length: int, checkpointing: bool,
+                     bf16: bool, notes: list[str]) -> int:
+    """Bytes autograd keeps for the backward pass of one micro-batch of `batch` x `length` tokens.
+
+    Counted, not modelled: the model (on the meta device, strategies applied, `trainable` requiring grad)
+    runs its forward on a meta batch, and every tensor autograd saves is counted once per storage. With
+    gradient checkpointing only each layer's input stays, plus one layer's tensors while it is recomputed.
+    """
+    saved: dict[int, int] = {}
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
+        return tensor
+
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in trainable)
+    inputs = {"input_ids": torch.zeros(batch, length, dtype=torch.long, device="meta")}
+    head = label_head(model)
+    indices = [i for name, _ in model.named_modules() if (i := layer_index(name)) is not None]
+    layers = 1 + max(indices, default=-1)
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None) or 0
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor), (
+                head_skipped(head) if head is not None else contextlib.nullcontext()):
+            model(**inputs)
+        total = sum(saved.values())
+    except Exception as exc:  # noqa: BLE001 - a forward that needs real values: the rule of thumb instead
+        notes.append(f"activations approximated ({type(exc).__name__} on the meta device)")
+        total = FALLBACK_PER_TOKEN_LAYER * 4 * batch * length * hidden * layers
+    finally:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(flags[name])
+    if bf16:
+        total = int(total * BF16_ACTIVATIONS)
+    if checkpointing and layers:  # each layer's input, and one layer's activations while it is recomputed
+        return int(4 * batch * length * hidden * layers + total / layers)
+    return total
+
+
+def logit_bytes(model: nn.Module, strategies, batch: int, length: int) -> int:
+    """Bytes of a language model's logits: full (and their log-softmax and gradient) or one chunk."""
+    vocab = getattr(model.config, "vocab_size", 0) or 0
+    if label_head(model) is not None and not any(s.needs_logits() for s in strategies):
+        return 2 * 4 * min(CE_CHUNK_ELEMENTS, batch * length * vocab)  # a chunk and its softmax gradient
+    return 3 * 4 * batch * length * vocab
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on `device`: the GPU's free memory, or the machine's available memory (cgroup limit
+    included) on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:  # a container's limit, when lower than the machine's memory
+        with open("/sys/fs/cgroup/memory.max") as handle:
+            limit = handle.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as handle:
+            used = int(handle.read().strip())
+        if limit != "max" and free is not None:
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def format_estimate(estimate: MemoryEstimate) -> str:
+    """The estimate as a few aligned lines, with the device's free memory."""
+    head = (f"estimated peak memory: {_gib(estimate.total)} on {estimate.device} "
+            f"({'; '.join(estimate.notes)})")
+    lines = [head]
+    lines += [f"  {name + ':':<13}{_gib(value):>10}" for name, value in estimate.parts.items() if value]
+    if estimate.available is not None:
+        verdict = "fits" if estimate.fits else "does NOT fit"
+        lines.append(f"free on {estimate.device}: {_gib(estimate.available)} ({verdict})")
+    return "\n".join(lines)
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+
+
+def advice(estimate: MemoryEstimate, config: RunConfig) -> list[str]:
+    """What would bring the estimate down, largest effect first."""
+    train, tips = config.train, []
+    if estimate.parts["activations"] + estimate.parts["logits"] > estimate.total / 4:
+        if train.batch_size > 1:
+            tips.append(f"train.batch_size: {max(1, train.batch_size // 2)} with train.grad_accum: "
+                        f"{train.grad_accum * 2} (the same optimizer steps)")
+        if not train.gradient_checkpointing:
+            tips.append("train.gradient_checkpointing: true")
+    if estimate.parts["optimizer"] > estimate.total / 4:
+        tips.append("a parameter-efficient strategy (lora) instead of training every weight, or sharding "
+                    "over several processes")
+    if train.precision == "fp32" and estimate.device.startswith("cuda"):
+        tips.append("train.precision: bf16")
+    tips.append(f"a shorter train.max_seq_len (now {train.max_seq_len})")
+    return tips
