@@ -100,7 +100,8 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
     with pytest.raises(ConfigError, match=r"config.yaml:5: train is given twice \(lines 2 and 5\)"):
         load_config(write(tmp_path, text))
     nested = "data: {train: t.jsonl}\nstrategies:\n  - lora:\n      rank: 4\n      alpha: 8\n      rank: 8\n"
-    with pytest.raises(ConfigError, match=r":6: strategies\[0\]\.lora\.rank is given twice \(lines 4 and 6\)"):
+    twice = r":6: strategies\[0\]\.lora\.rank is given twice \(lines 4 and 6\)"
+    with pytest.raises(ConfigError, match=twice):
         load_config(write(tmp_path, nested))
     # a merge key and anchors are not duplicates; the same alias used many times is checked once
     shared = "base: &b {lr: 1.0e-3}\ndata: {train: t.jsonl}\ntrain:\n  <<: *b\n  epochs: 2\n"

@@ -1,6 +1,6 @@
-"""A full disk at every place a run writes (and out of memory): one line naming the path, the reason and the last good
-checkpoint; no partial `.tmp` left; nothing already written damaged; and once space is back, `--resume`
-finishes with the weights of a run that never failed.
+"""A full disk at every place a run writes (and out of memory): one line naming the path, the reason and
+the last good checkpoint; no partial `.tmp` left; nothing already written damaged; and once space is back,
+`--resume` finishes with the weights of a run that never failed.
 
 The failure is injected: a write (through `open`, safetensors or TensorBoard) to a matching path raises
 `OSError(ENOSPC)`, exactly what a full file system raises; safetensors raises its own error type, which

@@ -5,12 +5,14 @@ and the peak is the sum of
 - weights (fp32, as tuneforge loads them; plus a bf16 copy of the weights autocast casts when
   `precision: bf16`);
 - gradients and AdamW's two moments for every parameter any epoch trains (fp32: 12 bytes a parameter);
+  gradients fill as the backward pass frees the saved tensors, so only the larger of the two counts;
 - what strategies hold beside the model (`Strategy.held_bytes`: a frozen reference, anchors, a Fisher);
 - activations kept for the backward pass of the largest micro-batch (batch_size x its longest sequence,
   or max_seq_len when packing): counted by running the model's forward on the meta device and adding up
   every tensor autograd saves (what Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
   Transformer Models", sec. 4, derive by hand), so any architecture and strategy is counted as it runs;
-  with gradient checkpointing, each layer's input plus one layer's tensors;
+  plus one layer's worth for the gradients the backward pass holds; with gradient checkpointing, each
+  layer's input plus two layers' worth (the layer recomputed, and its gradients);
 - the output layer's logits: batch x sequence x vocabulary three times over (logits, log-softmax, their
   gradient) when a strategy reads every position, else one 64 MB chunk of the label-only head;
 - the runtime itself (the interpreter and libraries: this process's resident memory now, on a CPU).
@@ -26,6 +28,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.config import RunConfig
@@ -49,7 +52,11 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return sum(self.parts.values())
+        """The peak: everything held, and the larger of the forward's saved tensors (with the logits) and
+        the gradients, which fill as the backward pass frees those tensors."""
+        parts = self.parts
+        transient = max(parts["activations"] + parts["logits"], parts["gradients"])
+        return sum(parts.values()) - parts["activations"] - parts["logits"] - parts["gradients"] + transient
 
     @property
     def fits(self) -> bool:
@@ -112,17 +119,46 @@ def estimate_memory(config: RunConfig, run_data=None, device: torch.device | Non
 
 def activation_bytes(model: nn.Module, trainable: set[str], batch: int, length: int, checkpointing: bool,
                      bf16: bool, notes: list[str]) -> int:
-    """Bytes autograd keeps for the backward pass of one micro-batch of `batch` x `length` tokens.
+    """Bytes the backward pass of one micro-batch of `batch` x `length` tokens needs: what autograd saves
+    (`saved_tensor_bytes`), plus the gradients of about one layer's saved tensors at a time; with
+    checkpointing, each layer's input plus the layer being recomputed and its gradients."""
+    try:
+        total = saved_tensor_bytes(model, trainable, batch, length)
+    except Exception as exc:  # noqa: BLE001 - a forward that needs real values: the rule of thumb instead
+        notes.append(f"activations approximated ({type(exc).__name__} on the meta device)")
+        total = FALLBACK_PER_TOKEN_LAYER * 4 * batch * length * _hidden_size(model) * _num_layers(model)
+    layers = _num_layers(model)
+    one_layer = total / max(layers, 1)
+    if checkpointing and layers:  # what the checkpoints keep: each layer's input (counted so on a CPU)
+        total, one_layer = 4 * batch * length * _hidden_size(model) * layers, 2 * one_layer
+    scale = BF16_ACTIVATIONS if bf16 else 1.0
+    return int(scale * (total + one_layer))
+
+
+def _num_layers(model: nn.Module) -> int:
+    indices = [i for name, _ in model.named_modules() if (i := layer_index(name)) is not None]
+    return 1 + max(indices, default=-1)
+
+
+def _hidden_size(model: nn.Module) -> int:
+    return getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None) or 0
+
+
+def saved_tensor_bytes(model: nn.Module, trainable: set[str], batch: int, length: int) -> int:
+    """Bytes autograd saves in the forward of a `batch` x `length` micro-batch, each storage once.
 
     Counted, not modelled: the model (on the meta device, strategies applied, `trainable` requiring grad)
-    runs its forward on a meta batch, and every tensor autograd saves is counted once per storage. With
-    gradient checkpointing only each layer's input stays, plus one layer's tensors while it is recomputed.
+    runs its forward on a meta batch, and every tensor autograd saves is added up, except the weights it
+    saves (they are counted once, as weights). With gradient checkpointing enabled on the model, what the
+    checkpoints keep is what is counted.
     """
     saved: dict[int, int] = {}
+    held = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}  # counted as weights
 
     def count(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
+        if storage._cdata not in held:
+            saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
         return tensor
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -130,25 +166,49 @@ def activation_bytes(model: nn.Module, trainable: set[str], batch: int, length: 
         parameter.requires_grad_(name in trainable)
     inputs = {"input_ids": torch.zeros(batch, length, dtype=torch.long, device="meta")}
     head = label_head(model)
-    indices = [i for name, _ in model.named_modules() if (i := layer_index(name)) is not None]
-    layers = 1 + max(indices, default=-1)
-    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd", None) or 0
     try:
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor), (
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor), fused_attention(), (
                 head_skipped(head) if head is not None else contextlib.nullcontext()):
             model(**inputs)
-        total = sum(saved.values())
-    except Exception as exc:  # noqa: BLE001 - a forward that needs real values: the rule of thumb instead
-        notes.append(f"activations approximated ({type(exc).__name__} on the meta device)")
-        total = FALLBACK_PER_TOKEN_LAYER * 4 * batch * length * hidden * layers
     finally:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(flags[name])
-    if bf16:
-        total = int(total * BF16_ACTIVATIONS)
-    if checkpointing and layers:  # each layer's input, and one layer's activations while it is recomputed
-        return int(4 * batch * length * hidden * layers + total / layers)
-    return total
+    return sum(saved.values())
+
+
+class _FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel keeps for the backward pass (flash attention, Dao et al. 2022; PyTorch's
+    CPU and CUDA kernels alike): query, key, value, the output and the log-sum-exp per query, no s x s
+    matrix. Forward returns an empty output of the right shape (meta tensors carry no values anyway)."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        output = query.new_empty(*query.shape[:-1], value.shape[-1])
+        ctx.save_for_backward(query, key, value, output, query.new_empty(query.shape[:-1]))
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # never run: the estimate has no backward pass
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def fused_attention():
+    """Count `scaled_dot_product_attention` as the fused kernel a real run dispatches to: the meta device
+    only has the math fallback, which keeps the attention matrix. With dropout on attention probabilities
+    PyTorch falls back to that math path too, and so does this count."""
+    original = F.scaled_dot_product_attention
+
+    def counted(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        if dropout_p > 0:
+            return original(query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
+        return _FusedAttention.apply(query, key, value)
+
+    F.scaled_dot_product_attention = counted
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def logit_bytes(model: nn.Module, strategies, batch: int, length: int) -> int:
@@ -211,18 +271,19 @@ def _gib(size: int) -> str:
 
 
 def advice(estimate: MemoryEstimate, config: RunConfig) -> list[str]:
-    """What would bring the estimate down, largest effect first."""
-    train, tips = config.train, []
-    if estimate.parts["activations"] + estimate.parts["logits"] > estimate.total / 4:
-        if train.batch_size > 1:
-            tips.append(f"train.batch_size: {max(1, train.batch_size // 2)} with train.grad_accum: "
-                        f"{train.grad_accum * 2} (the same optimizer steps)")
-        if not train.gradient_checkpointing:
-            tips.append("train.gradient_checkpointing: true")
-    if estimate.parts["optimizer"] > estimate.total / 4:
-        tips.append("a parameter-efficient strategy (lora) instead of training every weight, or sharding "
-                    "over several processes")
+    """What would bring the estimate down: each change that applies, the one on the largest part first."""
+    train, parts, tips = config.train, estimate.parts, []
+    if train.batch_size > 1:
+        smaller = (f"train.batch_size: {max(1, train.batch_size // 2)} with train.grad_accum: "
+                   f"{train.grad_accum * 2} (the same optimizer steps)")
+        tips.append((parts["activations"] / 2, smaller))
+    if not train.gradient_checkpointing:
+        tips.append((parts["activations"] * 0.7, "train.gradient_checkpointing: true"))
+    if parts["optimizer"] > parts["weights"] / 10:  # most weights train
+        efficient = ("a parameter-efficient strategy (lora) instead of training every weight, or sharding "
+                     "over several processes")
+        tips.append((parts["optimizer"] + parts["gradients"], efficient))
     if train.precision == "fp32" and estimate.device.startswith("cuda"):
-        tips.append("train.precision: bf16")
-    tips.append(f"a shorter train.max_seq_len (now {train.max_seq_len})")
-    return tips
+        tips.append((parts["activations"] / 4, "train.precision: bf16"))
+    tips.append((parts["activations"] / 4, f"a shorter train.max_seq_len (now {train.max_seq_len})"))
+    return [text for _, text in sorted(tips, key=lambda tip: -tip[0])]
