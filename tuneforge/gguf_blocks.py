@@ -56,7 +56,7 @@ class GGUFWeight(nn.Parameter):
     block_type: str
     logical_shape: tuple[int, int]
 
-    def __new__(cls, packed: Tensor, block_type: str, shape: tuple[int, int]) -> GGUFWeight:
+    def __new__(cls, packed: Tensor, block_type: str, shape: tuple[int, int]) -> GGUFWeight:  # noqa: PYI034
         if block_type not in BLOCK_BYTES:
             raise ModelError(f"GGUF block type {block_type} is not decoded here "
                              f"(supported: {', '.join(BLOCK_BYTES)})")
@@ -88,29 +88,34 @@ class GGUFWeight(nn.Parameter):
         return f"GGUFWeight({self.block_type}, shape={self.logical_shape}, {self.nbytes} bytes)"
 
 
-class _PackedLinear(torch.autograd.Function):
-    """y = x W^T + b with W decoded from its blocks in forward, and again in backward (no dense W saved)."""
+class _DecodedLinear(torch.autograd.Function):
+    """y = x W^T + b with W = decode(weight) in forward, and again in backward (no dense W saved)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, bias: Tensor | None, weight: GGUFWeight) -> Tensor:
-        ctx.weight = weight  # the packed blocks, kept by reference: a few bits per weight
+    def forward(ctx, x: Tensor, bias: Tensor | None, weight: Tensor, decode) -> Tensor:
+        ctx.weight, ctx.decode = weight, decode  # the packed weight, kept by reference: a few bits a weight
         ctx.bias_shape = None if bias is None else bias.shape
-        dense = weight.dequantize().to(x.dtype)
+        dense = decode(weight).to(x.dtype)
         return F.linear(x, dense, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_output @ ctx.weight.dequantize().to(grad_output.dtype)  # (..., d_in)
+            grad_x = grad_output @ ctx.decode(ctx.weight).to(grad_output.dtype)  # (..., d_in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).reshape(ctx.bias_shape)
-        return grad_x, grad_bias, None
+        return grad_x, grad_bias, None, None
+
+
+def decoded_linear(x: Tensor, weight: Tensor, bias: Tensor | None, decode) -> Tensor:
+    """`x W^T + b`, W = `decode(weight)` (dense float) decoded per call; gradients reach `x` and `bias`."""
+    return _DecodedLinear.apply(x, bias, weight, decode)
 
 
 def gguf_linear(x: Tensor, weight: GGUFWeight, bias: Tensor | None = None) -> Tensor:
     """`x W^T + b` for a packed weight; gradients flow to `x` (and `bias`), never to the frozen blocks."""
-    return _PackedLinear.apply(x, bias, weight)
+    return decoded_linear(x, weight, bias, GGUFWeight.dequantize)
 
 
 def unpermute_rows(rows: Tensor, heads: int) -> Tensor:

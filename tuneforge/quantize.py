@@ -6,7 +6,8 @@ the base frozen (adapters, IA3, prefix, prompt, heads). Modes:
 
     nf4   4-bit NormalFloat, blocks of 64 with an fp32 absmax each    ~4.5 bits/weight   (bitsandbytes)
     fp4   4-bit float, same blocks                                    ~4.5 bits/weight   (bitsandbytes)
-    int8  LLM.int8() rows (Dettmers et al. 2022, arXiv:2208.07339)    8 bits + a row scale (bitsandbytes)
+    int8  absmax int8 rows as LLM.int8() stores them (Dettmers et al. 2022, arXiv:2208.07339), decoded
+          on the fly (weight-only: activations stay float, no outlier split)  8 bits + a row scale
     gguf  the GGUF file's own blocks, decoded on the fly (`tuneforge.gguf_blocks`): Q4_0, Q4_1, Q8_0
 
 Every `nn.Linear` inside the transformer blocks becomes a `QuantizedLinear`; embeddings, norms and output
@@ -24,18 +25,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tuneforge.errors import ModelError
-from tuneforge.gguf_blocks import GGUFWeight, gguf_linear
+from tuneforge.gguf_blocks import GGUFWeight, decoded_linear, gguf_linear
 
 MODES = ("none", "nf4", "fp4", "int8", "gguf")
 BNB_MODES = ("nf4", "fp4", "int8")
 BNB_PIN = "bitsandbytes==0.50.2"
 
 
+class QuantizeError(ModelError):
+    """`quantize:` cannot apply to this model (the run names the config line)."""
+
+
 def _bnb():
     try:
         import bitsandbytes
     except ImportError:
-        raise ModelError(f"quantize: nf4, fp4 and int8 need bitsandbytes: pip install {BNB_PIN}") from None
+        raise QuantizeError(f"quantize: nf4, fp4 and int8 need bitsandbytes: pip install {BNB_PIN}") from None
     return bitsandbytes
 
 
@@ -66,7 +71,8 @@ def dequantize_weight(weight: Tensor) -> Tensor:
 def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """`x W^T + b` for a dense or a quantized frozen weight `(d_out, d_in)`; gradients reach `x` only.
 
-    bitsandbytes' own matmuls run on CPU and CUDA alike; GGUF blocks decode in forward and backward.
+    4-bit weights use bitsandbytes' own matmul (CPU and CUDA alike); int8 rows and GGUF blocks decode in
+    forward and again in backward.
     """
     if isinstance(weight, GGUFWeight):
         return gguf_linear(x, weight, bias)
@@ -75,11 +81,7 @@ def frozen_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return _bnb().matmul_4bit(x, weight, bias=None if bias is None else bias.to(x.dtype),
                                   quant_state=weight.quant_state)
     if kind == "int8":
-        bnb = _bnb()
-        state = bnb.MatmulLtState()  # fresh per call: the weight, not a module, holds CB and SCB
-        state.has_fp16_weights, state.CB, state.SCB = False, weight.data, weight.SCB
-        state.is_training = torch.is_grad_enabled()
-        return bnb.matmul(x, weight, bias=None if bias is None else bias.to(x.dtype), state=state)
+        return decoded_linear(x, weight, bias, dequantize_weight)
     return F.linear(x, weight, bias)
 
 
@@ -126,7 +128,8 @@ def quantize_tensor(weight: Tensor, mode: str) -> Tensor:
     if mode == "int8":
         quantized = bnb.nn.Int8Params(dense, requires_grad=False, has_fp16_weights=False)
     else:
-        quantized = bnb.nn.Params4bit(dense, requires_grad=False, quant_type=mode, blocksize=64)
+        quantized = bnb.nn.Params4bit(dense, requires_grad=False, quant_type=mode, blocksize=64,
+                                       compress_statistics=False)  # fp32 absmax per 64: 4.5 bits a weight
     return quantized.to(weight.device)  # the move to a device is what quantizes
 
 
@@ -145,6 +148,25 @@ def replace_linear(model: nn.Module, name: str, layer: nn.Linear, weight: Tensor
     if layer.bias is not None:
         layer.bias.requires_grad_(False)
     replace_module(model, name, QuantizedLinear(weight, layer.bias, layer.in_features, layer.out_features))
+
+
+def refusal(mode: str, strategies: list[type]) -> str | None:
+    """Why `quantize: mode` cannot train with these strategy classes (None: it can). A strategy that trains
+    base weights (`trains_base_weights`), or none listed (full fine-tuning implied), would train the frozen
+    quantized layers."""
+    from tuneforge.strategies import REGISTRY, default_parametrization
+
+    if mode == "none":
+        return None
+    training = [cls for cls in strategies if cls.trains_base_weights]
+    if not any(cls.family == "parametrization" for cls in strategies):
+        implied = default_parametrization()
+        training = [implied] if implied.trains_base_weights else []
+    if not training:
+        return None
+    efficient = ", ".join(name for name, entry in REGISTRY.items() if entry.cls.parameter_efficient)
+    return (f"quantize: {mode} keeps the base weights frozen and quantized, but {training[0].name} trains "
+            f"them; list a strategy that leaves the base frozen ({efficient}) or set quantize: none")
 
 
 def quantize_model(model: nn.Module, mode: str, packed: dict[str, GGUFWeight] | None = None) -> int:
@@ -166,7 +188,7 @@ def quantize_model(model: nn.Module, mode: str, packed: dict[str, GGUFWeight] | 
         replace_linear(model, name, layer, weight)
         count += 1
     if count == 0:
-        raise ModelError(f"quantize: {mode}: {type(model).__name__} has no plain linear layer inside its "
+        raise QuantizeError(f"quantize: {mode}: {type(model).__name__} has no plain linear layer inside its "
                          f"transformer blocks to quantize")
     return count
 

@@ -73,7 +73,8 @@ LORA_DEFAULTS: dict[str, tuple[str, ...]] = {
 
 class LoRALinear(nn.Module):
     """A linear layer (nn.Linear, GPT-2's Conv1D, or a frozen quantized layer: QLoRA) plus a trainable
-    low-rank update. A quantized base is decoded on the fly (`tuneforge.quantize`) and cannot be merged into."""
+    low-rank update. A quantized base is decoded on the fly (`tuneforge.quantize`); it cannot be merged into.
+    """
 
     def __init__(
         self,
