@@ -60,17 +60,20 @@ def render(path: Path) -> str:
     dense = runs["none"]
     lines = [(f"Measured {data['date']} with `{data['command']}` ({data['threads']} thread, fp32, "
               f"{dense['steps']} steps of 4 x 64 tokens, 1 run each)."), "",
-             ("| quantize | base weights (MiB) | x fp32 | quantized layers: bits/weight (arithmetic) "
-              "| peak RSS (MiB) | x none | s/step | x none | eval loss before -> after | retain ppl after |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             ("| quantize | base weights (MiB) | x fp32 | quantized layers: x fp32 "
+              "| bits/weight (arithmetic) | peak RSS (MiB) | x none | s/step | x none | eval loss before -> after | retain ppl after |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in MODES:
         run = runs[mode]
         held = run["base_weights"]
         packed = {k: v for k, v in held["by_kind"].items() if k != "float32"}
         bits = "-" if not packed else ", ".join(
             f"{k}: {8 * v['bytes'] / v['weights']:.2f} ({BITS.get(k, '?')})" for k, v in packed.items())
+        layers = "-" if not packed else \
+            f"{sum(v['bytes'] for v in packed.values()) / sum(4 * v['weights'] for v in packed.values()):.3f}"
         lines.append(
-            f"| {mode} | {held['bytes'] / 2**20:.1f} | {held['bytes'] / held['fp32_bytes']:.2f} | {bits} "
+            f"| {mode} | {held['bytes'] / 2**20:.1f} | {held['bytes'] / held['fp32_bytes']:.2f} | {layers} "
+            f"| {bits} "
             f"| {run['peak_rss_mb']:.0f} | {run['peak_rss_mb'] / dense['peak_rss_mb']:.2f} "
             f"| {run['step_seconds']:.2f} | {run['step_seconds'] / dense['step_seconds']:.2f} "
             f"| {run['eval_loss_before']:.3f} -> {run['eval_loss_after']:.3f} "

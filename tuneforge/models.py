@@ -262,7 +262,6 @@ def _load_quantized_causal_lm(name: str, path: Path, quantize: str, trust_remote
     swapped for quantized ones, then every other tensor is read from the folder. A folder whose tensor names
     do not cover the model (other layouts, pickled weights) loads densely, then quantizes.
     """
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
 
@@ -273,10 +272,7 @@ def _load_quantized_causal_lm(name: str, path: Path, quantize: str, trust_remote
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                  dtype=torch.float32)
-    names = set()
-    for file in files:
-        with safe_open(str(file), "pt") as handle:
-            names.update(handle.keys())
+    names = {key for file in files for key in _safetensors_header(file)[0]}
     linears = dict(quantizable_linears(model))
     own = set(model.state_dict().keys())  # parameters and persistent buffers
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
@@ -291,17 +287,16 @@ def _load_quantized_causal_lm(name: str, path: Path, quantize: str, trust_remote
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(model.named_buffers(remove_duplicate=False))
     for file in files:
-        with safe_open(str(file), "pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - a safetensors handle is not iterable
-                module_name = key.rpartition(".")[0]
-                if module_name in linears and key.endswith(".weight") and quantize != "gguf":
-                    weight = quantize_tensor(handle.get_tensor(key), quantize)
-                    replace_linear(model, module_name, linears.pop(module_name), weight)
-                elif module_name in packed and key.endswith(".weight"):
-                    replace_linear(model, module_name, linears.pop(module_name), packed.pop(module_name))
-                elif key in state:
-                    with torch.no_grad():
-                        state[key].copy_(handle.get_tensor(key))
+        for key, read in _safetensors_tensors(file):
+            module_name = key.rpartition(".")[0]
+            if module_name in linears and key.endswith(".weight") and quantize != "gguf":
+                weight = quantize_tensor(read(), quantize)
+                replace_linear(model, module_name, linears.pop(module_name), weight)
+            elif module_name in packed and key.endswith(".weight"):
+                replace_linear(model, module_name, linears.pop(module_name), packed.pop(module_name))
+            elif key in state:
+                with torch.no_grad():
+                    state[key].copy_(read())
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.config.name_or_path = str(path)
@@ -358,3 +353,39 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if parameter.requires_grad:
             trainable += parameter.numel()
     return total, trainable
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                       "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's tensor table {name: {dtype, shape, data_offsets}} and where its data starts."""
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _safetensors_tensors(file: Path):
+    """(name, read) for each tensor of a safetensors file; `read()` reads just that tensor with plain file
+    reads into fresh memory. Unlike a memory map, no page of the file stays resident after the read."""
+    header, start = _safetensors_header(file)
+
+    def reader(entry: dict):
+        def read() -> torch.Tensor:
+            first, last = entry["data_offsets"]
+            data = bytearray(last - first)
+            with open(file, "rb") as handle:
+                handle.seek(start + first)
+                handle.readinto(data)
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"]) if data else \
+                torch.empty(entry["shape"], dtype=dtype)
+        return read
+
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        yield name, reader(entry)
