@@ -61,7 +61,8 @@ def render(path: Path) -> str:
     lines = [(f"Measured {data['date']} with `{data['command']}` ({data['threads']} thread, fp32, "
               f"{dense['steps']} steps of 4 x 64 tokens, 1 run each)."), "",
              ("| quantize | base weights (MiB) | x fp32 | quantized layers: x fp32 "
-              "| bits/weight (arithmetic) | peak RSS (MiB) | x none | s/step | x none | eval loss before -> after | retain ppl after |"),
+              "| bits/weight (arithmetic) | peak RSS (MiB) | x none | s/step | x none "
+              "| eval loss before -> after | retain ppl after |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for mode in MODES:
         run = runs[mode]
