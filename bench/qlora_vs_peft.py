@@ -79,12 +79,35 @@ def one_side(side: str, steps: int) -> dict:
             "load_seconds": load_seconds}
 
 
+def render(path: Path) -> str:
+    """The side-by-side table of docs/memory.md from a results file."""
+    data = json.loads(path.read_text())
+    repeats = len({run["repeat"] for run in data["runs"]})
+    lines = [(f"Measured {data['date']} with `{data['command']}`: {data['setup']}; {repeats} runs a side, "
+              f"median [min, max] over runs; step time is each run's median step after the first."), "",
+             "| side | s/step | peak RSS (MiB) | loss/token, step 1 | loss/token, mean of last 3 steps |",
+             "| --- | --- | --- | --- | --- |"]
+    for side, s in data["summary"].items():
+        name = "tuneforge (quantize: nf4 + lora)" if side == "tuneforge" else "PEFT + BitsAndBytesConfig(nf4)"
+        lines.append(
+            f"| {name} | {s['median_step_seconds']:.2f} [{s['step_seconds_min_max'][0]:.2f}, "
+            f"{s['step_seconds_min_max'][1]:.2f}] | {s['peak_rss_mb_median']:.0f} "
+            f"[{s['peak_rss_mb_min_max'][0]:.0f}, {s['peak_rss_mb_min_max'][1]:.0f}] | {s['first_loss']:.4f} "
+            f"| {s['mean_last3_loss']:.4f} [{s['last3_loss_min_max'][0]:.4f}, "
+            f"{s['last3_loss_min_max'][1]:.4f}] |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one")
+    parser.add_argument("--render")
     args = parser.parse_args()
+    if args.render:
+        print(render(Path(args.render)))
+        return
     if args.one:
         print("RESULT " + json.dumps(one_side(args.one, args.steps)))
         return
