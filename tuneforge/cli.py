@@ -98,6 +98,10 @@ def cmd_inspect(args) -> int:
             print(f"  {name}: {count:,}")
         for name, text in report["matched"].items():
             print(f"{name}: {text}")
+        held = report["base_weights"]  # quantized or not, against the same weights in fp32
+        kinds = ", ".join(f"{kind} {e['bytes'] / 2**20:.1f} MiB" for kind, e in held["by_kind"].items())
+        print(f"base weights: {held['bytes'] / 2**20:.1f} MiB ({kinds}); "
+              f"{held['bytes'] / max(held['fp32_bytes'], 1):.2f}x their fp32 size")
         print(format_estimate(estimate))
         if not estimate.fits:
             print("to fit, try: " + "; ".join(advice(estimate, config)))
@@ -190,6 +194,7 @@ def cmd_export(args) -> int:
     from tuneforge.errors import ConfigError
     from tuneforge.export import ADAPTER_DIR, adapter_model, export_merged
     from tuneforge.models import load_model
+    from tuneforge.quantize import dequantize_model
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / ADAPTER_DIR).is_dir():
@@ -198,7 +203,9 @@ def cmd_export(args) -> int:
     # the base loads as the run loaded it: a classifier with the run's labels (its head is in the adapter)
     task_type, labels = adapter_model(run_dir / ADAPTER_DIR)
     trust = bool(config.get("trust_remote_code"))
-    model, tokenizer, _ = load_model(config["model"], task_type, labels, trust)
+    quantize = config.get("quantize", "none")
+    model, tokenizer, _ = load_model(config["model"], task_type, labels, trust, quantize)
+    dequantize_model(model)  # a quantized run merges into the base it trained on, decoded to fp32
     model = load_adapter(model, run_dir / ADAPTER_DIR, tokenizer)
     check = tokenizer(["The quick brown fox", "Hello"], return_tensors="pt", padding=True)
     report = export_merged(model, tokenizer, Path(args.merged), dict(check))

@@ -141,6 +141,8 @@ class RunConfig(StrictModel):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: str = "runs/run"
     trust_remote_code: bool = False
+    # keep the frozen base's block linear weights quantized (tuneforge.quantize): QLoRA with lora
+    quantize: Literal["none", "nf4", "fp4", "int8", "gguf"] = "none"
     _origin: tuple = PrivateAttr(default=("<config>", None, ()))  # (file, YAML node tree, overrides)
 
     @model_validator(mode="after")

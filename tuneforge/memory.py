@@ -39,6 +39,9 @@ from tuneforge.surgery import layer_index
 # device (a Llama layer saves about 16 with its feed-forward at 2.7x the hidden size: counted, see above)
 FALLBACK_PER_TOKEN_LAYER = 16
 BF16_ACTIVATIONS = 0.75  # share of the fp32 activations left under bf16 autocast (casts keep some fp32)
+# bits a quantized base weight takes with its scales (docs/memory.md): nf4/fp4 blocks of 64 with an fp32
+# absmax, int8 rows with a scale, GGUF Q4_1 blocks of 32 with fp16 scale and minimum (the bundled model)
+BITS_PER_WEIGHT = {"nf4": 4.5, "fp4": 4.5, "int8": 8.05, "gguf": 5.0}
 
 
 @dataclass
@@ -81,7 +84,7 @@ def estimate_memory(config: RunConfig, run_data=None, device: torch.device | Non
     strategies = build_strategies(config.strategies)
     tokenizer = load_tokenizer(resolve_model_path(config.model), config.trust_remote_code)
 
-    def on_meta(name, task_type="causal_lm", labels=None, trust_remote_code=False):
+    def on_meta(name, task_type="causal_lm", labels=None, trust_remote_code=False, quantize="none"):
         return meta_model(name, task_type, labels, trust_remote_code), tokenizer, None
 
     model, _, _ = load_base_model(config, run_data, [s.name for s in strategies], loader=on_meta)
@@ -90,6 +93,11 @@ def estimate_memory(config: RunConfig, run_data=None, device: torch.device | Non
     sequence = config.schedule.mode == "sequence" and run_data.multi_task
     ctx = StrategyContext(tokenizer=tokenizer, task_type=run_data.task_type, tasks=tasks,
                           num_epochs=config.train.epochs, current_task=tasks[0].name if sequence else None)
+    quantized = 0  # weights of the linear layers a quantized base stores packed
+    if config.quantize != "none":
+        from tuneforge.quantize import quantizable_linears
+
+        quantized = sum(layer.weight.numel() for _, layer in quantizable_linears(model))
     with torch.device("meta"):
         model = apply_strategies(model, strategies, ctx)
     trainable = trainable_in_any_epoch(model, ctx, strategies)
@@ -100,9 +108,13 @@ def estimate_memory(config: RunConfig, run_data=None, device: torch.device | Non
 
     sizes = dict(model.named_parameters())
     trained = sum(sizes[name].numel() for name in trainable if name in sizes)
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    bf16 = config.train.precision == "bf16"
     notes = [f"largest micro-batch: {config.train.batch_size} x {sequence_length} tokens"]
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if config.quantize != "none":  # the block linears stored quantized (tuneforge.quantize)
+        weights -= int(quantized * (4 - BITS_PER_WEIGHT[config.quantize] / 8))
+        notes.append(f"base linear layers stored {config.quantize} (~{BITS_PER_WEIGHT[config.quantize]} bits "
+                     f"a weight)")
+    bf16 = config.train.precision == "bf16"
     parts = {
         "weights": weights + (weights // 2 if bf16 else 0),
         "gradients": 4 * trained,
@@ -283,6 +295,8 @@ def advice(estimate: MemoryEstimate, config: RunConfig) -> list[str]:
         efficient = ("a parameter-efficient strategy (lora) instead of training every weight, or sharding "
                      "over several processes")
         tips.append((parts["optimizer"] + parts["gradients"], efficient))
+    if config.quantize == "none" and parts["optimizer"] <= parts["weights"] / 10:  # a frozen base
+        tips.append((parts["weights"] * 0.8, "quantize: nf4 (the frozen base in 4 bits, QLoRA)"))
     if train.precision == "fp32" and estimate.device.startswith("cuda"):
         tips.append((parts["activations"] / 4, "train.precision: bf16"))
     tips.append((parts["activations"] / 4, f"a shorter train.max_seq_len (now {train.max_seq_len})"))

