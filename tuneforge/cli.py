@@ -184,7 +184,6 @@ def cmd_export(args) -> int:
 
 def cmd_compare(args) -> int:
     from tuneforge.compare import check_cost, compare, parse_seeds
-    from tuneforge.compare_report import console_comparison
 
     # `key=value` items among the sources are overrides applied to every config that is trained
     overrides = [*args.overrides, *(s for s in args.sources if "=" in s and not Path(s).exists())]
@@ -199,6 +198,8 @@ def cmd_compare(args) -> int:
     if args.cost != "params":
         command += f" --cost {args.cost}"
     report = compare(sources, Path(args.output), overrides, command, runs_dir, seeds, args.cost)
+    from tuneforge.compare_report import console_comparison
+
     print(console_comparison(json.loads((report.parent / "comparison.json").read_text())))
     print(f"\ncomparison written to {report} (and report.html, comparison.json, plots)")
     return 0

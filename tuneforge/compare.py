@@ -32,8 +32,8 @@ COSTS = {"params": ("trainable_params", "trainable parameters"),
 
 # Row fields that are averaged over seeds.
 NUMERIC = ("task", "task_before", "task_change", "task_change_pct", "task_gain", "retain_ppl_before",
-           "retain_ppl_after", "forgetting", "forgetting_pct", "trainable_params", "artifact_bytes",
-           "peak_memory_mb", "train_seconds", "tokens_per_s", "steps")
+           "retain_ppl_after", "retain_ppl_change", "forgetting", "forgetting_pct", "trainable_params",
+           "artifact_bytes", "peak_memory_mb", "train_seconds", "tokens_per_s", "steps")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -135,6 +135,7 @@ def row_of(name: str, results: dict) -> dict:
         "retain_ppl_before": retain_before.get("perplexity"),
         "retain_ppl_after": retain_after.get("perplexity"),
         "forgetting": results.get("forgetting", {}).get("loss"),  # retain loss after - before
+        "retain_ppl_change": results.get("forgetting", {}).get("perplexity"),
         "forgetting_pct": relative_change(retain_before.get("perplexity"), retain_after.get("perplexity")),
         "trainable_params": results["trainable_params"] if results["steps"] else 0,
         "artifact_bytes": results.get("adapter_bytes", 0),
@@ -215,7 +216,7 @@ def compare(
     mark_front(rows, cost)
     differences = fairness(configs, {row["run"]: row["runs"] for row in rows})
     summary = summarize(rows, cost)
-    plots = write_plots(rows, runs, run_dirs, output, cost)
+    plots = write_plots(rows, run_dirs, output, cost)
     continual = {name: r["continual"] for name, r in results.items() if r.get("continual")}
     report = {"rows": rows, "runs": runs, "differences": differences, "cost": cost,
               "summary": summary, "command": command, "date": date.today().isoformat()}

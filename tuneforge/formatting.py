@@ -55,7 +55,7 @@ def significant(value: float | None, sig: int = 3, signed: bool = False) -> str:
     return fixed(value, decimals_for([value], sig), signed)
 
 
-def si_count(count: int | float | None, sig: int = 3) -> str:
+def si_count(count: float | None, sig: int = 3) -> str:
     """A count with an SI suffix: `134,515,008` -> `135 M`, `57,600` -> `57.6 k`, `512` -> `512`."""
     if not _finite(count):
         return MISSING
