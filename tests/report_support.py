@@ -32,7 +32,7 @@ def fake_run(root: Path, name: str, strategies: list[dict], task: tuple[float, f
         "total_params": 1_000_000, "trainable_params": params, "trainable_by_strategy": {"x": params},
         "before": split(task_before, ppl_before, "I do not know."),
         "after": split(task_after, ppl_after, "A small animal."),
-        "forgetting": {"loss": math.log(ppl_after) - math.log(ppl_before), "perplexity": ppl_after - ppl_before},
+        "forgetting": {"loss": math.log(ppl_after / ppl_before), "perplexity": ppl_after - ppl_before},
         "steps": steps, "train_seconds": train_seconds, "wall_seconds": train_seconds + 5,
         "tokens_per_s": 100.0 if steps else 0.0, "peak_memory_mb": memory_mb,
         "adapter_bytes": params * 4 if steps else 0,

@@ -155,7 +155,8 @@ def results_table_html(report: dict) -> str:
     for row, row_cells in zip(report["rows"], cells):
         tds = []
         for column, cell in zip(shown, row_cells):
-            value = "" if cell.value is None else html.escape(str(cell.value))
+            value = cell.value if not isinstance(cell.value, float) else f"{cell.value:.8g}"
+            value = "" if value is None else html.escape(str(value))
             marks = ("best" if cell.best else "", "text" if column.kind == "text" else "")
             classes = " ".join(mark for mark in marks if mark)
             tds.append(f'<td data-value="{value}"' + (f' class="{classes}"' if classes else "")

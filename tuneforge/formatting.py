@@ -52,7 +52,8 @@ def significant(value: float | None, sig: int = 3, signed: bool = False) -> str:
         return MISSING
     if value == 0:
         return "0"
-    return fixed(value, decimals_for([value], sig), signed)
+    rounded = round(float(value), decimals_for([value], sig))  # 0.9996 -> 1.0: one digit fewer after it
+    return fixed(rounded, decimals_for([rounded], sig), signed)
 
 
 def si_count(count: float | None, sig: int = 3) -> str:
