@@ -9,7 +9,7 @@ import re
 
 from tuneforge.compare_summary import COST_WORDS, cost_text
 from tuneforge.compare_table import FRONT_MARK, table
-from tuneforge.formatting import change_cell, decimals_for, percent
+from tuneforge.formatting import change_cell, decimals_for, fixed, percent
 from tuneforge.report import continual_section
 
 
@@ -33,6 +33,21 @@ def fairness_line(differences: list[str], configs: dict[str, dict], seeds: int) 
             f"({steps} steps) for every trained run; prompt-only rows train nothing.")
 
 
+def before_line(rows: list[dict]) -> str:
+    """The model before training, when every row starts from the same numbers (else the table shows them)."""
+    task, retain = {row["task_before"] for row in rows}, {row["retain_ppl_before"] for row in rows}
+    if len(task) != 1 or len(retain) != 1 or None in task:
+        return ""
+    metric, row = rows[0]["task_metric"], rows[0]
+    decimals = decimals_for(task, 4)
+    spread = row["spread"].get("task_before")
+    over_seeds = (f" ± {fixed(spread, decimals)} (each seed draws its own held-out split)"
+                  if spread else "")
+    retain_text = (f", retain perplexity {fixed(row['retain_ppl_before'], decimals_for(retain, 4))}"
+                   if None not in retain else "")
+    return f"Before training: task {metric} {fixed(row['task_before'], decimals)}{over_seeds}{retain_text}."
+
+
 def legend(report: dict) -> str:
     """What the table's marks and columns mean."""
     rows, seeds = report["rows"], report["summary"]["seeds"]
@@ -43,9 +58,9 @@ def legend(report: dict) -> str:
             else "eval loss, the mean token cross-entropy on held-out answers (lower is better)")
     return (f"{FRONT_MARK} on the Pareto front of task gain, forgetting and {COST_WORDS[report['cost']]}; "
             "**bold**: best in its column among trained runs; ↓/↑: lower/higher is better. " + spread +
-            f"Task: {task}. Forgetting: retain-set perplexity (original-domain text the runs did not train "
-            "on) after minus before, and relative to before. Artifact: the saved adapter (or trained "
-            "weights). Time and throughput: training steps only.")
+            f"Task: {task}. Changes are after minus before, then relative to before in %. Forgetting: the "
+            "change in retain-set perplexity (original-domain text the runs did not train on). Artifact: "
+            "the saved adapter (or trained weights). Time and throughput: training steps only.")
 
 
 def budget_rows(report: dict) -> tuple[list[str], list[list[str]]]:
@@ -70,6 +85,8 @@ def render_markdown(report: dict, plots, configs: dict[str, dict], continual: di
     summary = report["summary"]
     lines = ["# tuneforge comparison", "", f"**Summary.** {summary['text']}", "",
              fairness_line(report["differences"], configs, summary["seeds"]), ""]
+    if before_line(report["rows"]):
+        lines += [before_line(report["rows"]), ""]
     if summary["budget"]:
         lines += ["## Pick by budget", "", *_md_table(*budget_rows(report), numeric_from=2), ""]
     shown, cells = table(report["rows"])
@@ -112,8 +129,8 @@ padding:0 16px;color:#1a1a1a}
 h1{margin-bottom:.3em}.summary{background:#eef5fb;border-left:5px solid #0072B2;padding:10px 16px;
 font-size:16px}
 table{border-collapse:collapse;margin:.6em 0;font-variant-numeric:tabular-nums}
-td,th{border:1px solid #c8c8c8;padding:4px 8px;text-align:right;white-space:nowrap}
-td:first-child,th:first-child,td.text{text-align:left}
+td,th{border:1px solid #c8c8c8;padding:4px 6px;text-align:right;white-space:nowrap;font-size:13px}
+td:first-child,th:first-child,td.text,th.text{text-align:left}td.text{white-space:normal}td:first-child{white-space:nowrap}
 thead th{background:#f2f2f2;vertical-align:bottom;white-space:normal;min-width:4em}
 th.sortable{cursor:pointer}th.sortable:after{content:" ⇅";color:#888}
 th[aria-sort=ascending]:after{content:" ▲";color:#000}th[aria-sort=descending]:after{content:" ▼";color:#000}
@@ -150,7 +167,8 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 
 def results_table_html(report: dict) -> str:
     shown, cells = table(report["rows"])
-    head = "".join(f'<th class="sortable" title="click to sort">{html.escape(c.header)}</th>' for c in shown)
+    head = "".join(f'<th class="sortable{" text" if c.kind == "text" else ""}" title="click to sort">'
+                   f"{html.escape(c.header)}</th>" for c in shown)
     body = []
     for row, row_cells in zip(report["rows"], cells):
         tds = []
@@ -170,12 +188,15 @@ def render_html(report: dict, plots, configs: dict[str, dict], continual: dict |
     summary = report["summary"]
     parts = ["<h1>tuneforge comparison</h1>",
              f'<p class="summary"><b>Summary.</b> {_inline(summary["text"])}</p>',
-             f"<p>{_inline(fairness_line(report['differences'], configs, summary['seeds']))}</p>"]
+             (f"<p>{_inline(fairness_line(report['differences'], configs, summary['seeds']))} "
+             f"{_inline(before_line(report['rows']))}</p>")]
     if summary["budget"]:
         header, rows = budget_rows(report)
         parts.append("<h2>Pick by budget</h2><table><thead><tr>"
-                     + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>"
-                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                     + "".join(f"<th{' class=text' if i == 1 else ''}>{html.escape(h)}</th>"
+                               for i, h in enumerate(header)) + "</tr></thead><tbody>"
+                     + "".join("<tr>" + "".join(f"<td{' class=text' if i == 1 else ''}>{html.escape(c)}</td>"
+                                                for i, c in enumerate(row)) + "</tr>"
                                for row in rows) + "</tbody></table>")
     parts += ["<h2>Results</h2>", results_table_html(report),
               f'<p class="legend">{_inline(legend(report))}</p>', '<h2>Figures</h2><div class="figures">']

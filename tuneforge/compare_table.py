@@ -18,12 +18,13 @@ FRONT_MARK = "★"  # rows on the Pareto front
 class Column:
     key: str                   # the row field the column shows and sorts by
     header: str                # with its unit
-    kind: str = "text"         # text | int | linear (shared decimals) | change | count | log (per value)
+    kind: str = "text"         # text | linear (shared decimals) | change | count | log (per value)
     sig: int = 3               # significant figures (linear: of the column's largest value)
     better: str | None = None  # "lower" or "higher": ranked, best highlighted
     relative: str | None = None  # change: the field with the relative change in %
     spread: bool = False       # show ± the spread over seeds
     terminal: bool = True      # also in the terminal's narrower table
+    if_varies: bool = False    # shown only when rows differ (before training, every row is the same model)
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,14 @@ def columns(task_metric: str) -> list[Column]:
     return [
         Column("run", "run"),
         Column("strategies", "strategies", terminal=False),
-        Column("steps", "steps", "int", terminal=False),
-        Column("task_before", f"task {task_metric} before{unit}", "linear", 4, terminal=False),
+        Column("task_before", f"task {task_metric} before{unit}", "linear", 4, terminal=False,
+               if_varies=True),
         Column("task", f"task {task_metric} after {arrow}{unit}", "linear", 4, task_better, spread=True),
-        Column("task_change", f"task {task_metric} change {arrow} (relative)", "change", 4, task_better,
+        Column("task_change", f"task {task_metric} change {arrow}", "change", 4, task_better,
                "task_change_pct", spread=True),
-        Column("retain_ppl_before", "retain ppl before", "linear", 4, terminal=False),
+        Column("retain_ppl_before", "retain ppl before", "linear", 4, terminal=False, if_varies=True),
         Column("retain_ppl_after", "retain ppl after ↓", "linear", 4, "lower", spread=True, terminal=False),
-        Column("retain_ppl_change", "forgetting ↓ (retain ppl change, relative)", "change", 3, "lower",
+        Column("retain_ppl_change", "forgetting ↓ (retain ppl change)", "change", 3, "lower",
                "forgetting_pct", spread=True),
         Column("trainable_params", "trainable params ↓", "count", 3, "lower"),
         Column("artifact_mib", "artifact ↓ (MiB)", "log", 3, "lower", terminal=False),
@@ -65,9 +66,8 @@ def with_derived(row: dict) -> dict:
 
 
 def sort_value(row: dict, column: Column):
-    """What a column ranks and sorts by: the relative change for changes (forgetting is % of perplexity)."""
-    return row.get(column.relative) if column.kind == "change" and column.key == "retain_ppl_change" \
-        else row.get(column.key)
+    """What a column ranks and sorts by: a change by its relative value (forgetting is a % of perplexity)."""
+    return row.get(column.relative if column.relative else column.key)
 
 
 def best_values(rows: list[dict], column: Column):
@@ -80,7 +80,8 @@ def best_values(rows: list[dict], column: Column):
 def table(rows: list[dict], terminal: bool = False) -> tuple[list[Column], list[list[Cell]]]:
     """The columns and, per row, one Cell per column."""
     rows = [with_derived(row) for row in rows]
-    shown = [c for c in columns(rows[0]["task_metric"]) if c.terminal or not terminal]
+    shown = [c for c in columns(rows[0]["task_metric"]) if (c.terminal or not terminal)
+             and (not c.if_varies or len({row.get(c.key) for row in rows}) > 1)]
     out = [[] for _ in rows]
     for column in shown:
         values = [row.get(column.key) for row in rows]
@@ -92,8 +93,6 @@ def table(rows: list[dict], terminal: bool = False) -> tuple[list[Column], list[
                 text = str(value) if value is not None else MISSING
                 if column.key == "run" and row.get("pareto"):
                     text = f"{FRONT_MARK} {text}"
-            elif column.kind == "int":
-                text = f"{round(value):,}" if value is not None else MISSING
             elif column.kind == "linear":
                 text = with_spread(fixed(value, decimals), spread, decimals)
             elif column.kind == "change":
