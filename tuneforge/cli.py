@@ -120,9 +120,11 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
+    from tuneforge.formatting import significant
+
     for split in ("eval", "retain"):
         for key, value in result.get(split, {}).items():
-            print(f"{split} {key}: {value:.4g}" if isinstance(value, float) else f"{split} {key}: {value}")
+            print(f"{split} {key}: {significant(value, 4) if isinstance(value, float) else value}")
     for sample in result.get("samples", []):
         print(f"\nQ: {sample['prompt']}\nA: {sample['output']}")
     return 0

@@ -118,9 +118,10 @@ def continual_html(name: str, continual: dict) -> str:
     body = "".join("<tr><th>" + html.escape(r[0]) + "</th>" + "".join(f"<td>{html.escape(c)}</td>"
                                                                        for c in r[1:]) + "</tr>"
                    for r in cells[1:])
-    return (f"<h2>Continual learning: {html.escape(name)}</h2><p>{_inline(lines[4])}</p>"
+    sentence = next(line for line in lines if line.startswith("R[i][j]"))
+    return (f"<h2>Continual learning: {html.escape(name)}</h2><p>{_inline(sentence)}</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-            f"<p>{_inline(lines[-1].replace('<', 'below '))}</p>")
+            f"<p>{_inline(lines[-1])}</p>")
 
 
 STYLE = """
