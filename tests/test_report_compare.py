@@ -128,3 +128,10 @@ def test_bad_seeds_and_cost_are_one_line_errors(tmp_path, capsys, flag, value, m
     code = main(["compare", str(tmp_path / "missing.yaml"), "--output", str(tmp_path / "out"), flag, value])
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == f"tuneforge: error: {message}" and "Traceback" not in err
+
+
+def test_loss_curves_are_smoothed_by_a_centred_moving_average():
+    from tuneforge.compare_plots import moving_average
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0, 5.0], window=3) == [1.5, 2.0, 3.0, 4.0, 4.5]
+    assert moving_average([2.0], window=5) == [2.0]

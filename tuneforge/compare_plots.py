@@ -56,8 +56,9 @@ def tradeoff_plot(rows: list[dict], output: Path, cost: str) -> Plot | None:
         point = (row["task_gain"], row["forgetting_pct"])
         axis.scatter(*point, s=size, color=colours[row["run"]], marker=MARKERS[index % len(MARKERS)],
                      alpha=0.8, zorder=3, edgecolors="black" if row.get("pareto") else "none", linewidths=1.5)
-        axis.errorbar(*point, xerr=_err(row, "task_gain"), yerr=_err(row, "forgetting_pct"), fmt="none",
-                      ecolor="#222", elinewidth=1.2, capsize=4, zorder=4)
+        if _err(row, "task_gain") or _err(row, "forgetting_pct"):
+            axis.errorbar(*point, xerr=_err(row, "task_gain"), yerr=_err(row, "forgetting_pct"), fmt="none",
+                          ecolor="#222", elinewidth=1.2, capsize=4, zorder=4)
         offset = math.sqrt(size) / 2 + 3  # clear of the marker, whatever its size
         axis.annotate(f"{row['run']}\n{cost_text(row[field], cost)}", point, textcoords="offset points",
                       xytext=(offset, offset), fontsize=10, zorder=5)
@@ -130,6 +131,16 @@ def forgetting_plot(rows: list[dict], output: Path) -> Plot | None:
     return Plot(save(figure, output / "forgetting.png"), "Forgetting per run", caption)
 
 
+SMOOTHING = 5  # logged points in the moving average of the training-loss curves
+
+
+def moving_average(values: list[float], window: int = SMOOTHING) -> list[float]:
+    """Each value averaged with its neighbours (a centred window, shorter at the ends)."""
+    half = window // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
+            for i in range(len(values))]
+
+
 def curves_plot(rows: list[dict], run_dirs: dict[str, Path], output: Path) -> Plot:
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(8.5, 5))
@@ -142,7 +153,8 @@ def curves_plot(rows: list[dict], run_dirs: dict[str, Path], output: Path) -> Pl
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not steps:
             continue
-        stats = [mean_spread([c[s] for c in curves]) for s in steps]
+        smoothed = [moving_average([c[s] for s in steps]) for c in curves]  # one curve per seed
+        stats = [mean_spread([curve[i] for curve in smoothed]) for i in range(len(steps))]
         means = [m for m, _ in stats]
         axis.plot(steps, means, color=colours[row["run"]], label=row["run"], linewidth=1.8)
         if len(curves) > 1:
@@ -154,8 +166,8 @@ def curves_plot(rows: list[dict], run_dirs: dict[str, Path], output: Path) -> Pl
     axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # beside the curves, not on them
     seeds = max(len(row["seeds"]) for row in rows)
     band = f" Lines: mean over {seeds} seeds; bands: ± one standard deviation." if seeds > 1 else ""
-    caption = ("The task loss on training batches as each run trained (noisy: each point is a few "
-               "batches)." + band)
+    caption = (f"The task loss on training batches as each run trained, a moving average over {SMOOTHING} "
+               "logged points (single batches are noisy)." + band)
     return Plot(save(figure, output / "loss_curves.png"), "Training loss per run", caption)
 
 

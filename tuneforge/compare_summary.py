@@ -73,8 +73,8 @@ def summarize(rows: list[dict], cost: str) -> dict:
                      f"{percent(learned['task_change_pct'])})")
     if trained and all(r["forgetting_pct"] is not None for r in trained):
         forgot = min(trained, key=lambda r: r["forgetting_pct"])
-        parts.append(f"**{forgot['run']}** forgot least (retain perplexity "
-                     f"{percent(forgot['forgetting_pct'])})")
+        who = "also" if learned is forgot else f"**{forgot['run']}**"
+        parts.append(f"{who} forgot least (retain perplexity {percent(forgot['forgetting_pct'])})")
     text = [f"{scope}: " + " and ".join(parts) + "." if parts else f"{scope}."]
     guide = budget_guide(rows, cost)
     axes = "task gain, forgetting and " if trained and trained[0]["forgetting_pct"] is not None \
