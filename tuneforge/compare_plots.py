@@ -118,8 +118,9 @@ def forgetting_plot(rows: list[dict], output: Path) -> Plot | None:
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(8.5, 0.6 * len(shown) + 1.6))
     shown = sorted(shown, key=lambda r: r["forgetting_pct"])
+    errors = [_err(r, "forgetting_pct") for r in shown]
     axis.barh([r["run"] for r in shown], [r["forgetting_pct"] for r in shown],
-              xerr=[_err(r, "forgetting_pct") for r in shown], capsize=3,
+              xerr=errors if any(errors) else None, capsize=3,
               color=[colour(3) if r["forgetting_pct"] > 0 else colour(0) for r in shown])
     axis.axvline(0, color="black", linewidth=0.8)
     axis.set_xlabel("retain perplexity change after training (%): > 0 = forgot")
