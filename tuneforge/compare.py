@@ -205,6 +205,7 @@ def compare(
     check_cost(cost)
     output.mkdir(parents=True, exist_ok=True)
     run_dirs = collect(sources, runs_dir or output / "runs", overrides or [], seeds)
+    # imported once the runs are done: training needs none of the rendering (nor matplotlib)
     from tuneforge.compare_plots import write_plots
     from tuneforge.compare_report import render_html, render_markdown
     from tuneforge.compare_summary import summarize
