@@ -58,6 +58,9 @@ def test_seeds_are_averaged_and_the_front_and_summary_name_the_right_runs(seeded
     assert "Dominated" in summary["text"] and "**bad**" in summary["text"].split("Dominated")[1]
     # big leads small in gain by 0.6 with a spread of sqrt(0.1² + 0.1²): a real difference
     assert "leads **small** in task gain by 0.600 ± 0.141, more than twice" in summary["text"]
+    assert "So **" not in summary["text"]  # big's lead is real: no cheaper run learns as much
+    # small forgets -1.43% of perplexity, bad +0.61%; each has a spread of 0.205 points over its seeds
+    assert "In forgetting, **small** is ahead of **bad** by 2.0 ± 0.3 percentage points" in summary["text"]
 
     markdown = (out / "report.md").read_text()
     assert "seeds (0, 1, 2)" in markdown and "3 seeds" in markdown
@@ -135,3 +138,16 @@ def test_loss_curves_are_smoothed_by_a_centred_moving_average():
 
     assert moving_average([1.0, 2.0, 3.0, 4.0, 5.0], window=3) == [1.5, 2.0, 3.0, 4.0, 4.5]
     assert moving_average([2.0], window=5) == [2.0]
+
+
+def test_a_cheaper_run_tied_with_the_leader_is_named_the_bargain(tmp_path):
+    dirs = []
+    for seed, (big, cheap) in enumerate(((1.0, 1.2), (1.2, 1.1), (1.0, 1.0))):  # tied within the noise
+        dirs.append(fake_run(tmp_path, f"big-seed{seed}", [{"full": {}}], (3.0, big), (48.8, 49.0), 2_000_000,
+                             seed=seed))
+        dirs.append(fake_run(tmp_path, f"cheap-seed{seed}", [{"lora": {}}], (3.0, cheap), (48.8, 50.0),
+                             50_000, seed=seed))
+    compare([str(d) for d in dirs], tmp_path / "report")
+    text = json.loads((tmp_path / "report" / "comparison.json").read_text())["summary"]["text"]
+    assert ("So **cheap** learns as much as **big** within the noise and costs 40× less (trainable "
+            "parameters: 50.0 k vs 2.00 M).") in text

@@ -35,25 +35,56 @@ def budget_guide(rows: list[dict], cost: str) -> list[dict]:
             for row in sorted(front, key=lambda row: row[field])]
 
 
-def noise_sentence(trained: list[dict], decimals: int) -> str:
-    """Whether the lead in task gain is larger than the spread across seeds."""
-    ranked = sorted((r for r in trained if r["task_gain"] is not None), key=lambda r: -r["task_gain"])
+def lead(trained: list[dict], key: str, sign: float) -> tuple[dict, dict, float, float | None] | None:
+    """The best and runner-up of `key` (sign +1: higher is better, -1: lower), the lead, and the
+    spread of that lead over seeds (None with one seed)."""
+    ranked = sorted((r for r in trained if r[key] is not None), key=lambda r: -sign * r[key])
     if len(ranked) < 2:
-        return ""
+        return None
     first, second = ranked[:2]
-    spreads = [first["spread"].get("task_gain"), second["spread"].get("task_gain")]
-    if any(s is None for s in spreads):
+    spreads = [first["spread"].get(key), second["spread"].get(key)]
+    spread = None if None in spreads else math.sqrt(sum(s * s for s in spreads))
+    return first, second, sign * (first[key] - second[key]), spread
+
+
+def verdict(lead_value: float, spread: float) -> str:
+    return ("more than twice the seed-to-seed spread, so it is a real difference" if lead_value > 2 * spread
+            else "within twice the seed-to-seed spread, so treat the two as tied")
+
+
+def noise_sentence(trained: list[dict], decimals: int) -> str:
+    """Whether the leads in task gain and in forgetting are larger than the spread across seeds."""
+    gain, forgetting = lead(trained, "task_gain", 1.0), lead(trained, "forgetting_pct", -1.0)
+    if gain is None:
+        return ""
+    first, second, ahead, spread = gain
+    if spread is None:
         return ("Each row is one seed, so how noisy these numbers are is unknown: rerun with "
                 "`--seeds 0,1,2` before trusting small differences.")
-    lead, spread = first["task_gain"] - second["task_gain"], math.sqrt(sum(s * s for s in spreads))
-    verdict = ("more than twice the seed-to-seed spread, so it is a real difference" if lead > 2 * spread
-               else "within twice the seed-to-seed spread, so treat the two as tied")
-    forgetting = [r["spread"].get("forgetting_pct") for r in trained]
-    forgetting = [s for s in forgetting if s is not None]
-    noise = (f" Forgetting varies by up to ±{fixed(max(forgetting), 1)} percentage points from seed to "
-             "seed." if forgetting else "")
-    return (f"Noise: **{first['run']}** leads **{second['run']}** in task gain by "
-            f"{fixed(lead, decimals)} ± {fixed(spread, decimals)}, {verdict}.{noise}")
+    text = (f"Noise: **{first['run']}** leads **{second['run']}** in task gain by "
+            f"{fixed(ahead, decimals)} ± {fixed(spread, decimals)}, {verdict(ahead, spread)}.")
+    if forgetting is not None and forgetting[3] is not None:
+        first, second, ahead, spread = forgetting
+        text += (f" In forgetting, **{first['run']}** is ahead of **{second['run']}** by "
+                 f"{fixed(ahead, 1)} ± {fixed(spread, 1)} percentage points, {verdict(ahead, spread)}.")
+    return text
+
+
+def bargain_sentence(trained: list[dict], learned: dict | None, guide: list[dict], cost: str) -> str:
+    """When the cheapest run on the front learns as much as the leader within the noise, say so."""
+    if learned is None or not guide or guide[0]["run"] == learned["run"]:
+        return ""
+    cheapest = next(row for row in trained if row["run"] == guide[0]["run"])
+    spreads = [learned["spread"].get("task_gain"), cheapest["spread"].get("task_gain")]
+    field = COST_FIELDS[cost]
+    if None in spreads or not cheapest[field]:
+        return ""
+    if learned["task_gain"] - cheapest["task_gain"] > 2 * math.sqrt(sum(s * s for s in spreads)):
+        return ""
+    ratio = learned[field] / cheapest[field]
+    return (f"So **{cheapest['run']}** learns as much as **{learned['run']}** within the noise and costs "
+            f"{significant(ratio, 2)}× less ({COST_WORDS[cost]}: {cost_text(cheapest[field], cost)} vs "
+            f"{cost_text(learned[field], cost)}).")
 
 
 def summarize(rows: list[dict], cost: str) -> dict:
@@ -93,6 +124,9 @@ def summarize(rows: list[dict], cost: str) -> dict:
     noise = noise_sentence(trained, decimals)
     if noise:
         text.append(noise)
+    bargain = bargain_sentence(trained, learned, guide, cost)
+    if bargain:
+        text.append(bargain)
     return {"text": " ".join(text), "learned_most": learned and learned["run"],
             "forgot_least": forgot and forgot["run"], "front": [r["run"] for r in rows if r.get("pareto")],
             "budget": guide, "seeds": seeds}
