@@ -7,6 +7,7 @@ import json
 import yaml
 
 from tuneforge.cli import main
+from tuneforge.formatting import decimals_for, fixed
 
 
 def write(tmp_path, name, tiny_model_dir, task_file, strategies, **train):
@@ -40,6 +41,8 @@ def test_compare_trains_collects_and_reports(tmp_path, tiny_model_dir, task_file
         assert (out / name).is_file()
     assert "data:image/png;base64," in (out / "report.html").read_text()  # self-contained
 
+    assert "Summary." in report and "learned most" in report
+
     other_seed = write(tmp_path, "seed1", tiny_model_dir, task_file, [{"lora": {"rank": 2}}], seed=1)
     assert main(["compare", str(out / "runs" / "lora"), other_seed, "--output", str(tmp_path / "cmp2")]) == 0
     assert "`train.seed` differs" in (tmp_path / "cmp2" / "report.md").read_text()
@@ -63,7 +66,21 @@ def test_compare_shows_each_sequence_runs_task_matrix(tmp_path, tiny_model_dir, 
     report, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     for name in ("naive", "replay"):
         assert f"## Continual learning: {name}" in report and f"Continual learning: {name}</h2>" in page
-        results = json.loads((out / "runs" / name / "results.json").read_text())
-        last_row = results["continual"]["matrix"][-1]
-        assert "| second | " + " | ".join(f"{v:.4g}" for v in last_row) + " |" in report
+        continual = json.loads((out / "runs" / name / "results.json").read_text())["continual"]
+        decimals = decimals_for([v for row in [continual["baseline"], *continual["matrix"]] for v in row], 4)
+        last_row = continual["matrix"][-1]
+        assert "| second | " + " | ".join(fixed(v, decimals) for v in last_row) + " |" in report
     assert "BWT" in report and "BWT" in page
+
+
+def test_compare_trains_every_config_once_per_seed(tmp_path, tiny_model_dir, task_file):
+    lora = write(tmp_path, "lora", tiny_model_dir, task_file, [{"lora": {"rank": 2}}], max_steps=2)
+    out = tmp_path / "cmp"
+    assert main(["compare", lora, "--seeds", "3,5", "--output", str(out)]) == 0
+    for seed in (3, 5):
+        config = yaml.safe_load((out / "runs" / f"lora-seed{seed}" / "config.yaml").read_text())
+        assert config["train"]["seed"] == seed
+    (row,) = json.loads((out / "comparison.json").read_text())["rows"]
+    assert row["run"] == "lora" and row["seeds"] == [3, 5] and row["spread"]["task"] is not None
+    report = (out / "report.md").read_text()
+    assert "seeds (3, 5)" in report and "--seeds 3,5" in report and "±" in report

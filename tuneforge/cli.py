@@ -148,9 +148,11 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
+    from tuneforge.formatting import significant
+
     for split in ("eval", "retain"):
         for key, value in result.get(split, {}).items():
-            print(f"{split} {key}: {value:.4g}" if isinstance(value, float) else f"{split} {key}: {value}")
+            print(f"{split} {key}: {significant(value, 4) if isinstance(value, float) else value}")
     for sample in result.get("samples", []):
         print(f"\nQ: {sample['prompt']}\nA: {sample['output']}")
     return 0
@@ -214,7 +216,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from tuneforge.compare import compare
+    from tuneforge.compare import check_cost, compare, parse_seeds
 
     # `key=value` items among the sources are overrides applied to every config that is trained
     overrides = [*args.overrides, *(s for s in args.sources if "=" in s and not Path(s).exists())]
@@ -222,10 +224,17 @@ def cmd_compare(args) -> int:
     runs = ["--runs-dir", args.runs_dir] if args.runs_dir else []
     command = "tuneforge compare " + " ".join([*sources, "--output", args.output, *runs, *overrides])
     runs_dir = Path(args.runs_dir) if args.runs_dir else None
-    report = compare(sources, Path(args.output), overrides, command, runs_dir)
-    shown = [line for line in report.read_text().splitlines() if line.startswith(("|", "Fair", "**Not"))]
-    print("\n".join(shown))
-    print(f"\ncomparison written to {report} (and report.html, plots)")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    check_cost(args.cost)  # both checked before anything trains
+    if seeds is not None:
+        command += f" --seeds {args.seeds}"
+    if args.cost != "params":
+        command += f" --cost {args.cost}"
+    report = compare(sources, Path(args.output), overrides, command, runs_dir, seeds, args.cost)
+    from tuneforge.compare_report import console_comparison
+
+    print(console_comparison(json.loads((report.parent / "comparison.json").read_text())))
+    print(f"\ncomparison written to {report} (and report.html, comparison.json, plots)")
     return 0
 
 
@@ -271,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("sources", nargs="+", help="config files to train, or finished run directories")
     compare.add_argument("--output", required=True, help="folder for report.md, report.html and plots")
     compare.add_argument("--runs-dir", help="where trained runs go (default: OUTPUT/runs)")
+    compare.add_argument("--seeds", help="train every config once per seed, in turn (e.g. 0,1,2); "
+                         "rows show mean ± spread")
+    compare.add_argument("--cost", default="params", help="the cost axis of the Pareto front: params "
+                         "(trainable parameters, default), time (training time) or memory (peak memory)")
     compare.set_defaults(run=cmd_compare, overrides=[])
     return parser
 

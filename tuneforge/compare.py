@@ -1,31 +1,61 @@
 """`tuneforge compare`: strategies side by side on the user's own data, in one report.
 
 Each config is trained in its own process (so peak memory is that run's alone) with the same data,
-steps and seed; finished run directories are collected as they are. The report says whether the runs
-were comparable and, if not, what differed.
+steps and seed; finished run directories are collected as they are. With `--seeds 0,1,2` every config is
+trained once per seed, in turn, and each row holds the mean and spread over its seeds. The report says
+whether the runs were comparable and, if not, what differed. Rendering lives in `compare_report`,
+plots in `compare_plots`, the summary in `compare_summary`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import yaml
 
 from tuneforge.errors import ConfigError, TrainingError
-from tuneforge.report import continual_section
+from tuneforge.formatting import relative_change
+from tuneforge.tradeoff import aggregate, pareto_front, seed_group
 
 # Settings that must agree for a comparison to be fair.
 FAIR_KEYS = ("model", "data", "tasks", "retain", "train.max_steps", "train.epochs", "train.batch_size",
              "train.grad_accum", "train.max_seq_len", "train.seed")
 
+# `--cost` choices: the row field each one reads, and how it is named in the report.
+COSTS = {"params": ("trainable_params", "trainable parameters"),
+         "time": ("train_seconds", "training time"),
+         "memory": ("peak_memory_mb", "peak memory")}
 
-def run_or_collect(source: str, runs_dir: Path, overrides: list[str]) -> Path:
-    """A finished run directory for `source`: itself if it is one, else train the config into runs_dir."""
+# Row fields that are averaged over seeds.
+NUMERIC = ("task", "task_before", "task_change", "task_change_pct", "task_gain", "retain_ppl_before",
+           "retain_ppl_after", "retain_ppl_change", "forgetting", "forgetting_pct", "trainable_params",
+           "artifact_bytes", "peak_memory_mb", "train_seconds", "tokens_per_s", "steps")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2` -> [0, 1, 2]; a one-line error for anything else."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated non-negative integers, e.g. 0,1,2")
+    seeds = [int(part) for part in parts]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: a seed is listed twice")
+    return seeds
+
+
+def check_cost(cost: str) -> str:
+    if cost not in COSTS:
+        raise ConfigError(f"--cost {cost!r}: unknown (choose one of: {', '.join(COSTS)})")
+    return cost
+
+
+def run_or_collect(source: str, runs_dir: Path, overrides: list[str], seed: int | None = None) -> Path:
+    """A finished run directory for `source`: itself if it is one, else train the config into runs_dir
+    (as `NAME-seedN` with `train.seed=N` when a seed is given)."""
     path = Path(source)
     if path.is_dir():
         if not (path / "results.json").is_file():
@@ -33,9 +63,10 @@ def run_or_collect(source: str, runs_dir: Path, overrides: list[str]) -> Path:
         return path
     if not path.is_file():
         raise ConfigError(f"{source}: neither a config file nor a run directory")
-    run_dir = runs_dir / path.stem
+    run_dir = runs_dir / (path.stem if seed is None else f"{path.stem}-seed{seed}")
+    seeded = [] if seed is None else [f"train.seed={seed}"]
     command = [sys.executable, "-m", "tuneforge.cli", "train", str(path), "--overwrite",
-               "--output", str(run_dir), *overrides]
+               "--output", str(run_dir), *overrides, *seeded]
     print(f"compare: training {path.name} -> {run_dir}", flush=True)
     if subprocess.run(command, check=False).returncode != 0:
         raise TrainingError(f"compare: training {path} failed (see the output above)")
@@ -49,13 +80,20 @@ def _get(config: dict, dotted: str):
     return node
 
 
-def fairness(configs: dict[str, dict]) -> list[str]:
-    """Settings that differ between runs (prompt-only runs, with 0 steps, are exempt from step counts)."""
+def fairness(configs: dict[str, dict], groups: dict[str, list[str]] | None = None) -> list[str]:
+    """Settings that differ between rows (prompt-only runs, with 0 steps, are exempt from step counts).
+
+    `groups` maps each row to its runs (one per seed); seeds are then compared as each row's set of seeds.
+    """
+    groups = groups or {name: [name] for name in configs}
     differences = []
     for key in FAIR_KEYS:
-        values = {name: _get(c, key) for name, c in configs.items()
-                  if not (key.startswith("train.") and key != "train.seed"
-                          and _get(c, "train.max_steps") == 0)}
+        if key == "train.seed":
+            values = {row: sorted(_get(configs[r], key) or 0 for r in runs) for row, runs in groups.items()}
+            values = {row: seeds[0] if len(seeds) == 1 else seeds for row, seeds in values.items()}
+        else:
+            values = {name: _get(c, key) for name, c in configs.items()
+                      if not (key.startswith("train.") and _get(c, "train.max_steps") == 0)}
         if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
             shown = ", ".join(f"{name}: {json.dumps(v)}" for name, v in values.items())
             differences.append(f"`{key}` differs ({shown})")
@@ -78,192 +116,112 @@ def strategies_label(results: dict) -> str:
 
 
 def row_of(name: str, results: dict) -> dict:
+    """One run's row: what it learned (task), what it forgot (retain), what it cost."""
     after, before = results["after"], results["before"]
     task_metric = "accuracy" if "accuracy" in after.get("eval", {}) else "loss"
     retain_before, retain_after = before.get("retain", {}), after.get("retain", {})
+    task, task_before = after["eval"].get(task_metric), before["eval"].get(task_metric)
+    change = None if task is None or task_before is None else task - task_before
     return {
         "run": name,
         "strategies": strategies_label(results),
         "task_metric": task_metric,
-        "task": after["eval"].get(task_metric),
-        "task_before": before["eval"].get(task_metric),
+        "task": task,
+        "task_before": task_before,
+        "task_change": change,
+        "task_change_pct": relative_change(task_before, task),
+        # gain: positive when the task got better (loss down, accuracy up)
+        "task_gain": None if change is None else (-change if task_metric == "loss" else change),
         "retain_ppl_before": retain_before.get("perplexity"),
         "retain_ppl_after": retain_after.get("perplexity"),
-        "forgetting": results.get("forgetting", {}).get("loss"),
+        "forgetting": results.get("forgetting", {}).get("loss"),  # retain loss after - before
+        "retain_ppl_change": results.get("forgetting", {}).get("perplexity"),
+        "forgetting_pct": relative_change(retain_before.get("perplexity"), retain_after.get("perplexity")),
         "trainable_params": results["trainable_params"] if results["steps"] else 0,
         "artifact_bytes": results.get("adapter_bytes", 0),
         "peak_memory_mb": results["peak_memory_mb"],
         "train_seconds": results["train_seconds"],
         "tokens_per_s": results["tokens_per_s"] if results["steps"] else None,
         "steps": results["steps"],
+        "seed": None,
     }
 
 
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
+def group_rows(runs: list[dict]) -> list[dict]:
+    """One row per configuration: runs named `NAME-seedN` are averaged into row `NAME`."""
+    grouped: dict[str, list[dict]] = {}
+    for run in runs:
+        grouped.setdefault(seed_group(run["run"])[0], []).append(run)
+    rows = []
+    for name, members in grouped.items():
+        row = aggregate(members, NUMERIC)
+        row.pop("seed", None)
+        rows.append({**row, "run": name, "runs": [m["run"] for m in members],
+                     "seeds": [m["seed"] for m in members if m["seed"] is not None]})
+    return rows
 
 
-TABLE_COLUMNS = [
-    ("run", "run"), ("strategies", "strategies"), ("steps", "steps"), ("task", "task metric (after)"),
-    ("task_before", "task (before)"), ("retain_ppl_before", "retain ppl before"),
-    ("retain_ppl_after", "retain ppl after"),
-    ("forgetting", "forgetting (retain loss +)"), ("trainable_params", "trainable params"),
-    ("artifact_mb", "artifact MiB"), ("peak_memory_mb", "peak MiB"), ("train_seconds", "train s"),
-    ("tokens_per_s", "tokens/s"),
-]
+def objectives(row: dict, cost: str, with_forgetting: bool) -> list[float] | None:
+    """What the Pareto front minimizes: -task gain, forgetting (retain perplexity change, %), cost."""
+    gain, forgetting, spend = row["task_gain"], row["forgetting_pct"], row[COSTS[cost][0]]
+    if gain is None or spend is None or (with_forgetting and forgetting is None):
+        return None
+    return [-gain, forgetting, spend] if with_forgetting else [-gain, spend]
 
 
-def table_rows(rows: list[dict]) -> list[list[str]]:
-    out = []
-    for row in rows:
-        values = {**row, "artifact_mb": row["artifact_bytes"] / 2**20}
-        out.append([_fmt(values[key]) for key, _ in TABLE_COLUMNS])
-    return out
+def mark_front(rows: list[dict], cost: str) -> None:
+    """Set `pareto` on every row: on the front of task gain vs forgetting vs cost (means over seeds);
+    without a retain set, of task gain vs cost."""
+    with_forgetting = all(row["forgetting_pct"] is not None for row in rows)
+    points = {i: p for i, row in enumerate(rows) if (p := objectives(row, cost, with_forgetting)) is not None}
+    keys = list(points)
+    front = {keys[i] for i in pareto_front([points[k] for k in keys])}
+    for i, row in enumerate(rows):
+        row["pareto"] = i in front
 
 
-def write_plots(rows: list[dict], run_dirs: dict[str, Path], output: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tuneforge.metrics import read_metrics
-
-    paths = []
-    metric = rows[0]["task_metric"]
-    figure, axis = plt.subplots(figsize=(6.5, 4))
-    for row in rows:
-        x = max(row["trainable_params"], 1)
-        axis.scatter(x, row["task"])
-        axis.annotate(row["run"], (x, row["task"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axis.set_xscale("log")
-    axis.set_xlabel("trainable parameters (log; prompt-only plotted at 1)")
-    axis.set_ylabel(f"task {metric} after training")
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    paths.append(output / "metric_vs_params.png")
-    figure.savefig(paths[-1], dpi=110)
-    plt.close(figure)
-
-    if any(row["forgetting"] is not None for row in rows):
-        figure, axis = plt.subplots(figsize=(6.5, 3.5))
-        names = [row["run"] for row in rows]
-        axis.bar(names, [row["forgetting"] or 0.0 for row in rows], color="tab:red")
-        axis.axhline(0, color="black", linewidth=0.8)
-        axis.set_ylabel("retain loss after - before")
-        axis.tick_params(axis="x", rotation=30)
-        figure.tight_layout()
-        paths.append(output / "forgetting.png")
-        figure.savefig(paths[-1], dpi=110)
-        plt.close(figure)
-
-    figure, axis = plt.subplots(figsize=(6.5, 4))
-    for name, run_dir in run_dirs.items():
-        train = [r for r in read_metrics(run_dir / "metrics.jsonl") if "split" not in r and "loss" in r]
-        if train:
-            axis.plot([r["step"] for r in train], [r["loss"] for r in train], label=name)
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("training loss")
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    paths.append(output / "loss_curves.png")
-    figure.savefig(paths[-1], dpi=110)
-    plt.close(figure)
-    return paths
+def collect(sources: list[str], runs_dir: Path, overrides: list[str],
+            seeds: list[int] | None) -> dict[str, Path]:
+    """Every source's run directory by run name; configs are trained once per seed, seed by seed."""
+    run_dirs: dict[str, Path] = {}
+    for seed in seeds or [None]:
+        for source in sources:
+            if seed is not None and seed != seeds[0] and Path(source).is_dir():
+                continue  # a finished run is collected once
+            run_dir = run_or_collect(source, runs_dir, overrides, seed)
+            name = run_dir.name if run_dir.name not in run_dirs else f"{run_dir.name}-{len(run_dirs)}"
+            run_dirs[name] = run_dir
+    return run_dirs
 
 
 def compare(
     sources: list[str], output: Path, overrides: list[str] | None = None, command: str = "",
-    runs_dir: Path | None = None
+    runs_dir: Path | None = None, seeds: list[int] | None = None, cost: str = "params"
 ) -> Path:
     """Run or collect every source, then write report.md, report.html, comparison.json and plots to `output`.
 
     Trained runs go to `runs_dir` (default `output/runs`).
     """
+    check_cost(cost)
     output.mkdir(parents=True, exist_ok=True)
-    run_dirs: dict[str, Path] = {}
-    for source in sources:
-        run_dir = run_or_collect(source, runs_dir or output / "runs", overrides or [])
-        name = run_dir.name if run_dir.name not in run_dirs else f"{run_dir.name}-{len(run_dirs)}"
-        run_dirs[name] = run_dir
+    run_dirs = collect(sources, runs_dir or output / "runs", overrides or [], seeds)
+    # imported once the runs are done: training needs none of the rendering (nor matplotlib)
+    from tuneforge.compare_plots import write_plots
+    from tuneforge.compare_report import render_html, render_markdown
+    from tuneforge.compare_summary import summarize
+
     results = {name: json.loads((d / "results.json").read_text()) for name, d in run_dirs.items()}
     configs = {name: yaml.safe_load((d / "config.yaml").read_text()) for name, d in run_dirs.items()}
-    rows = [row_of(name, results[name]) for name in run_dirs]
-    differences = fairness(configs)
-    plots = write_plots(rows, run_dirs, output)
-    (output / "comparison.json").write_text(json.dumps({"rows": rows, "differences": differences}, indent=1))
+    runs = [{**row_of(name, results[name]), "seed": _get(configs[name], "train.seed")} for name in run_dirs]
+    rows = group_rows(runs)
+    mark_front(rows, cost)
+    differences = fairness(configs, {row["run"]: row["runs"] for row in rows})
+    summary = summarize(rows, cost)
+    plots = write_plots(rows, run_dirs, output, cost)
     continual = {name: r["continual"] for name, r in results.items() if r.get("continual")}
-    markdown = render_markdown(rows, differences, plots, configs, command, continual)
-    (output / "report.md").write_text(markdown)
-    (output / "report.html").write_text(render_html(rows, differences, plots, command, continual))
+    report = {"rows": rows, "runs": runs, "differences": differences, "cost": cost,
+              "summary": summary, "command": command, "date": date.today().isoformat()}
+    (output / "comparison.json").write_text(json.dumps(report, indent=1))
+    (output / "report.md").write_text(render_markdown(report, plots, configs, continual))
+    (output / "report.html").write_text(render_html(report, plots, configs, continual))
     return output / "report.md"
-
-
-def fairness_line(differences: list[str], configs: dict[str, dict]) -> str:
-    if differences:
-        return "**Not a like-for-like comparison:** " + "; ".join(differences) + "."
-    first = next(iter(configs.values()))
-    steps = _get(first, "train.max_steps") or f"{_get(first, 'train.epochs')} epoch(s)"
-    return (f"Fair comparison: same model, data, retain set, seed ({_get(first, 'train.seed')}), batch size "
-            f"({_get(first, 'train.batch_size')}), "
-            f"max_seq_len ({_get(first, 'train.max_seq_len')}) and budget "
-            f"({steps} steps) for every trained run; prompt-only rows train nothing.")
-
-
-def render_markdown(rows, differences, plots, configs, command, continual: dict | None = None) -> str:
-    header = [label for _, label in TABLE_COLUMNS]
-    lines = ["# tuneforge comparison", ""]
-    if command:
-        lines += [f"Made with `{command}`.", ""]
-    lines += [fairness_line(differences, configs), "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
-    metric = rows[0]["task_metric"]
-    lines += ["", f"Task metric: eval {metric}" + (" (lower is better)" if metric == "loss" else "") +
-              ". Forgetting: retain-set loss after minus before (positive = forgot). "
-              "Artifact: the saved adapter "
-              "(or trained weights). Time and tokens/s: training steps only.", ""]
-    lines += [f"![{p.stem}]({p.name})" for p in plots]
-    for name, result in (continual or {}).items():  # sequence runs: each one's task x task matrix
-        lines += continual_section(result, f"Continual learning: {name}")
-    return "\n".join(lines) + "\n"
-
-
-def continual_html(name: str, continual: dict) -> str:
-    """One sequence run's R matrix as an HTML table, with ACC/BWT/FWT."""
-    cells = "".join(f"<th>{html.escape(t)}</th>" for t in continual["tasks"])
-    rows = [("b (base)", continual["baseline"]), *zip(continual["tasks"], continual["matrix"])]
-    body = "".join(f"<tr><th>{html.escape(label)}</th>"
-                   + "".join(f"<td>{v:.4g}</td>" for v in values) + "</tr>"
-                   for label, values in rows)
-    summary = ", ".join(f"{k.upper()} {continual[k]:+.4g}" for k in ("acc", "bwt", "fwt") if k in continual)
-    return (f"<h2>Continual learning: {html.escape(name)}</h2>"
-            f"<p>R[i][j] = {html.escape(continual['metric'])} on "
-            f"task j after training task i</p><table><tr><th>after \\ on</th>{cells}</tr>{body}</table>"
-            f"<p>{html.escape(summary)} (BWT &lt; 0 means forgetting)</p>")
-
-
-def render_html(rows, differences, plots, command, continual: dict | None = None) -> str:
-    header = "".join(f"<th>{html.escape(label)}</th>" for _, label in TABLE_COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
-                   for cells in table_rows(rows))
-    images = "".join(
-        f'<img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        for p in plots
-    )
-    note = ("<p><b>Not a like-for-like comparison:</b> " + html.escape("; ".join(differences)) + "</p>"
-            if differences else "")
-    made = f"<p>Made with <code>{html.escape(command)}</code></p>" if command else ""
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "img{max-width:48%;margin:1em 1% 0 0}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>tuneforge comparison</title>"
-            f"<style>{style}</style></head><body><h1>tuneforge comparison</h1>{made}{note}"
-            f"<table><tr>{header}</tr>{body}</table>{images}"
-            + "".join(continual_html(name, result) for name, result in (continual or {}).items())
-            + "</body></html>\n")
