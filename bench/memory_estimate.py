@@ -6,6 +6,10 @@ for a few steps (its `results.json` records the measured peak: resident set size
 `docs/results/memory_estimate.json`.
 
     python bench/memory_estimate.py [--only NAME ...] [--output docs/results/memory_estimate.json]
+    python bench/memory_estimate.py --render docs/results/memory_estimate.json   # the table in the docs
+
+Each run is measured twice: with the C library's default allocator settings, and with freed blocks
+returned to the system (`MALLOC_MMAP_THRESHOLD_`), where the resident set follows live memory.
 """
 
 from __future__ import annotations
@@ -115,12 +119,39 @@ def measure(name: str, config: dict, work: Path) -> dict:
             "ratio_returning": total / measured["returning"]}
 
 
+DOC = REPO / "docs" / "reliability.md"
+BEGIN, END = "<!-- begin memory_estimate.json -->", "<!-- end memory_estimate.json -->"
+
+
+def render(report: dict) -> str:
+    """The Markdown table of a report, between its markers."""
+    lines = [BEGIN, "", (f"Measured {report['date']}, {report['machine']}, one run each: "
+             f"`{report['command']}` (`docs/results/memory_estimate.json`)."), "",
+             ("| run | estimate | measured peak | estimate / measured | peak, freed memory returned | "
+             "estimate / that |"), "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in report["rows"]:
+        lines.append(f"| {row['name']} | {row['estimate']['total'] / 2**20:,.0f} MiB | "
+                     f"{row['measured_peak'] / 2**20:,.0f} MiB | {row['ratio']:.2f} | "
+                     f"{row['measured_peak_returning'] / 2**20:,.0f} MiB | {row['ratio_returning']:.2f} |")
+    return "\n".join([*lines, "", END])
+
+
+def render_into_doc(report: dict, doc: Path = DOC) -> None:
+    text = doc.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    doc.write_text(text[:start] + render(report) + text[end:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="names (substrings) of the cases to run")
     parser.add_argument("--output", default=str(REPO / "docs/results/memory_estimate.json"))
     parser.add_argument("--work", help="folder for synthetic models and runs (default: a temporary one)")
+    parser.add_argument("--render", help="only render this JSON report into docs/reliability.md")
     args = parser.parse_args()
+    if args.render:
+        render_into_doc(json.loads(Path(args.render).read_text()))
+        return
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tuneforge-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -137,7 +168,8 @@ def main() -> None:
                                                                 else ""),
               "machine": f"{os.cpu_count()} CPU cores", "tolerance": TOLERANCE, "rows": rows}
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"written to {args.output}")
+    render_into_doc(report)
+    print(f"written to {args.output} and {DOC}")
 
 
 if __name__ == "__main__":

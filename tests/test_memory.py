@@ -207,3 +207,15 @@ def test_estimate_is_within_tolerance_of_the_measured_peak(case, tmp_path):
                    capture_output=True, text=True, check=True, timeout=600)
     measured = json.loads((tmp_path / "run" / "results.json").read_text())["peak_memory_mb"] * 2**20
     assert abs(estimate - measured) <= TOLERANCE * measured, (estimate / 2**20, measured / 2**20)
+
+
+def test_the_documented_table_is_rendered_from_the_committed_json():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import memory_estimate
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    report = json.loads((REPO / "docs" / "results" / "memory_estimate.json").read_text())
+    assert memory_estimate.render(report) in (REPO / "docs" / "reliability.md").read_text()
+    assert all(abs(row["ratio"] - 1) <= report["tolerance"] for row in report["rows"]), [
+        (row["name"], round(row["ratio"], 2)) for row in report["rows"]]
