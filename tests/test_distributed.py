@@ -149,3 +149,42 @@ def test_sharded_launches_are_refused_before_anything_is_written(tmp_path, tiny_
     err = capsys.readouterr().err
     assert "is not supported yet" in err and "docs/distributed.md" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, tiny_model_dir, task_file):
+    """SIGTERM reaches rank 1 only, during step 3: both processes stop together at a checkpoint (step 4:
+    under several processes the flag rides on the next step's collective), and it resumes in one."""
+    config = {
+        "model": str(tiny_model_dir), "data": {"train": str(task_file), "max_eval_examples": 4},
+        "retain": None, "strategies": [{"lora": {"rank": 4}}],
+        "train": {"max_steps": 10, "batch_size": 4, "lr": 1e-2, "max_seq_len": 64, "log_every": 1},
+        "evaluation": {"samples": 0}, "output": "unused",
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    wrapper = tmp_path / "signal_rank1.py"
+    wrapper.write_text(
+        "import os, signal, sys\n"
+        "import tuneforge.train as train\n"
+        "from tuneforge.cli import main\n"
+        "original, taken = train.optimizer_step, []\n"
+        "def step(*args, **kwargs):\n"
+        "    taken.append(1)\n"
+        "    if len(taken) == 3 and os.environ['RANK'] == '1':\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return original(*args, **kwargs)\n"
+        "train.optimizer_step = step\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(wrapper), "train", str(path), "--output", str(run)]
+    done = subprocess.run(command, check=False, env=worker_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0  # the workers exited 143
+    assert done.stderr.count("tuneforge: stopped at step 4 (SIGTERM); resume with:") == 1, done.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000004"]
+    assert latest_checkpoint(run / "checkpoints") is not None  # whole: it verifies
+    single = load_config(path, ["train.batch_size=8"])
+    single.output = str(run)
+    train_run(single, resume=True)
+    assert json.loads((run / "results.json").read_text())["steps"] == 10
