@@ -224,3 +224,25 @@ def colour_sequence_tasks(directory: Path) -> list[dict]:
         tasks.append({"name": f"t{index}", "data": {"train": str(path), "eval_fraction": 0.25}})
     return tasks
 
+
+def cli_run_config(directory: Path, model_dir: Path, train_file: Path, strategies: list, train: dict) -> Path:
+    """A config file for `tuneforge train` on the tiny model and task (output given on the command line)."""
+    import yaml
+
+    config = {"model": str(model_dir), "data": {"train": str(train_file), "max_eval_examples": 4},
+              "retain": None, "strategies": strategies,
+              "train": {"batch_size": 4, "lr": 1e-2, "max_seq_len": 64, "log_every": 1, **train},
+              "evaluation": {"samples": 0}, "output": "unused"}
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def trained_reference(config_file: Path, directory: Path) -> Path:
+    """The run of `config_file`, uninterrupted, under `directory/run`."""
+    from tuneforge.cli import main
+
+    output = directory / "run"
+    assert main(["train", str(config_file), "--output", str(output)]) == 0
+    return output
+

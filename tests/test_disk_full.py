@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import cli_run_config, trained_reference
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -63,26 +63,14 @@ class FullDisk:
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory, tiny_model_dir, task_file) -> Path:
-    config = {
-        "model": str(tiny_model_dir),
-        "data": {"train": str(task_file), "max_eval_examples": 4},
-        "retain": None,
-        "strategies": [{"lora": {"rank": 4, "targets": "all-linear"}}],
-        "train": {"max_steps": STEPS, "batch_size": 4, "lr": 1e-2, "max_seq_len": 64, "log_every": 1,
-                  "save_every": 3, "keep_checkpoints": 5},
-        "evaluation": {"samples": 0},
-        "output": "unused",
-    }
-    path = tmp_path_factory.mktemp("disk-config") / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return cli_run_config(tmp_path_factory.mktemp("disk-config"), tiny_model_dir, task_file,
+                          [{"lora": {"rank": 4, "targets": "all-linear"}}],
+                          {"max_steps": STEPS, "save_every": 3, "keep_checkpoints": 5})
 
 
 @pytest.fixture(scope="module")
 def reference(config_file, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("reference") / "run"
-    assert main(["train", str(config_file), "--output", str(output)]) == 0
-    return output
+    return trained_reference(config_file, tmp_path_factory.mktemp("reference"))
 
 
 def one_error_line(capfd) -> str:

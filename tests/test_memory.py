@@ -165,7 +165,7 @@ def test_train_warns_before_loading_when_it_will_not_fit(lm_config, monkeypatch,
 
 def big_enough_model(directory: Path, hidden: int, layers: int) -> Path:
     """A Llama with random weights whose activations dwarf the interpreter's own memory."""
-    from tests.conftest import make_tokenizer
+    from conftest import make_tokenizer
 
     tokenizer = make_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=int(2.75 * hidden),

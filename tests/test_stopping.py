@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import cli_run_config, trained_reference
 from safetensors.torch import load_file
 
 import tuneforge.checkpoint
@@ -33,27 +33,16 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory, tiny_model_dir, task_file) -> Path:
-    config = {
-        "model": str(tiny_model_dir),
-        "data": {"train": str(task_file), "max_eval_examples": 4},
-        "retain": None,
-        "strategies": [{"lora": {"rank": 4, "targets": "all-linear", "dropout": 0.1}}],  # dropout: RNG state
-        "train": {"max_steps": STEPS, "batch_size": 4, "grad_accum": 2, "lr": 1e-2, "max_seq_len": 64,
-                  "schedule": "cosine", "warmup_steps": 2, "log_every": 1, "eval_every": 4},
-        "evaluation": {"samples": 0},
-        "output": "unused",
-    }
-    path = tmp_path_factory.mktemp("stop-config") / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return cli_run_config(tmp_path_factory.mktemp("stop-config"), tiny_model_dir, task_file,
+                          [{"lora": {"rank": 4, "targets": "all-linear", "dropout": 0.1}}],  # RNG state
+                          {"max_steps": STEPS, "grad_accum": 2, "schedule": "cosine", "warmup_steps": 2,
+                           "eval_every": 4})
 
 
 @pytest.fixture(scope="module")
 def reference(config_file, tmp_path_factory) -> Path:
     """The same run, never interrupted."""
-    output = tmp_path_factory.mktemp("reference") / "run"
-    assert main(["train", str(config_file), "--output", str(output)]) == 0
-    return output
+    return trained_reference(config_file, tmp_path_factory.mktemp("reference"))
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
