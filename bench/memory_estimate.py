@@ -75,11 +75,11 @@ def cases(work: Path) -> dict[str, dict]:
         "smollm2 prompt b8 s128 bf16": {"model": "smollm2-135m", "data": chat, **lm,
             "strategies": [{"prompt": {"length": 16}}],
             "train": {**train, "batch_size": 8, "max_seq_len": 128, "precision": "bf16"}},
-        "synthetic llama 360M lora packed b4 s1024": {"model": llama_360, "data": chat, **lm,
+        "synthetic llama 360M lora packed b2 s512": {"model": llama_360, "data": chat, **lm,
             "strategies": [{"lora": {"rank": 8}}],
-            "train": {**train, "batch_size": 4, "max_seq_len": 1024, "packing": True}},
-        "synthetic llama 60M full packed b8 s1024": {"model": llama_60, "data": chat, **lm,
-            "strategies": [], "train": {**train, "batch_size": 8, "max_seq_len": 1024, "packing": True}},
+            "train": {**train, "batch_size": 2, "max_seq_len": 512, "packing": True}},
+        "synthetic llama 60M full packed b4 s1024": {"model": llama_60, "data": chat, **lm,
+            "strategies": [], "train": {**train, "batch_size": 4, "max_seq_len": 1024, "packing": True}},
         "minilm classification full b16": {"model": "minilm-l6", "retain": None, "evaluation": evaluation,
             "data": {"train": "builtin:bbc-news", "max_train_examples": 256, "max_eval_examples": 16},
             "strategies": [], "train": {**train, "batch_size": 16, "max_seq_len": 256}},
@@ -148,28 +148,35 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO / "docs/results/memory_estimate.json"))
     parser.add_argument("--work", help="folder for synthetic models and runs (default: a temporary one)")
     parser.add_argument("--render", help="only render this JSON report into docs/reliability.md")
+    parser.add_argument("--keep", action="store_true", help="keep rows already in --output, measure the rest")
     args = parser.parse_args()
     if args.render:
         render_into_doc(json.loads(Path(args.render).read_text()))
         return
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tuneforge-memory-"))
     work.mkdir(parents=True, exist_ok=True)
+    output = Path(args.output)
+    done = {row["name"]: row for row in json.loads(output.read_text())["rows"]} if args.keep and \
+        output.is_file() else {}
     rows = []
     for name, config in cases(work).items():
         if args.only and not any(part in name for part in args.only):
             continue
-        row = measure(name, config, work)
+        row = done.get(name) or measure(name, config, work)
         rows.append(row)
+        write(output, rows, args)  # after every row: a long campaign keeps what it measured
         print(f"{name:<45} estimate {row['estimate']['total'] / 2**20:6.0f} MiB, measured "
               f"{row['measured_peak'] / 2**20:6.0f} MiB (ratio {row['ratio']:.2f}), freed blocks returned "
               f"{row['measured_peak_returning'] / 2**20:6.0f} MiB ({row['ratio_returning']:.2f})", flush=True)
-    report = {"date": datetime.date.today().isoformat(),
-              "command": "python bench/memory_estimate.py" + (" --only " + " ".join(args.only) if args.only
-                                                                else ""),
+    render_into_doc(json.loads(output.read_text()))
+    print(f"written to {output} and {DOC}")
+
+
+def write(output: Path, rows: list[dict], args) -> None:
+    command = "python bench/memory_estimate.py" + (" --only " + " ".join(args.only) if args.only else "")
+    report = {"date": datetime.date.today().isoformat(), "command": command,
               "machine": f"{os.cpu_count()} CPU cores", "tolerance": TOLERANCE, "rows": rows}
-    Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
-    render_into_doc(report)
-    print(f"written to {args.output} and {DOC}")
+    output.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
