@@ -29,17 +29,39 @@ from tuneforge.cli import main
 STEPS = 8
 
 
+class HalfWritten:
+    """A file whose `write` stores half the data, then fails as a full disk does: `OSError(ENOSPC)` with
+    no file name (the name is only known to whoever opened the file)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data):
+        self.handle.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
 class FullDisk:
-    """Fail writes to paths containing `fragment` with ENOSPC, from the `after`-th such write on."""
+    """Fail writes to paths containing `fragment` with ENOSPC, from the `after`-th such file on."""
 
     def __init__(self, monkeypatch, fragment: str, after: int = 1):
         self.fragment, self.after, self.seen = fragment, after, 0
         real_open, real_save = builtins.open, tuneforge.faults.save_file
 
         def failing_open(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
             if any(flag in mode for flag in "wax+") and self.hit(file):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-            return real_open(file, mode, *args, **kwargs)
+                return HalfWritten(handle)  # opens fine; the write runs out of space half-way
+            return handle
 
         def failing_save(tensors, filename, *args, **kwargs):
             if self.hit(filename):  # what safetensors raises on a full disk

@@ -134,7 +134,7 @@ def test_signal_during_a_checkpoint_write_lets_it_finish(config_file, reference,
     run = tmp_path / "run"
     assert main(["train", str(config_file), "--output", str(run), "train.save_every=3"]) == 143
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000003"]
-    assert writes == ["step-00000003.tmp", "step-00000003.tmp"]  # the periodic write, then the stop's
+    assert writes == ["step-00000003.tmp"]  # the stop reuses the periodic checkpoint: one write
     assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())
     monkeypatch.undo()
     assert main(["train", str(config_file), "--output", str(run), "--resume", "train.save_every=3"]) == 0
@@ -155,10 +155,12 @@ def test_signal_after_the_last_step_stops_before_the_final_evaluation(config_fil
 
 def test_max_time_stops_at_a_checkpoint_and_resume_is_bit_equal(config_file, reference, tmp_path,
                                                                monkeypatch, capfd):
-    """Ten seconds a step on a faked clock and max_time 55 s: past the deadline once step 6 is taken.
-    Stop there, exit 75 (try again), resume exactly."""
+    """Ten seconds a step on a faked clock and max_time 55 s: after step 5 (50 s), the next step and the
+    stop's checkpoint would end past the limit, so the run stops there; exit 75 (try again), resume
+    exactly."""
     clock = {"now": 0.0}
     monkeypatch.setattr("tuneforge.stopping.time.monotonic", lambda: clock["now"])
+    monkeypatch.setattr("tuneforge.train.time.perf_counter", lambda: clock["now"])
     original = tuneforge.train.optimizer_step
 
     def step_and_tick(*args, **kwargs):
@@ -168,8 +170,8 @@ def test_max_time_stops_at_a_checkpoint_and_resume_is_bit_equal(config_file, ref
     monkeypatch.setattr(tuneforge.train, "optimizer_step", step_and_tick)
     run = tmp_path / "run"
     assert main(["train", str(config_file), "--output", str(run), "train.max_time=55s"]) == 75
-    assert "stopped at step 6 (max_time)" in capfd.readouterr().err
-    assert latest_checkpoint(run / "checkpoints").name == "step-00000006"
+    assert "stopped at step 5 (max_time)" in capfd.readouterr().err
+    assert latest_checkpoint(run / "checkpoints").name == "step-00000005"
     monkeypatch.undo()
     assert main(["train", str(config_file), "--output", str(run), "--resume"]) == 0
     assert_same_run(run, reference)
@@ -182,11 +184,15 @@ def test_a_second_signal_aborts_at_once(config_file, tmp_path):
         "import tuneforge.train as t\n"
         "from tuneforge.cli import main\n"
         "original, taken = t.optimizer_step, []\n"
+        "import time, tuneforge.stopping\n"
+        "tuneforge.stopping.REPEAT_WINDOW = 0.0  # a second SIGTERM counts at once\n"
         "def step(*a, **k):\n"
         "    taken.append(1)\n"
         "    if len(taken) == 3:\n"
         "        os.kill(os.getpid(), int(sys.argv[1]))\n"
+        "        time.sleep(0.05)  # the first is handled before the second arrives\n"
         "        os.kill(os.getpid(), int(sys.argv[1]))\n"
+        "        time.sleep(5)\n"
         "    return original(*a, **k)\n"
         "t.optimizer_step = step\n"
         "sys.exit(main(['train', sys.argv[2], '--output', sys.argv[3]]))\n"
@@ -199,6 +205,82 @@ def test_a_second_signal_aborts_at_once(config_file, tmp_path):
         assert done.returncode == expected, done.stderr[-2000:]
         assert f"second {signal.Signals(signum).name}: aborting now" in done.stderr
         assert latest_checkpoint(run / "checkpoints") is None
+
+
+def test_a_sigterm_repeated_at_once_is_one_request(config_file, reference, tmp_path, monkeypatch):
+    """SLURM signals every process of a job step and torchrun forwards what it gets: a worker may see one
+    SIGTERM twice within moments. That is one stop, with its checkpoint, not an abort."""
+    original, taken = tuneforge.train.optimizer_step, []
+
+    def step_and_signal_twice(*args, **kwargs):
+        taken.append(1)
+        if len(taken) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tuneforge.train, "optimizer_step", step_and_signal_twice)
+    run = tmp_path / "run"
+    assert main(["train", str(config_file), "--output", str(run)]) == 143
+    assert latest_checkpoint(run / "checkpoints").name == "step-00000005"
+    monkeypatch.undo()
+    assert main(["train", str(config_file), "--output", str(run), "--resume"]) == 0
+    assert_same_run(run, reference)
+
+
+def test_a_stop_right_after_resuming_keeps_the_checkpoint_untouched(config_file, reference, tmp_path,
+                                                                  monkeypatch):
+    """Stopped at step 5, resumed, and stopped again before any step: the checkpoint it resumed from is
+    not rewritten (a kill during a rewrite could lose it)."""
+    run = tmp_path / "run"
+    signal_at_step(monkeypatch, signal.SIGTERM, 5)
+    assert main(["train", str(config_file), "--output", str(run)]) == 143
+    monkeypatch.undo()
+    checkpoint = latest_checkpoint(run / "checkpoints")
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in checkpoint.iterdir()}
+    original = tuneforge.train.resumed_state
+
+    def resume_and_signal(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return loaded
+
+    monkeypatch.setattr(tuneforge.train, "resumed_state", resume_and_signal)
+    assert main(["train", str(config_file), "--output", str(run), "--resume"]) == 143
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in checkpoint.iterdir()} == before
+    monkeypatch.undo()
+    assert main(["train", str(config_file), "--output", str(run), "--resume"]) == 0
+    assert_same_run(run, reference)
+
+
+def test_a_stop_in_a_task_sequence_resumes_exactly(tmp_path, tiny_model_dir, monkeypatch):
+    """A continual run (one loop per task): SIGTERM in the second task, then --resume, ends with the
+    weights and the accuracy matrix of the run never interrupted."""
+    import yaml
+    from conftest import colour_sequence_tasks
+
+    config = {"model": str(tiny_model_dir), "tasks": colour_sequence_tasks(tmp_path), "retain": None,
+              "schedule": {"mode": "sequence"}, "strategies": [{"lora": {"rank": 4, "dropout": 0.1}}],
+              "train": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "max_seq_len": 64, "log_every": 1},
+              "evaluation": {"samples": 0}, "output": "unused"}
+    path = tmp_path / "sequence.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    reference = tmp_path / "reference"
+    assert main(["train", str(path), "--output", str(reference)]) == 0
+    run = tmp_path / "run"
+    signal_at_step(monkeypatch, signal.SIGTERM, 9)  # the third step of task t1
+    assert main(["train", str(path), "--output", str(run)]) == 143
+    assert latest_checkpoint(run / "checkpoints" / "t1").name == "step-00000003"
+    monkeypatch.undo()
+    assert main(["train", str(path), "--output", str(run), "--resume"]) == 0
+    for task in ("t0", "t1"):
+        expected = load_file(str(latest_checkpoint(reference / "checkpoints" / task) / "weights.safetensors"))
+        resumed = load_file(str(latest_checkpoint(run / "checkpoints" / task) / "weights.safetensors"))
+        for name in expected:
+            torch.testing.assert_close(resumed[name], expected[name], atol=0, rtol=0)
+    matrix = [json.loads((r / "results.json").read_text())["continual"]["matrix"] for r in (reference, run)]
+    assert matrix[0] == matrix[1]
 
 
 def test_sigterm_from_outside_stops_a_real_process(config_file, tmp_path):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,12 +22,13 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from tuneforge.errors import TrainingError
-from tuneforge.faults import save_tensors, tree_bytes, warn_if_short_of_space
+from tuneforge.faults import save_tensors, tree_bytes, warn_if_short_of_space, writing
 
 if TYPE_CHECKING:  # no runtime import: strategy modules import helpers from here
     from tuneforge.strategies import Strategy
 
 MANIFEST = "manifest.json"
+CHECKPOINT_NAME = re.compile(r"step-\d{8}")  # not `.tmp` (being written) nor `.old` (being replaced)
 # files every checkpoint has: a manifest that lacks one is not a checkpoint, whatever else it lists
 REQUIRED_FILES = ("weights.safetensors", "optimizer.safetensors", "strategies.safetensors", "rng.safetensors",
                   "state.json")
@@ -58,8 +60,12 @@ def save_checkpoint(
     except BaseException:  # a full disk, or a second signal mid-write: nothing half-written stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(final, ignore_errors=True)
+    old = root / f"step-{step:08d}.old"  # the same step written again: the old copy goes only after
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     _fsync(root)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -93,9 +99,11 @@ def _write_checkpoint(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimi
         "strategies": strategy_meta,
         "python_random": jsonable(random.getstate()),
     }
-    (tmp / "state.json").write_text(json.dumps(state))
+    with writing(tmp / "state.json"):
+        (tmp / "state.json").write_text(json.dumps(state))
     manifest = {path.name: _sha256(path) for path in sorted(tmp.iterdir())}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    with writing(tmp / MANIFEST):
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync_dir_files(tmp)
 
 
@@ -103,8 +111,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints (renamed into place), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")]
+    found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
     return sorted(p for p in found if (p / MANIFEST).is_file())
 
 
@@ -130,12 +137,17 @@ def verify_checkpoint(path: Path) -> bool:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so readers, and a resume after a kill, see the old or the new one, never half."""
+    """Write a small file so readers, and a resume after a kill, see the old or the new one, never half.
+    A failed write (a full disk) removes its temporary and names `path`."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with writing(path), open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -260,7 +272,8 @@ def _sha256(path: Path) -> str:
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        with writing(path):
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -31,14 +31,17 @@ def _load(args) -> RunConfig:  # noqa: F821
 def cmd_train(args) -> int:
     from accelerate import PartialState
 
+    from tuneforge.faults import reported_faults
     from tuneforge.report import console_summary
-    from tuneforge.run import train_run
+    from tuneforge.run import last_checkpoint, train_run
     from tuneforge.stopping import Stopped, stop_requests
 
     config = _load(args)
     with stop_requests(config.train.max_time):  # SIGTERM, Ctrl-C, max_time: stop at a checkpoint
         try:
-            results = train_run(config, resume=args.resume, overwrite=args.overwrite)
+            # a full disk or out of memory anywhere in the run (evaluation too): one line
+            with reported_faults(lambda: last_checkpoint(Path(config.output))):
+                results = train_run(config, resume=args.resume, overwrite=args.overwrite)
         except Stopped as stopped:
             if PartialState().is_main_process:
                 print(f"tuneforge: {stopped}; resume with: {resume_command(args)}", file=sys.stderr)
@@ -81,13 +84,21 @@ def cmd_validate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from tuneforge.errors import TuneforgeError
     from tuneforge.memory import advice, estimate_memory, format_estimate
     from tuneforge.run import inspect_config
 
     config = _load(args)
-    estimate = estimate_memory(config)  # first: it counts this process's memory before the model loads
+    try:
+        estimate = estimate_memory(config)  # first: it counts this process's memory before the model loads
+    except TuneforgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a model whose forward cannot run on the meta device
+        estimate = None
+        note = f"{type(exc).__name__}: {str(exc)[:120]}"
+        print(f"tuneforge: note: no memory estimate ({note})", file=sys.stderr)
     report = inspect_config(config)
-    report["memory"] = estimate.as_dict()
+    report["memory"] = estimate.as_dict() if estimate else None
     if args.json:
         print(json.dumps(report))
     else:
@@ -102,9 +113,10 @@ def cmd_inspect(args) -> int:
         kinds = ", ".join(f"{kind} {e['bytes'] / 2**20:.1f} MiB" for kind, e in held["by_kind"].items())
         print(f"base weights: {held['bytes'] / 2**20:.1f} MiB ({kinds}); "
               f"{held['bytes'] / max(held['fp32_bytes'], 1):.2f}x their fp32 size")
-        print(format_estimate(estimate))
-        if not estimate.fits:
-            print("to fit, try: " + "; ".join(advice(estimate, config)))
+        if estimate is not None:
+            print(format_estimate(estimate))
+            if not estimate.fits:
+                print("to fit, try: " + "; ".join(advice(estimate, config)))
     return 0
 
 

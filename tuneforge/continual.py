@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 
-from tuneforge.checkpoint import latest_checkpoint, load_weights_and_strategies
+from tuneforge.checkpoint import latest_checkpoint, load_weights_and_strategies, write_atomic
 from tuneforge.tasks import grouped_by_task  # noqa: F401  (public here before it moved)
 
 
@@ -89,7 +89,7 @@ def train_sequence(session, before: dict, resume: bool) -> tuple:
         progress["rows"].append([task_score(evaluation["tasks"][t.name]) for t in tasks])
         progress["evals"].append(evaluation["tasks"])
         if accelerator.is_main_process:
-            progress_path.write_text(json.dumps(progress, indent=1))
+            write_atomic(progress_path, json.dumps(progress, indent=1))
         total.step += state.step
         total.tokens += state.tokens
         total.elapsed += state.elapsed

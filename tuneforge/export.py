@@ -164,8 +164,10 @@ def _staged(directory: Path) -> Iterator[Path]:
         _replace_dir(tmp, directory)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        failed = None if isinstance(exc, OSError) else as_os_error(exc, tmp)  # safetensors' own error type
-        if failed is not None:
+        failed = as_os_error(exc, tmp)  # safetensors' own error type; an OSError naming no file
+        if failed is not None and failed.filename is None:
+            failed = OSError(failed.errno, failed.strerror, str(tmp))
+        if failed is not None and failed is not exc:
             raise failed from None
         raise
 

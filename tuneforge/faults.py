@@ -55,11 +55,25 @@ def describe_os_error(exc: OSError) -> str:
     return f"{where}{reason}" + (f" ({name})" if name else "")
 
 
-def write_failure(exc: OSError, last_good: Path | None, what: str = "cannot write") -> TrainingError:
-    """The one-line error for a failed write, naming the last good checkpoint (kept untouched)."""
+def write_failure(exc: OSError, last_good: Path | None) -> TrainingError:
+    """The one-line error for a failed write (or read), naming the last good checkpoint (kept untouched)."""
     kept = f"; last good checkpoint: {last_good} (resume with --resume)" if last_good else ""
-    hint = " (free some space)" if exc.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT) else ""
-    return TrainingError(f"{what} {describe_os_error(exc)}{hint}{kept}")
+    full = exc.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT)
+    what = "cannot write " if full or exc.errno in (errno_codes.EROFS, errno_codes.EFBIG) else ""
+    hint = " (free some space)" if full else ""
+    return TrainingError(f"{what}{describe_os_error(exc)}{hint}{kept}")
+
+
+@contextlib.contextmanager
+def writing(path: Path | str) -> Iterator[None]:
+    """Name `path` in an `OSError` raised in the block without a file name (a failed `write` or `fsync`
+    says only "No space left on device")."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
 
 
 def out_of_memory_error(exc: BaseException, last_good: Path | None) -> TrainingError:
@@ -69,8 +83,8 @@ def out_of_memory_error(exc: BaseException, last_good: Path | None) -> TrainingE
     kept = f"; last good checkpoint: {last_good}" if last_good else ""
     return TrainingError(f"out of memory ({first}); to fit, try a smaller train.batch_size with a larger "
                          f"train.grad_accum, train.gradient_checkpointing: true, a shorter "
-                         f"train.max_seq_len, a parameter-efficient strategy (lora), or sharding "
-                         f"(`tuneforge inspect` estimates the memory){kept}")
+                         f"train.max_seq_len, a parameter-efficient strategy (lora), or quantize: nf4 "
+                         f"under it (`tuneforge inspect` estimates the memory){kept}")
 
 
 @contextlib.contextmanager

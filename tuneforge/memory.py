@@ -5,7 +5,8 @@ and the peak is the sum of
 - weights (fp32, as tuneforge loads them; plus a bf16 copy of the weights autocast casts when
   `precision: bf16`);
 - gradients and AdamW's two moments for every parameter any epoch trains (fp32: 12 bytes a parameter);
-  gradients fill as the backward pass frees the saved tensors, so only the larger of the two counts;
+  gradients fill as the backward pass frees the saved tensors, so only the larger of the two counts
+  (both, with gradient accumulation: earlier micro-batches' gradients stay through later forwards);
 - what strategies hold beside the model (`Strategy.held_bytes`: a frozen reference, anchors, a Fisher);
 - activations kept for the backward pass of the largest micro-batch (batch_size x its longest sequence,
   or max_seq_len when packing): counted by running the model's forward on the meta device and adding up
@@ -52,22 +53,29 @@ class MemoryEstimate:
     device: str  # "cpu" or "cuda:N"
     available: int | None  # bytes free on the device now (None: unknown)
     notes: list[str] = field(default_factory=list)
+    accumulating: bool = False  # grad_accum > 1: gradients and saved tensors add up
 
     @property
     def total(self) -> int:
         """The peak: everything held, and the larger of the forward's saved tensors (with the logits) and
         the gradients, which fill as the backward pass frees those tensors."""
         parts = self.parts
+        if self.accumulating:  # earlier micro-batches' gradients stay through the later forwards
+            return sum(parts.values())
         transient = max(parts["activations"] + parts["logits"], parts["gradients"])
         return sum(parts.values()) - parts["activations"] - parts["logits"] - parts["gradients"] + transient
 
     @property
     def fits(self) -> bool:
-        return self.available is None or self.total <= self.available
+        """Whether the peak fits what is free; on a CPU the free memory already leaves out this process's
+        own (the runtime part)."""
+        if self.available is None:
+            return True
+        return self.total - self.parts["runtime"] <= self.available
 
     def as_dict(self) -> dict:
         return {"parts": self.parts, "total": self.total, "device": self.device, "available": self.available,
-                "fits": self.fits, "notes": self.notes}
+                "fits": self.fits, "notes": self.notes, "accumulating": self.accumulating}
 
 
 def estimate_memory(config: RunConfig, run_data=None, device: torch.device | None = None) -> MemoryEstimate:
@@ -126,7 +134,7 @@ def estimate_memory(config: RunConfig, run_data=None, device: torch.device | Non
                    if any(t.task_type == "causal_lm" for t in run_data.tasks) else 0),
         "runtime": runtime,
     }
-    return MemoryEstimate(parts, str(device), available_bytes(device), notes)
+    return MemoryEstimate(parts, str(device), available_bytes(device), notes, config.train.grad_accum > 1)
 
 
 def activation_bytes(model: nn.Module, trainable: set[str], batch: int, length: int, checkpointing: bool,
@@ -292,8 +300,7 @@ def advice(estimate: MemoryEstimate, config: RunConfig) -> list[str]:
     if not train.gradient_checkpointing:
         tips.append((parts["activations"] * 0.7, "train.gradient_checkpointing: true"))
     if parts["optimizer"] > parts["weights"] / 10:  # most weights train
-        efficient = ("a parameter-efficient strategy (lora) instead of training every weight, or sharding "
-                     "over several processes")
+        efficient = "a parameter-efficient strategy (lora) instead of training every weight"
         tips.append((parts["optimizer"] + parts["gradients"], efficient))
     if config.quantize == "none" and parts["optimizer"] <= parts["weights"] / 10:  # a frozen base
         tips.append((parts["weights"] * 0.8, "quantize: nf4 (the frozen base in 4 bits, QLoRA)"))

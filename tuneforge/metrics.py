@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.faults import writing
+
 
 class MetricsLogger:
     """Appends records to `metrics.jsonl` and TensorBoard; only the main process writes."""
@@ -48,14 +50,15 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {**record, **self.extra}
-        with open(self.path, "a") as handle:
+        with writing(self.path), open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
             step = record.get("step", 0)
             prefix = "/".join(str(p) for p in (record.get("task"), record.get("split", "train")) if p)
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+            with writing(self.writer.log_dir):
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                        self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -34,8 +34,14 @@ def colour(index: int) -> str:
 
 
 def save(figure, path: Path) -> Path:
-    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    """Write `figure` as a PNG; a failed write (a full disk) names `path`."""
     import matplotlib.pyplot as plt
 
-    plt.close(figure)
+    from tuneforge.faults import writing
+
+    try:
+        with writing(path):
+            figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    finally:
+        plt.close(figure)
     return path

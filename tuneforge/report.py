@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tuneforge.checkpoint import write_atomic
 from tuneforge.formatting import MISSING, change_cell, decimals_for, fixed, relative_change, significant
 from tuneforge.metrics import read_metrics
 
@@ -181,7 +182,7 @@ def write_report(run_dir: Path, results: dict) -> Path:
     if samples:
         lines += ["", "## Samples (greedy), before and after", "", *samples]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

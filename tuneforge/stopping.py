@@ -24,6 +24,7 @@ from tuneforge.errors import TuneforgeError
 EXIT_CODES = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT, "max_time": 75}
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 REASONS = ("max_time", "SIGINT", "SIGTERM")  # in rising precedence when processes disagree
+REPEAT_WINDOW = 3.0  # seconds within which a repeated SIGTERM counts as the same one
 _NUMBER = r"(\d+(?:\.\d+)?)"
 _DURATION = re.compile("".join(f"(?:{_NUMBER}{unit})?" for unit in "dhms"))
 
@@ -63,14 +64,24 @@ class StopRequest:
         self.started = time.monotonic() if started is None else started
         self.deadline = None if max_time is None else self.started + max_time
         self._signals = 0
+        self._last: dict[int, float] = {}  # when each signal last arrived
 
     def handle(self, signum: int, frame) -> None:
-        """The signal handler: the first signal asks for a stop; a second one aborts at once."""
-        self._signals += 1
+        """The signal handler: the first signal asks for a stop; a second one aborts at once.
+
+        A SIGTERM repeated within `REPEAT_WINDOW` seconds is the same request: SLURM signals every process
+        of a job step and torchrun forwards what it gets, so a worker can receive one SIGTERM twice.
+        Messages go through `os.write`: a handler that prints could interrupt a print (tqdm's) in progress.
+        """
         name = signal.Signals(signum).name
+        now = time.monotonic()
+        repeated = signum == signal.SIGTERM and now - self._last.get(signum, -1e9) < REPEAT_WINDOW
+        self._last[signum] = now
+        if repeated:
+            return
+        self._signals += 1
         if self._signals > 1:
-            print(f"\ntuneforge: second {name}: aborting now (the last checkpoint is kept)",
-                  file=sys.stderr, flush=True)
+            _say(f"\ntuneforge: second {name}: aborting now (the last checkpoint is kept)\n")
             for handled in HANDLED:
                 signal.signal(handled, signal.SIG_DFL)
             if signum == signal.SIGINT:
@@ -78,8 +89,8 @@ class StopRequest:
             os.kill(os.getpid(), signum)
             return
         self.reason = name if self.reason in (None, "max_time") else self.reason
-        print(f"\ntuneforge: {name} received: stopping after this step, with a checkpoint "
-              f"(send it again to abort at once)", file=sys.stderr, flush=True)
+        _say(f"\ntuneforge: {name} received: stopping after this step, with a checkpoint "
+             f"(send it again to abort at once)\n")
 
     def due(self, next_step_seconds: float = 0.0) -> str | None:
         """The reason to stop now: a signal, or a deadline the next step would run past."""
@@ -92,6 +103,14 @@ class StopRequest:
         """`due` as a number processes can reduce with max: 0 to go on, else its place in `REASONS` + 1."""
         reason = self.due(next_step_seconds)
         return 0 if reason is None else REASONS.index(reason) + 1
+
+
+def _say(text: str) -> None:
+    """Write to stderr from a signal handler (no Python buffering to re-enter)."""
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (OSError, ValueError):
+        pass
 
 
 def reason_of(code: int) -> str | None:

@@ -259,15 +259,21 @@ def fit(
         state, latest = resumed_state(checkpoints, raw_model, optimizer, scheduler, strategies, cfg)
         logger.truncate_after(state.step)
         accelerator.print(f"tuneforge: resumed from {latest.name} (step {state.step} of {num_steps})")
-    checkpoint = functools.partial(save_state, checkpoints, raw_model, optimizer, scheduler, strategies,
-                                   state, cfg, accelerator)
+    pace = Pace(checkpoint=checkpoint_guess(optimizer))  # how far ahead train.max_time looks
+    saved_at = state.step if resume else None
+
+    def checkpoint() -> None:  # once per step: a stop right after a periodic checkpoint reuses it
+        nonlocal saved_at
+        if saved_at != state.step:
+            started = time.perf_counter()
+            save_state(checkpoints, raw_model, optimizer, scheduler, strategies, state, cfg, accelerator)
+            pace.checkpoint, saved_at = time.perf_counter() - started, state.step
 
     stop = current_request()  # SIGTERM, SIGINT or train.max_time (see tuneforge.stopping)
     model.train()
     progress = tqdm(total=num_steps, initial=state.step, desc="train", unit="step",
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
-    step_seconds = save_seconds = 0.0  # how long the next step and its checkpoint may take (max_time)
     # a full disk or out of memory: one line naming the last good checkpoint, under a closed progress bar
     with reported_faults(lambda: latest_checkpoint(checkpoints)), progress:
         reason = reason_of(agreed_stop(stop.code(), accelerator))  # a signal before the first step
@@ -284,16 +290,15 @@ def fit(
                            for indices in step_indices]
                 result = train_step(model, strategies, ctx, batches, accelerator, cfg, with_task, head)
                 # one collective: every process stops at the same step, for a bad loss or a stop request
-                finite, stop_code = step_checks(result.total, stop.code(step_seconds + save_seconds),
-                                                accelerator)
+                finite, stop_code = step_checks(result.total, stop.code(pace.ahead()), accelerator)
                 if not finite:
                     raise non_finite_error(result.total, state.step + 1, checkpoints)
                 grad_norm = optimizer_step(model, optimizer, scheduler, cfg, accelerator)
                 state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
                 state.tokens, window_tokens = (state.tokens + result.tokens * world,
                                                window_tokens + result.tokens * world)
-                step_seconds = time.perf_counter() - step_start
-                state.elapsed += step_seconds
+                pace.step = time.perf_counter() - step_start
+                state.elapsed += pace.step
                 ctx.step = state.step
 
                 if state.step % cfg.log_every == 0 or state.step == num_steps:
@@ -307,17 +312,17 @@ def fit(
                 progress.update(1)
                 paused = False  # evaluation or a checkpoint took time: a signal may have come meanwhile
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
+                    eval_start = time.perf_counter()
                     metrics = evaluate(raw_model)
                     state.history.append({"step": state.step, **metrics})
                     logger.log({"step": state.step, "split": "eval", **metrics})
                     model.train()
-                    paused = True
+                    pace.evaluation, paused = time.perf_counter() - eval_start, True
                 if cfg.save_every and state.step % cfg.save_every == 0 and state.step < num_steps:
-                    save_start = time.perf_counter()
                     checkpoint()
-                    save_seconds, paused = time.perf_counter() - save_start, True
+                    paused = True
                 if not stop_code and (paused or world == 1):  # free on one process; else only after a pause
-                    stop_code = agreed_stop(stop.code(step_seconds + save_seconds), accelerator)
+                    stop_code = agreed_stop(stop.code(pace.ahead()), accelerator)
                 reason = reason_of(stop_code) if state.step < num_steps else None
                 if state.step >= num_steps or reason is not None:
                     break
@@ -329,6 +334,26 @@ def fit(
     if reason is not None:
         raise Stopped(state.step, reason, latest_checkpoint(checkpoints))
     return state
+
+
+@dataclass
+class Pace:
+    """Seconds the last step, evaluation and checkpoint took: `train.max_time` stops when the next of each
+    would run past it, so the stop's own checkpoint is written in time."""
+
+    step: float = 0.0
+    evaluation: float = 0.0
+    checkpoint: float = 0.0
+
+    def ahead(self) -> float:
+        return self.step + self.evaluation + self.checkpoint
+
+
+def checkpoint_guess(optimizer) -> float:
+    """Seconds a first checkpoint may take before one was timed: the trained weights and AdamW's two
+    moments (12 bytes a parameter) at a conservative 100 MB/s, plus a second."""
+    parameters = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    return 1.0 + 12 * parameters / 100e6
 
 
 def prepare_training(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext, cfg: TrainConfig,
