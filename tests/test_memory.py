@@ -219,3 +219,15 @@ def test_the_documented_table_is_rendered_from_the_committed_json():
     assert memory_estimate.render(report) in (REPO / "docs" / "reliability.md").read_text()
     assert all(abs(row["ratio"] - 1) <= report["tolerance"] for row in report["rows"]), [
         (row["name"], round(row["ratio"], 2)) for row in report["rows"]]
+
+
+def test_the_peak_adds_gradients_only_when_they_outlive_a_forward():
+    from tuneforge.memory import MemoryEstimate
+
+    parts = {"weights": 100, "gradients": 40, "optimizer": 80, "strategies": 0, "activations": 60,
+             "logits": 10, "runtime": 30}
+    assert MemoryEstimate(dict(parts), "cpu", None).total == 100 + 80 + 30 + max(60 + 10, 40)
+    assert MemoryEstimate(dict(parts), "cpu", None, accumulating=True).total == sum(parts.values())
+    # free memory on a CPU already leaves out this process's own (the runtime part)
+    assert MemoryEstimate(dict(parts), "cpu", available=250).fits
+    assert not MemoryEstimate(dict(parts), "cpu", available=249).fits
