@@ -148,7 +148,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(REPO / "docs/results/memory_estimate.json"))
     parser.add_argument("--work", help="folder for synthetic models and runs (default: a temporary one)")
     parser.add_argument("--render", help="only render this JSON report into docs/reliability.md")
-    parser.add_argument("--keep", action="store_true", help="keep rows already in --output, measure the rest")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep rows already in --output and measure the rest (with --only: those again)")
     args = parser.parse_args()
     if args.render:
         render_into_doc(json.loads(Path(args.render).read_text()))
@@ -160,9 +161,13 @@ def main() -> None:
         output.is_file() else {}
     rows = []
     for name, config in cases(work).items():
-        if args.only and not any(part in name for part in args.only):
+        chosen = not args.only or any(part in name for part in args.only)
+        if name in done and not (args.only and chosen):  # kept; --only with --keep measures it again
+            row = done[name]
+        elif chosen:
+            row = measure(name, config, work)
+        else:
             continue
-        row = done.get(name) or measure(name, config, work)
         rows.append(row)
         write(output, rows, args)  # after every row: a long campaign keeps what it measured
         print(f"{name:<45} estimate {row['estimate']['total'] / 2**20:6.0f} MiB, measured "
@@ -173,7 +178,7 @@ def main() -> None:
 
 
 def write(output: Path, rows: list[dict], args) -> None:
-    command = "python bench/memory_estimate.py" + (" --only " + " ".join(args.only) if args.only else "")
+    command = "python bench/memory_estimate.py"  # rows redone with --keep --only come from the same command
     report = {"date": datetime.date.today().isoformat(), "command": command,
               "machine": f"{os.cpu_count()} CPU cores", "tolerance": TOLERANCE, "rows": rows}
     output.write_text(json.dumps(report, indent=1) + "\n")

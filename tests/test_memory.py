@@ -217,8 +217,10 @@ def test_the_documented_table_is_rendered_from_the_committed_json():
         sys.path.remove(str(REPO / "bench"))
     report = json.loads((REPO / "docs" / "results" / "memory_estimate.json").read_text())
     assert memory_estimate.render(report) in (REPO / "docs" / "reliability.md").read_text()
-    assert all(abs(row["ratio"] - 1) <= report["tolerance"] for row in report["rows"]), [
-        (row["name"], round(row["ratio"], 2)) for row in report["rows"]]
+    # the estimate is of live memory: within the tolerance of the resident peak when freed memory goes
+    # back to the system (the C library's default keeps some, most with gradient checkpointing)
+    assert all(abs(row["ratio_returning"] - 1) <= report["tolerance"] for row in report["rows"]), [
+        (row["name"], round(row["ratio_returning"], 2)) for row in report["rows"]]
 
 
 def test_the_peak_adds_gradients_only_when_they_outlive_a_forward():

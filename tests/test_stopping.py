@@ -81,8 +81,15 @@ def signal_at_step(monkeypatch, signum: int, step: int, times: int = 1) -> None:
 def test_signal_stops_at_a_checkpoint_and_resume_is_bit_equal(config_file, reference, tmp_path, monkeypatch,
                                                               capfd, signum, code):
     run = tmp_path / "run"
+    # a test runner started in the background ignores SIGINT; a terminal's Ctrl-C is what is tested here
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     signal_at_step(monkeypatch, signum, 5)
-    assert main(["train", str(config_file), "--output", str(run)]) == code
+    try:
+        assert main(["train", str(config_file), "--output", str(run)]) == code
+    finally:
+        restored = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        signal.signal(signal.SIGINT, previous)
     name = signal.Signals(signum).name
     err = capfd.readouterr().err
     assert f"tuneforge: stopped at step 5 ({name}); resume with: tuneforge train {config_file} " \
@@ -90,8 +97,7 @@ def test_signal_stops_at_a_checkpoint_and_resume_is_bit_equal(config_file, refer
     assert "Traceback" not in err
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-00000005"]  # no save_every
     assert not (run / "results.json").exists()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers are restored after the run
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert restored == handlers  # the run put the handlers back
     monkeypatch.undo()
     assert main(["train", str(config_file), "--output", str(run), "--resume"]) == 0
     assert_same_run(run, reference)
@@ -181,6 +187,7 @@ def test_a_second_signal_aborts_at_once(config_file, tmp_path):
     """Two SIGTERMs: the process dies of the second at once (no checkpoint); two SIGINTs: exit 130."""
     script = (
         "import os, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also under nohup\n"
         "import tuneforge.train as t\n"
         "from tuneforge.cli import main\n"
         "original, taken = t.optimizer_step, []\n"

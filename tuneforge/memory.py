@@ -15,7 +15,9 @@ and the peak is the sum of
   plus one layer's worth for the gradients the backward pass holds; with gradient checkpointing, each
   layer's input plus two layers' worth (the layer recomputed, and its gradients);
 - the output layer's logits: batch x sequence x vocabulary three times over (logits, log-softmax, their
-  gradient) when a strategy reads every position, else one 64 MB chunk of the label-only head;
+  gradient) when a strategy reads every position, else one 64 MB chunk of the label-only head; and the
+  forwards strategies run themselves (`Strategy.extra_forward_tokens`: retention's retain sequences),
+  their saved tensors and full logits (with the frozen reference's);
 - the runtime itself (the interpreter and libraries: this process's resident memory now, on a CPU).
 `docs/results/memory_estimate.json` holds the check against measured peaks (`bench/memory_estimate.py`).
 """
@@ -117,6 +119,13 @@ def estimate_memory(config: RunConfig, run_data=None, device: torch.device | Non
     sizes = dict(model.named_parameters())
     trained = sum(sizes[name].numel() for name in trainable if name in sizes)
     notes = [f"largest micro-batch: {config.train.batch_size} x {sequence_length} tokens"]
+    # strategies' own forwards with gradients (retention's retain text): activations grow with their tokens,
+    # and their logits (with the reference's) are full
+    extra_tokens = sum(s.extra_forward_tokens(config.train.batch_size, config.train.max_seq_len)
+                       for s in strategies)
+    extra = 1 + extra_tokens / (config.train.batch_size * sequence_length)
+    if extra_tokens:
+        notes.append(f"{extra_tokens} more tokens a micro-batch in strategies' own forwards")
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     if config.quantize != "none":  # the block linears stored quantized (tuneforge.quantize)
         weights -= int(quantized * (4 - BITS_PER_WEIGHT[config.quantize] / 8))
@@ -128,9 +137,10 @@ def estimate_memory(config: RunConfig, run_data=None, device: torch.device | Non
         "gradients": 4 * trained,
         "optimizer": 8 * trained,
         "strategies": sum(s.held_bytes(model, trainable, ctx) for s in strategies),
-        "activations": activation_bytes(model, trainable, config.train.batch_size, sequence_length,
-                                        config.train.gradient_checkpointing, bf16, notes),
+        "activations": int(activation_bytes(model, trainable, config.train.batch_size, sequence_length,
+                                            config.train.gradient_checkpointing, bf16, notes) * extra),
         "logits": (logit_bytes(model, strategies, config.train.batch_size, sequence_length)
+                   + 4 * 4 * extra_tokens * (getattr(model.config, "vocab_size", 0) or 0)
                    if any(t.task_type == "causal_lm" for t in run_data.tasks) else 0),
         "runtime": runtime,
     }

@@ -81,8 +81,20 @@ def _parse(line: str) -> dict | None:
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
-    """Peak memory of this process: CUDA allocator peak on a GPU, else peak resident set size."""
+    """Peak memory of this process: CUDA allocator peak on a GPU, else peak resident set size.
+
+    On Linux the peak is the memory map's high-water mark (`VmHWM`), which starts afresh when a process
+    execs; `ru_maxrss` keeps the parent's resident size from the fork, so a run started by a large
+    process (a test runner, `tuneforge compare`) would report at least that.
+    """
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux

@@ -134,6 +134,8 @@ def stop_requests(max_time: float | None = None) -> Iterator[StopRequest]:
     previous_request, _current = _current, request
     installed = threading.current_thread() is threading.main_thread()
     previous = {signum: signal.getsignal(signum) for signum in HANDLED} if installed else {}
+    if previous.get(signal.SIGINT) is signal.SIG_IGN:  # started with Ctrl-C ignored (`nohup ... &`): keep it
+        del previous[signal.SIGINT]
     try:
         for signum in previous:
             signal.signal(signum, request.handle)

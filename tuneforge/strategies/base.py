@@ -134,6 +134,11 @@ class Strategy:
         Called after `setup`, possibly on a model on the meta device."""
         return 0
 
+    def extra_forward_tokens(self, batch_size: int, max_seq_len: int) -> int:
+        """Tokens of the forward passes with gradients this strategy's `loss` runs per micro-batch beyond the
+        task batch (retention's retain sequences), with full logits; for the memory estimate."""
+        return 0
+
     def param_groups(self, model: nn.Module, base_lr: float) -> dict[str, float]:
         """Optional per-parameter learning rates, `{name: lr}`; parameters not listed use `base_lr`."""
         return {}

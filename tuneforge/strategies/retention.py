@@ -59,6 +59,9 @@ class Retention(Strategy):
                     "sequence")
         return None
 
+    def extra_forward_tokens(self, batch_size: int, max_seq_len: int) -> int:
+        return batch_size * max_seq_len  # one retain sequence per row of the batch, with its logits
+
     def held_bytes(self, model: nn.Module, trainable: set[str], ctx: StrategyContext) -> int:
         return reference_bytes(model, trainable)  # the model before training, when base weights train
 
