@@ -88,7 +88,7 @@ def cases(work: Path) -> dict[str, dict]:
 
 # glibc keeps freed blocks for reuse, so a CPU run's resident set can stay above its live memory; with a
 # fixed mmap threshold large blocks go back to the system when freed and the resident set follows live
-# memory (measured about 30% slower, so tuneforge does not set it)
+# memory (slower: every large allocation becomes a fresh mapping, so tuneforge does not set it)
 RETURNING = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
