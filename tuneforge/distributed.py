@@ -48,11 +48,6 @@ def step_targets(count: int, accelerator: Accelerator) -> float:
     return max(1.0, total) / accelerator.num_processes
 
 
-def finite_everywhere(loss: torch.Tensor, accelerator: Accelerator) -> bool:
-    """Whether the loss is finite on every process (one process stopping alone would hang the others)."""
-    return step_checks(loss, 0, accelerator)[0]
-
-
 def step_checks(loss: torch.Tensor, stop: int, accelerator: Accelerator) -> tuple[bool, int]:
     """(is the loss finite on every process, the largest stop code any process holds), in one collective.
 

@@ -54,8 +54,8 @@ def test_prefix_attention_equals_explicit_keys_and_values():
     torch.testing.assert_close(captured["out"], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_prefix_left_padding_matches_the_unpadded_sequence():
-    model = tuneforge.prepare(tiny_llama(), [{"prefix": {"length": 3}}]).eval()
+def assert_left_padding_scores_alone(model) -> None:
+    """A row left-padded by two tokens gives the logits the same row gives unpadded."""
     single = model(input_ids=TOKENS[:1, 2:]).logits
     padded = TOKENS[:1].clone()
     padded[0, :2] = 0
@@ -64,6 +64,10 @@ def test_prefix_left_padding_matches_the_unpadded_sequence():
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=padded, attention_mask=mask, position_ids=positions).logits
     torch.testing.assert_close(logits[:, 2:], single, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_left_padding_matches_the_unpadded_sequence():
+    assert_left_padding_scores_alone(tuneforge.prepare(tiny_llama(), [{"prefix": {"length": 3}}]).eval())
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -232,15 +236,7 @@ def test_prefix_starts_as_the_keys_and_values_the_model_caches_for_real_tokens(a
 
 @pytest.mark.parametrize("arch", DECODERS)
 def test_left_padded_row_scores_as_it_does_alone(arch):
-    model = prepared(arch)
-    single = model(input_ids=TOKENS[:1, 2:]).logits
-    padded = TOKENS[:1].clone()
-    padded[0, :2] = 0
-    mask = torch.ones_like(padded)
-    mask[0, :2] = 0
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=padded, attention_mask=mask, position_ids=positions).logits
-    torch.testing.assert_close(logits[:, 2:], single, atol=1e-5, rtol=1e-5)
+    assert_left_padding_scores_alone(prepared(arch))
 
 
 def test_right_padded_bert_row_classifies_as_it_does_alone():
