@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +44,14 @@ def save_checkpoint(
     strategies: list[Strategy],
     loop_state: dict,
     keep: int,
+    gathered: tuple[dict[str, Tensor], dict] | None = None,
 ) -> Path:
     """Write checkpoint `step` under `root` atomically, then keep only the newest `keep` checkpoints.
 
     A failed write (a full disk) removes its partial `.tmp` directory and raises the `OSError`; the
     checkpoints already there are untouched. Warns first when free space is below the last one's size.
+    `gathered`: (weights, optimizer state) already made whole by a sharding engine (`tuneforge.engines`);
+    else they are read from `model` and `optimizer`.
     """
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
@@ -56,7 +60,7 @@ def save_checkpoint(
     if previous:
         warn_if_short_of_space(root, tree_bytes(previous[-1]))
     try:
-        _write_checkpoint(tmp, model, optimizer, scheduler, strategies, step, loop_state)
+        _write_checkpoint(tmp, model, optimizer, scheduler, strategies, step, loop_state, gathered)
     except BaseException:  # a full disk, or a second signal mid-write: nothing half-written stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -73,15 +77,19 @@ def save_checkpoint(
 
 
 def _write_checkpoint(tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                      strategies: list[Strategy], step: int, loop_state: dict) -> None:
+                      strategies: list[Strategy], step: int, loop_state: dict,
+                      gathered: tuple[dict[str, Tensor], dict] | None = None) -> None:
     """Every file of a checkpoint into the directory `tmp`, manifest last, all fsynced."""
     tmp.mkdir(parents=True)
 
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    save_tensors({names[id(p)]: p.detach().cpu().contiguous() for p in params}, tmp / "weights.safetensors")
+    if gathered is None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        gathered = ({names[id(p)]: p.detach().cpu().contiguous() for p in params}, optimizer.state_dict())
+    weights, optimizer_state = gathered
+    save_tensors(weights, tmp / "weights.safetensors")
 
-    opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
+    opt_tensors, opt_meta = _split_optimizer_state(optimizer_state)
     save_tensors(opt_tensors, tmp / "optimizer.safetensors")
 
     strategy_meta = _write_strategy_state(tmp, strategies)
@@ -152,9 +160,13 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, strategies: list[Strategy]
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, strategies: list[Strategy],
+    place: Callable[[dict[str, Tensor], dict], None] | None = None,
 ) -> dict:
-    """Restore everything `save_checkpoint` wrote; returns the loop state."""
+    """Restore everything `save_checkpoint` wrote; returns the loop state.
+
+    `place(weights, optimizer_state)` puts whole tensors into a sharded model and optimizer (a sharding
+    engine's `load_full_state`); else they are copied into `model` and loaded into `optimizer`."""
     if not verify_checkpoint(path):
         raise TrainingError(f"{path}: checkpoint is damaged (checksum mismatch); "
                             "delete it to resume from an older one")
@@ -163,13 +175,16 @@ def load_checkpoint(
     unknown = [name for name in weights if name not in parameters]
     if unknown:
         raise TrainingError(f"{path}: checkpoint does not fit this model/config (no parameter {unknown[0]})")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            parameters[name].copy_(tensor)
-
     state = json.loads((path / "state.json").read_text())
     optimizer_tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(_join_optimizer_state(optimizer_tensors, state["optimizer"]))
+    optimizer_state = _join_optimizer_state(optimizer_tensors, state["optimizer"])
+    if place is not None:
+        place(weights, optimizer_state)
+    else:
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                parameters[name].copy_(tensor)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(state["scheduler"])
 
     _read_strategy_state(path, state, strategies)

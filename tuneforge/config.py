@@ -120,6 +120,22 @@ class EvaluationConfig(StrictModel):
     batch_size: int | None = Field(None, ge=1)  # defaults to train.batch_size
 
 
+class FsdpConfig(StrictModel):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) options; see docs/distributed.md."""
+
+    reshard_after_forward: bool = True  # free gathered weights after each layer's forward (ZeRO-3-like)
+    cpu_offload: bool = False  # keep the sharded parameters, gradients and AdamW state in CPU memory
+
+
+class DistributedConfig(StrictModel):
+    """How several processes share the work (launch with torchrun; one process runs unsharded)."""
+
+    engine: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
+    # a DeepSpeed config: a JSON file (relative to this config's directory) or the same mapping inline
+    deepspeed: str | dict[str, Any] | None = None
+
+
 class StrategySpec(StrictModel):
     """One entry of `strategies:`: a registered name and its validated options."""
 
@@ -139,6 +155,7 @@ class RunConfig(StrictModel):
     strategies: list[StrategySpec] = Field(default_factory=list)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output: str = "runs/run"
     trust_remote_code: bool = False
     # keep the frozen base's block linear weights quantized (tuneforge.quantize): QLoRA with lora

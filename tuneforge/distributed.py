@@ -20,20 +20,26 @@ SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "
 def make_accelerator() -> Accelerator:
     """The run's Accelerator, the same under `python`, `torchrun` and `accelerate launch`.
 
-    torchrun on a machine without GPUs: Accelerate only sets up CPU processes (gloo) when told `cpu=True`.
+    torchrun on a machine without GPUs: Accelerate only sets up CPU processes (gloo) when told `cpu=True`;
+    otherwise every process would think it is rank 0 of one and write the same files, so that is checked.
     `find_unused_parameters`: a step may leave trainable parameters unused (a task's head, layers that
-    gradual unfreezing has not reached yet), which plain DDP refuses.
+    gradual unfreezing has not reached yet), which plain DDP refuses. Sharding is tuneforge's own
+    (`distributed.engine`, `tuneforge.engines`): Accelerate's FSDP and DeepSpeed launches are refused.
     """
     for variable, name in SHARDED_LAUNCHES.items():
         if os.environ.get(variable, "").lower() in ("1", "true"):
-            raise ConfigError(
-                f"{name} is not supported yet: it shards parameters or optimizer state, and tuneforge's "
-                "checkpoints, adapters and evaluation need whole tensors; launch data parallel instead "
-                "(examples/accelerate/ddp.yaml, docs/distributed.md)"
-            )
+            engine = {"FSDP": "fsdp", "DeepSpeed": "deepspeed"}.get(name)
+            instead = (f"set `distributed: {{engine: {engine}}}` in the config and launch with torchrun "
+                       f"or plain `accelerate launch`" if engine else "launch data parallel instead")
+            raise ConfigError(f"accelerate launch with {name}: tuneforge shards through its own engines; "
+                              f"{instead} (docs/distributed.md)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = world > 1 and not torch.accelerator.is_available()
-    return Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if accelerator.num_processes != world:
+        raise ConfigError(f"launched as {world} processes but the process group has "
+                          f"{accelerator.num_processes}: every process would write the same run alone")
+    return accelerator
 
 
 def step_targets(count: int, accelerator: Accelerator) -> float:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tuneforge.data import IGNORE_INDEX, Example, collate
 from tuneforge.forward import model_inputs, routes_tasks
@@ -51,9 +52,16 @@ def label_head(model: nn.Module) -> nn.Linear | None:
     config = getattr(model, "config", None)
     if not isinstance(head, nn.Linear) or config is None:
         return None
+    if is_sharded(head.weight):  # whole only inside the model's own forward (FSDP2, ZeRO-3)
+        return None
     if any(getattr(config, key, None) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORMS):
         return None
     return head
+
+
+def is_sharded(parameter: torch.Tensor) -> bool:
+    """True for a parameter FSDP2 (a DTensor) or DeepSpeed ZeRO-3 (`ds_id`) holds in pieces."""
+    return isinstance(parameter, DTensor) or hasattr(parameter, "ds_id")
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from tuneforge.config import RunConfig, check_output_location, config_location
 from tuneforge.data import load_examples
 from tuneforge.data.retain import split_retain_documents  # noqa: F401  (public here before it moved)
 from tuneforge.distributed import SHARDED_LAUNCHES, agreed_stop, make_accelerator  # noqa: F401  (public here before)
+from tuneforge.engines import Engine, check_engine, make_engine
 from tuneforge.errors import ConfigError
 from tuneforge.evaluate import evaluate_all, evaluate_task, forgetting, mean_metrics  # noqa: F401  (public here)
 from tuneforge.faults import reported_faults
@@ -172,6 +173,7 @@ class Session:
     strategies: list[Strategy]
     ctx: StrategyContext
     data: RunData
+    engine: Engine | None = None  # how the model is spread over processes (`distributed.engine`)
 
     def evaluate(self, model: nn.Module | None = None, samples: bool = True) -> dict:
         return evaluate_all(model or self.model, self.tokenizer, self.data, self.config,
@@ -190,8 +192,10 @@ class Session:
 def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_data = load_run_data(config)  # bad data fails here, before the output directory is touched
+    check_engine(config, build_strategies(config.strategies), config_location(config, "distributed.engine"))
     # bf16 autocast is applied by the loop itself: Accelerate's mixed-precision setting is process-wide state.
     accelerator = make_accelerator()
+    engine = make_engine(config, accelerator)
     run_dir = prepare_output(config, resume, overwrite, accelerator)
     if accelerator.is_main_process and not resume:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.resolved_dict(), sort_keys=False))
@@ -207,7 +211,7 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
         check_packing_run(model, tokenizer, run_data, config, strategies, accelerator.device)
     ctx.device = accelerator.device
     ctx.retain_batches = retain_batch_source(run_data, tokenizer, config)
-    return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data)
+    return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data, engine)
 
 
 def warn_if_short_of_memory(config: RunConfig, device) -> None:
@@ -298,7 +302,7 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
     else:
         state = fit(session.model, session.strategies, session.ctx, items, plan, config.train,
                     session.accelerator, session.run_dir, session.tokenizer.pad_token_id,
-                    session.periodic_eval, resume=resume)
+                    session.periodic_eval, resume=resume, engine=session.engine)
     session.model = session.accelerator.unwrap_model(session.model)
     return finish(session, params, before, state, time.perf_counter() - started, {})
 
@@ -340,19 +344,24 @@ def _finish(session: Session, params: dict, before: dict, state, wall: float, ex
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         "seed": config.train.seed, **extra,
     }
+    if session.engine is not None and session.engine.shards:  # what process 0 held of the sharded state
+        results["distributed"] = {"engine": session.engine.name, "processes": accelerator.num_processes,
+                                  "held": getattr(state, "held", None)}
     if session.data.notes:  # what the run left unused, and why
         results["notes"] = list(session.data.notes)
     skipped = [message for task in session.data.tasks for message in task.skipped]
     if skipped:  # data.skip_invalid: how many records were left out, and the first few reasons
         results["skipped"] = {"count": len(skipped), "examples": skipped[:5]}
+    adapter_dir = session.run_dir / "adapter"
+    results["adapter_bytes"] = 0
+    if params["trainable_params"] and state.step:
+        engine = session.engine or Engine(accelerator)
+        with engine.gathered(session.model) as model:  # whole tensors (every process takes part)
+            if accelerator.is_main_process:
+                write_adapter(model, session.strategies, adapter_dir,
+                              base_name=str(resolve_model_path(config.model)))
+                results["adapter_bytes"] = sum(p.stat().st_size for p in adapter_dir.iterdir())
     if accelerator.is_main_process:
-        adapter_dir = session.run_dir / "adapter"
-        if params["trainable_params"] and state.step:
-            write_adapter(session.model, session.strategies, adapter_dir,
-                          base_name=str(resolve_model_path(config.model)))
-            results["adapter_bytes"] = sum(p.stat().st_size for p in adapter_dir.iterdir())
-        else:
-            results["adapter_bytes"] = 0
         write_atomic(session.run_dir / "results.json", json.dumps(results, indent=1))
         write_report(session.run_dir, results)
     return results

@@ -14,7 +14,6 @@ exactly the steps already taken, and B x accum 1 and B/2 x accum 2 train on the 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import time
@@ -33,6 +32,7 @@ from tuneforge.compose import set_trainable, trainable_in_any_epoch
 from tuneforge.config import TrainConfig
 from tuneforge.data import collate
 from tuneforge.distributed import agreed_stop, mean_over_processes, step_checks, step_targets
+from tuneforge.engines import Engine
 from tuneforge.errors import TrainingError
 from tuneforge.evaluate import head_skipped, hidden_token_losses, label_head, token_losses
 from tuneforge.faults import reported_faults
@@ -54,6 +54,7 @@ class LoopState:
     tokens: int = 0  # non-padding input tokens seen
     elapsed: float = 0.0  # seconds spent training (excluding evaluation)
     history: list[dict] = field(default_factory=list)  # periodic eval results
+    held: dict[str, float] | None = None  # shares of parameters and optimizer state process 0 holds
 
     @classmethod
     def from_checkpoint(cls, loop: dict, grad_accum: int) -> LoopState:
@@ -180,7 +181,7 @@ class StepResult:
 
 def train_step(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext, batches: list[dict],
                accelerator: Accelerator, cfg: TrainConfig, with_task: bool,
-               head: nn.Linear | None) -> StepResult:
+               head: nn.Linear | None, engine: Engine | None = None) -> StepResult:
     """Forward and backward over the micro-batches (on the CPU) of one optimizer step; no optimizer update.
 
     The task loss is summed over each micro-batch and divided by the whole step's target count; strategy
@@ -188,7 +189,8 @@ def train_step(model: nn.Module, strategies: list[Strategy], ctx: StrategyContex
     (`step_penalty`), which get the share of the step's rows here. So the gradient does not depend on how
     the step is split.
     """
-    raw_model = accelerator.unwrap_model(model)
+    engine = engine or Engine(accelerator)
+    raw_model = engine.unwrap(model)
     ctx.micro_count = len(batches)
     ctx.step_rows = sum(len(batch["input_ids"]) for batch in batches)
     ctx.step_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
@@ -201,7 +203,7 @@ def train_step(model: nn.Module, strategies: list[Strategy], ctx: StrategyContex
         rows_share = len(batch["input_ids"]) / ctx.step_rows
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         last = index == len(batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):  # DDP syncs once per step
+        with engine.no_sync(model, last):  # gradients are exchanged once per step
             bf16 = cfg.precision == "bf16"
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss_sum, _, outputs = task_loss(model, batch, with_task, head)
@@ -212,7 +214,7 @@ def train_step(model: nn.Module, strategies: list[Strategy], ctx: StrategyContex
                     strategy_terms = strategy.loss(raw_model, batch, outputs, ctx)
                     terms.update({name: term * share for name, term in strategy_terms.items()})
                 total = task_weight * loss + sum(terms.values())
-            accelerator.backward(total)
+            engine.backward(model, total)
         result.loss += loss.detach()
         result.total += total.detach()
         for name, term in terms.items():
@@ -234,19 +236,22 @@ def fit(
     resume: bool = False,
     checkpoints: Path | None = None,
     log_extra: dict | None = None,
+    engine: Engine | None = None,
 ) -> LoopState:
     """Train `model` on `train_items` in the optimizer steps `plan` draws; returns the final loop state.
 
     Checkpoints go to `checkpoints` (default `run_dir/checkpoints`); `log_extra` (e.g. the task of a
-    continual run) is added to every metrics record.
+    continual run) is added to every metrics record. `engine` spreads the model over processes (DDP by
+    default; FSDP2 or DeepSpeed ZeRO shard it, `tuneforge.engines`).
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     # set before anything reads what is trainable in any epoch (optimizer, L2-SP and EWC anchors)
     num_steps, ctx.num_epochs = plan_length(plan, cfg, world)
     ctx.total_steps, ctx.base_lr = num_steps, cfg.lr
-    model, optimizer, scheduler = prepare_training(model, strategies, ctx, cfg, accelerator, num_steps)
-    raw_model = accelerator.unwrap_model(model)
-    optimized = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+    engine = engine or Engine(accelerator)
+    model, optimizer, scheduler = prepare_training(model, strategies, ctx, cfg, accelerator, num_steps, engine)
+    raw_model = engine.unwrap(model)
+    optimized = {id(parameter) for parameter in engine.parameters(optimizer)}
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, extra=log_extra)
     checkpoints = checkpoints or run_dir / "checkpoints"
     with_task = routes_tasks(raw_model)
@@ -256,7 +261,8 @@ def fit(
         strategy.on_train_start(raw_model, ctx)
     state = LoopState()
     if resume:
-        state, latest = resumed_state(checkpoints, raw_model, optimizer, scheduler, strategies, cfg)
+        state, latest = resumed_state(checkpoints, raw_model, optimizer, scheduler, strategies, cfg, engine,
+                                      model)
         logger.truncate_after(state.step)
         accelerator.print(f"tuneforge: resumed from {latest.name} (step {state.step} of {num_steps})")
     pace = Pace(checkpoint=checkpoint_guess(optimizer))  # how far ahead train.max_time looks
@@ -266,7 +272,8 @@ def fit(
         nonlocal saved_at
         if saved_at != state.step:
             started = time.perf_counter()
-            save_state(checkpoints, raw_model, optimizer, scheduler, strategies, state, cfg, accelerator)
+            save_state(checkpoints, raw_model, optimizer, scheduler, strategies, state, cfg, accelerator,
+                       engine, model)
             pace.checkpoint, saved_at = time.perf_counter() - started, state.step
 
     stop = current_request()  # SIGTERM, SIGINT or train.max_time (see tuneforge.stopping)
@@ -288,12 +295,14 @@ def fit(
                 check_optimized(raw_model, optimized)
                 batches = [make_batch([train_items[i] for i in indices], pad_token_id)
                            for indices in step_indices]
-                result = train_step(model, strategies, ctx, batches, accelerator, cfg, with_task, head)
+                result = train_step(model, strategies, ctx, batches, accelerator, cfg, with_task, head, engine)
                 # one collective: every process stops at the same step, for a bad loss or a stop request
                 finite, stop_code = step_checks(result.total, stop.code(pace.ahead()), accelerator)
                 if not finite:
                     raise non_finite_error(result.total, state.step + 1, checkpoints)
-                grad_norm = optimizer_step(model, optimizer, scheduler, cfg, accelerator)
+                grad_norm = optimizer_step(model, optimizer, scheduler, cfg, accelerator, engine)
+                if engine.shards and state.held is None:
+                    state.held = engine.held(model, optimizer)
                 state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1
                 state.tokens, window_tokens = (state.tokens + result.tokens * world,
                                                window_tokens + result.tokens * world)
@@ -357,51 +366,61 @@ def checkpoint_guess(optimizer) -> float:
 
 
 def prepare_training(model: nn.Module, strategies: list[Strategy], ctx: StrategyContext, cfg: TrainConfig,
-                     accelerator: Accelerator, num_steps: int):
-    """(model, optimizer, scheduler) prepared by Accelerate; the optimizer holds what any epoch trains."""
+                     accelerator: Accelerator, num_steps: int, engine: Engine | None = None):
+    """(model, optimizer, scheduler) prepared by the engine; the optimizer holds what any epoch trains."""
+    engine = engine or Engine(accelerator)
     optimizer = build_optimizer(model, strategies, ctx, cfg)
-    scheduler = build_scheduler(optimizer, cfg, num_steps)
-    if accelerator.num_processes > 1:  # DDP syncs only what requires grad when it wraps the model: wrap with
-        # everything any epoch trains (gradual unfreezing); set_trainable narrows it per epoch,
-        # find_unused_parameters copes
+    if accelerator.num_processes > 1 or engine.shards:  # DDP syncs (and ZeRO partitions) only what requires
+        # grad when it wraps the model: wrap with everything any epoch trains (gradual unfreezing);
+        # set_trainable narrows it per epoch, find_unused_parameters copes
         for group in optimizer.param_groups:
             for parameter in group["params"]:
                 parameter.requires_grad_(True)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = engine.prepare(model, optimizer)
+    # on the optimizer that updates (FSDP2 rebuilds it over sharded parameters; ZeRO steps the one it wraps)
+    scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg, num_steps)
     return model, optimizer, scheduler
 
 
 def resumed_state(checkpoints: Path, model: nn.Module, optimizer, scheduler, strategies: list[Strategy],
-                  cfg: TrainConfig) -> tuple[LoopState, Path]:
-    """Load the latest valid checkpoint into model, optimizer, scheduler and strategies.
+                  cfg: TrainConfig, engine: Engine | None = None,
+                  wrapped: nn.Module | None = None) -> tuple[LoopState, Path]:
+    """Load the latest valid checkpoint into model, optimizer, scheduler and strategies (through a sharding
+    `engine`, which holds `wrapped`, when there is one).
 
     Returns (its loop state, it)."""
     latest = latest_checkpoint(checkpoints)
     if latest is None:
         raise TrainingError(f"--resume: no valid checkpoint in {checkpoints}")
-    loop = load_checkpoint(latest, model, optimizer, scheduler, strategies)
+    place = None
+    if engine is not None and engine.shards:
+        def place(weights, optimizer_state):
+            engine.load_full_state(wrapped, optimizer, weights, optimizer_state)
+    loop = load_checkpoint(latest, model, optimizer, scheduler, strategies, place)
     return LoopState.from_checkpoint(loop, cfg.grad_accum), latest
 
 
 def save_state(checkpoints: Path, model: nn.Module, optimizer, scheduler, strategies: list[Strategy],
-               state: LoopState, cfg: TrainConfig, accelerator: Accelerator) -> None:
-    """Checkpoint from the main process; every process waits until it is written."""
+               state: LoopState, cfg: TrainConfig, accelerator: Accelerator, engine: Engine | None = None,
+               wrapped: nn.Module | None = None) -> None:
+    """Checkpoint from the main process; every process waits until it is written.
+
+    A sharding engine first gathers whole weights and optimizer state (every process takes part)."""
+    gathered = None
+    if engine is not None and engine.shards:
+        names = {id(p): n for n, p in model.named_parameters()}
+        gathered = engine.full_state(wrapped, optimizer, names)
     if accelerator.is_main_process:
         save_checkpoint(checkpoints, state.step, model, optimizer, scheduler, strategies, state.__dict__,
-                        keep=cfg.keep_checkpoints)
+                        keep=cfg.keep_checkpoints, gathered=gathered)
     accelerator.wait_for_everyone()
 
 
 def optimizer_step(model: nn.Module, optimizer, scheduler, cfg: TrainConfig,
-                   accelerator: Accelerator) -> Tensor | None:
+                   accelerator: Accelerator, engine: Engine | None = None) -> Tensor | None:
     """Clip, step, schedule, and zero every parameter's gradient; returns the gradient norm (a tensor)."""
-    grad_norm = None
-    if cfg.max_grad_norm is not None:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-    optimizer.step()
+    grad_norm = (engine or Engine(accelerator)).step(model, optimizer, cfg.max_grad_norm)
     scheduler.step()
-    model.zero_grad(set_to_none=True)  # every parameter's, not only the optimizer's
     return grad_norm
 
 

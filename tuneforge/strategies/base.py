@@ -99,6 +99,11 @@ class Strategy:
         model loads and by the strategy when training starts; say what to change."""
         return None
 
+    def refuses_engine(self, engine: str) -> str | None:
+        """Why this strategy, with its options, cannot train under the sharding `engine` (`fsdp`,
+        `deepspeed`; None: it can). Checked before any model loads; say what to change."""
+        return None
+
     @classmethod
     def label(cls, options: dict[str, Any]) -> str:
         """How reports name this strategy with these options (e.g. `lora (dora)`)."""

@@ -56,6 +56,11 @@ class EWC(Strategy):
     step_penalty = True  # a weight penalty: counted once per optimizer step
     options: EWCOptions
 
+    def refuses_engine(self, engine: str) -> str | None:
+        return ("it keeps the anchor weights and their Fisher information; under sharding "
+                "that copy would be whole on every process, and its weight reads would see one "
+                "process's shards (use distributed.engine: ddp)")
+
     def __init__(self, options: EWCOptions):
         super().__init__(options)
         self.penalties: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []  # (anchors, fisher) per task

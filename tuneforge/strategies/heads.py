@@ -132,6 +132,10 @@ class TaskHeads(Strategy):
     provides_heads = True  # the run loads a headless body; this strategy adds one head per task
     options: HeadsOptions
 
+    def refuses_engine(self, engine: str) -> str | None:
+        return ("each process's batch reaches only some tasks' heads, and sharded gradients are reduced per "
+                "unit over the same parameters on every process (use distributed.engine: ddp)")
+
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         tasks = self._task_heads(ctx)
         if not tasks:

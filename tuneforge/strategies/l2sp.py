@@ -46,6 +46,11 @@ class L2SP(Strategy):
     step_penalty = True  # a weight penalty: counted once per optimizer step
     options: L2SPOptions
 
+    def refuses_engine(self, engine: str) -> str | None:
+        return ("it keeps the pretrained weights as anchors; under sharding "
+                "that copy would be whole on every process, and its weight reads would see one "
+                "process's shards (use distributed.engine: ddp)")
+
     def __init__(self, options: L2SPOptions):
         super().__init__(options)
         self.anchors: dict[str, Tensor] = {}  # w0_S

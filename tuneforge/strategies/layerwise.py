@@ -37,6 +37,12 @@ class Layerwise(Strategy):
     options: LayerwiseOptions
     trains_base_weights = True
 
+    def refuses_engine(self, engine: str) -> str | None:
+        if engine == "deepspeed" and self.options.unfreeze_every_epochs is not None:
+            return ("gradual unfreezing changes the trained set by epoch, and ZeRO partitions the trained set "
+                    "once (use distributed.engine: fsdp or ddp)")
+        return None
+
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         self.total_layers = num_layers(model)
         self.layers = sorted(parse_layer_spec(self.options.train_layers, self.total_layers))

@@ -43,6 +43,11 @@ class Retention(Strategy):
     family = "objective"
     options: RetentionOptions
 
+    def refuses_engine(self, engine: str) -> str | None:
+        return ("it keeps a frozen copy of the base model to take the KL against; under sharding "
+                "that copy would be whole on every process, and its weight reads would see one "
+                "process's shards (use distributed.engine: ddp)")
+
     def __init__(self, options: RetentionOptions):
         super().__init__(options)
         self.kept = KeptReference()  # the model before the first task, also after a resumed sequence
