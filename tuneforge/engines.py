@@ -102,7 +102,7 @@ def make_engine(config, accelerator: Accelerator) -> Engine:
     if engine == "deepspeed":
         from tuneforge.zero import DeepSpeedEngine, resolve_deepspeed_config
 
-        return DeepSpeedEngine(accelerator, resolve_deepspeed_config(config))
+        return DeepSpeedEngine(accelerator, resolve_deepspeed_config(config, accelerator.num_processes))
     return Engine(accelerator)
 
 

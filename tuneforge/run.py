@@ -384,6 +384,11 @@ def validate_run(config: RunConfig) -> dict:
     """Check everything that can be checked before a model loads: the strategy list, data files, every record,
     the model."""
     check_combination([spec.name for spec in config.strategies])
+    check_engine(config, build_strategies(config.strategies), config_location(config, "distributed.engine"))
+    if config.distributed.engine == "deepspeed":
+        from tuneforge.zero import resolve_deepspeed_config
+
+        resolve_deepspeed_config(config)
     run_data = load_run_data(config)
     check_model_available(config.model)
     check_quantize(config)

@@ -51,9 +51,10 @@ def import_deepspeed():
     return deepspeed
 
 
-def resolve_deepspeed_config(config: RunConfig, world: int = 1) -> dict[str, Any]:
+def resolve_deepspeed_config(config: RunConfig, world: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config `distributed.deepspeed` names (a JSON file or an inline mapping; ZeRO-2 when
-    absent), checked against `train:` and completed from it. Errors name the file and the key."""
+    absent), checked against `train:` and completed from it for `world` processes (None: not known yet,
+    as in `validate`). Errors name the file and the key."""
     raw = config.distributed.deepspeed
     where = config_location(config, "distributed.deepspeed")
     if raw is None:
@@ -84,8 +85,10 @@ def resolve_deepspeed_config(config: RunConfig, world: int = 1) -> dict[str, Any
     train = config.train
     wanted = {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": train.grad_accum,
               "gradient_clipping": train.max_grad_norm or 0.0,
-              "train_batch_size": train.batch_size * world * train.grad_accum}
+              "train_batch_size": train.batch_size * (world or 1) * train.grad_accum}
     for key, value in wanted.items():
+        if key == "train_batch_size" and world is None:
+            continue
         given = ds.get(key, "auto")
         if given != "auto" and given != value:
             raise ConfigError(f"{where}: {key} is {given!r} but {FILLED[key]} gives {value!r}; "
@@ -113,9 +116,6 @@ class DeepSpeedEngine(Engine):
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         deepspeed = import_deepspeed()
         ensure_process_group(self.accelerator)
-        self.ds_config["train_batch_size"] = (self.ds_config["train_micro_batch_size_per_gpu"]
-                                              * self.ds_config["gradient_accumulation_steps"]
-                                              * self.accelerator.num_processes)
         self.groups = [list(group["params"]) for group in optimizer.param_groups]
         # DeepSpeed still calls collectives torch has renamed; the warning would repeat at every step
         warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch\.distributed\.",
