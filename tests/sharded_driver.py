@@ -1,4 +1,5 @@
-"""Run under torchrun by tests/test_sharded.py: for each (config, output) pair, train, then stop-and-resume.
+"""Run under torchrun by tests/test_sharded.py: for each (config, output, resume) triple, train, then (when
+`resume` is 1) stop-and-resume.
 
 The resume starts from a copy of the finished run with its last checkpoint removed: exactly what a run
 killed after its step-3 checkpoint leaves (checkpoints are atomic), so `--resume` must end equal.
@@ -17,10 +18,12 @@ from tuneforge.checkpoint import list_checkpoints
 from tuneforge.cli import main
 
 
-def run_pairs(pairs: list[str]) -> int:
-    for config, output in zip(pairs[::2], pairs[1::2], strict=True):
+def run_all(triples: list[str]) -> int:
+    for config, output, resume in zip(triples[::3], triples[1::3], triples[2::3], strict=True):
         if main(["train", config, "--output", output]) != 0:
             return 1
+        if resume != "1":
+            continue
         resumed = Path(output + "-resumed")
         if dist.get_rank() == 0:
             shutil.copytree(output, resumed)
@@ -33,4 +36,4 @@ def run_pairs(pairs: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_pairs(sys.argv[1:]))
+    sys.exit(run_all(sys.argv[1:]))

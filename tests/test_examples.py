@@ -16,6 +16,8 @@ ROOT = Path(__file__).parent.parent / "examples"
 # accelerate: launcher files
 EXAMPLES = sorted(p for p in ROOT.rglob("*.yaml") if p.parent.name != "accelerate")
 IDS = [str(p.relative_to(ROOT).with_suffix("")) for p in EXAMPLES]
+# distributed: sharded engines, run on 2 processes by tests/test_sharded.py
+SINGLE_PROCESS = [p for p in EXAMPLES if p.parent.name != "distributed"]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
@@ -68,7 +70,8 @@ def shrunk(raw: dict, decoder: Path, encoder: Path, output: Path) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=IDS)
+@pytest.mark.parametrize("path", SINGLE_PROCESS, ids=[i for p, i in zip(EXAMPLES, IDS, strict=True)
+                                                     if p in SINGLE_PROCESS])
 def test_example_runs_on_a_tiny_model(path, tmp_path, tiny_deep_llama_dir, tiny_bert_dir):
     raw = yaml.safe_load(path.read_text())
     config = validate_config(shrunk(raw, tiny_deep_llama_dir, tiny_bert_dir, tmp_path / "run"),

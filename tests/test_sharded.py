@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.test_distributed import LOSS_TOLERANCE, losses, worker_env
+from tests.test_examples import shrunk
 from tuneforge.checkpoint import latest_checkpoint
 from tuneforge.cli import main
 from tuneforge.config import load_config, validate_config
@@ -37,6 +38,8 @@ ENGINES = {
 }
 # process 0's share of (parameters, AdamW state): whole parameters under ZeRO-2
 HELD = {"fsdp": (0.5, 0.5), "zero2": (1.0, 0.5), "zero3": (0.5, 0.5)}
+# the shipped example each launch also runs (shrunk to a tiny model, like tests/test_examples.py does)
+EXAMPLES = {"fsdp": "fsdp.yaml", "zero2": "zero2.yaml", "zero3": "zero3-offload.yaml"}
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 
@@ -83,14 +86,21 @@ def test_sharded_runs_match_one_process_resume_exactly_and_export(engine, tmp_pa
                                                                   single, tokenizer):
     if engine != "fsdp" and not deepspeed_installed():
         pytest.skip("DeepSpeed is not installed (scripts/setup.sh installs it)")
-    pairs = []
+    runs = []
     for strategy in STRATEGIES:
         path = tmp_path / f"{strategy}.yaml"
         path.write_text(yaml.safe_dump(run_config(tiny_model_dir, task_file, strategy,
                                                   distributed=ENGINES[engine])))
-        pairs += [str(path), str(tmp_path / strategy)]
+        runs += [str(path), str(tmp_path / strategy), "1"]
+    example = REPO / "examples" / "distributed" / EXAMPLES[engine]
+    shrunk_example = shrunk(yaml.safe_load(example.read_text()), tiny_model_dir, tiny_model_dir, tmp_path / "ex")
+    shrunk_example["distributed"] = {**shrunk_example["distributed"], "deepspeed": str(
+        example.parent / shrunk_example["distributed"]["deepspeed"])} if engine != "fsdp" else \
+        shrunk_example["distributed"]
+    (tmp_path / "example.yaml").write_text(yaml.safe_dump(shrunk_example))
+    runs += [str(tmp_path / "example.yaml"), str(tmp_path / "example"), "0"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "sharded_driver.py"), *pairs]
+               str(REPO / "tests" / "sharded_driver.py"), *runs]
     done = subprocess.run(command, check=False, env=worker_env(), cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -128,6 +138,7 @@ def test_sharded_runs_match_one_process_resume_exactly_and_export(engine, tmp_pa
     merged, reference = (AutoModelForCausalLM.from_pretrained(out).eval()
                          for out in (tmp_path / "merged", tmp_path / "merged-single"))
     torch.testing.assert_close(logits_of(merged, tokenizer), logits_of(reference, tokenizer), atol=1e-4, rtol=0)
+    assert json.loads((tmp_path / "example" / "results.json").read_text())["steps"] == 2
 
 
 def config_of(tmp_path: Path, tiny_model_dir: Path, task_file: Path, strategies: list, distributed: dict,
