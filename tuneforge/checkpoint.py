@@ -160,7 +160,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, strategies: list[Strategy],
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    strategies: list[Strategy],
     place: Callable[[dict[str, Tensor], dict], None] | None = None,
 ) -> dict:
     """Restore everything `save_checkpoint` wrote; returns the loop state.

@@ -35,7 +35,8 @@ def make_accelerator() -> Accelerator:
                               f"{instead} (docs/distributed.md)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = world > 1 and not torch.accelerator.is_available()
-    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
     if accelerator.num_processes != world:
         raise ConfigError(f"launched as {world} processes but the process group has "
                           f"{accelerator.num_processes}: every process would write the same run alone")
@@ -89,3 +90,13 @@ def mean_over_processes(values: dict[str, torch.Tensor], accelerator: Accelerato
     if accelerator.num_processes > 1:
         stacked = accelerator.reduce(stacked, "mean")
     return dict(zip(names, stacked.tolist(), strict=True))
+
+
+def processes_peak_memory(accelerator: Accelerator) -> list[float]:
+    """Every process's peak memory so far in MiB (`metrics.peak_memory_mb`), in rank order (a collective)."""
+    from tuneforge.metrics import peak_memory_mb
+
+    mine = torch.tensor([peak_memory_mb(accelerator.device)], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes == 1:
+        return mine.tolist()
+    return [round(value, 1) for value in accelerator.gather(mine).tolist()]

@@ -75,7 +75,8 @@ class Engine:
         return {"parameters": 1.0, "optimizer_state": 1.0}
 
     # ---- checkpoints: whole tensors in, whole tensors out (every process calls; collectives inside) ----
-    def full_state(self, model: nn.Module, optimizer, names: dict[int, str]) -> tuple[dict[str, Tensor], dict]:
+    def full_state(self, model: nn.Module, optimizer,
+                   names: dict[int, str]) -> tuple[dict[str, Tensor], dict]:
         """(trained weights by name, optimizer state dict in torch's AdamW layout), whole and on the CPU."""
         weights = {names[id(p)]: p.detach().cpu().contiguous() for p in self.parameters(optimizer)}
         return weights, optimizer.state_dict()

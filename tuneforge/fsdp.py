@@ -98,14 +98,25 @@ class FsdpEngine(Engine):
                   if isinstance(v, Tensor) and v.dim()]
         return {"parameters": local_share(parameters), "optimizer_state": local_share(states)}
 
-    def full_state(self, model: nn.Module, optimizer, names: dict[int, str]) -> tuple[dict[str, Tensor], dict]:
+    def full_state(self, model: nn.Module, optimizer,
+                   names: dict[int, str]) -> tuple[dict[str, Tensor], dict]:
+        """Whole tensors on process 0 (CPU memory: 12 bytes a trained parameter with AdamW), gathered one
+        at a time; the other processes keep nothing."""
+        keep = self.accelerator.is_main_process
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        weights = {names[id(p)]: whole(p.detach()) for p in params}
-        state = optimizer.state_dict()
-        state["state"] = {index: {key: whole(value) if isinstance(value, Tensor) else value
-                                  for key, value in values.items()}
-                          for index, values in state["state"].items()}
-        return weights, state
+        weights = {}
+        for p in params:
+            tensor = whole(p.detach())
+            if keep:
+                weights[names[id(p)]] = tensor
+        state = optimizer.state_dict()  # its per-parameter dicts are the live state: copied, not changed
+        packed = {}
+        for index, values in state["state"].items():
+            packed[index] = {}
+            for key, value in values.items():
+                gathered = whole(value) if isinstance(value, Tensor) else value  # every process gathers
+                packed[index][key] = gathered if keep else None
+        return weights, {**state, "state": packed}
 
     def load_full_state(self, model: nn.Module, optimizer, weights: dict[str, Tensor],
                         optimizer_state: dict | None) -> None:

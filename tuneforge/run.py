@@ -344,9 +344,13 @@ def _finish(session: Session, params: dict, before: dict, state, wall: float, ex
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         "seed": config.train.seed, **extra,
     }
-    if session.engine is not None and session.engine.shards:  # what process 0 held of the sharded state
-        results["distributed"] = {"engine": session.engine.name, "processes": accelerator.num_processes,
-                                  "held": getattr(state, "held", None)}
+    sharded = session.engine is not None and session.engine.shards
+    if sharded or accelerator.num_processes > 1:  # what process 0 held of the state, what each one peaked at
+        results["distributed"] = {"engine": session.engine.name if session.engine else "ddp",
+                                  "processes": accelerator.num_processes,
+                                  "held": getattr(state, "held", None) or {"parameters": 1.0,
+                                                                           "optimizer_state": 1.0},
+                                  "peak_memory_mb": getattr(state, "peak_memory_mb", None)}
     if session.data.notes:  # what the run left unused, and why
         results["notes"] = list(session.data.notes)
     skipped = [message for task in session.data.tasks for message in task.skipped]

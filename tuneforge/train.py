@@ -31,7 +31,13 @@ from tuneforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkp
 from tuneforge.compose import set_trainable, trainable_in_any_epoch
 from tuneforge.config import TrainConfig
 from tuneforge.data import collate
-from tuneforge.distributed import agreed_stop, mean_over_processes, step_checks, step_targets
+from tuneforge.distributed import (
+    agreed_stop,
+    mean_over_processes,
+    processes_peak_memory,
+    step_checks,
+    step_targets,
+)
 from tuneforge.engines import Engine
 from tuneforge.errors import TrainingError
 from tuneforge.evaluate import head_skipped, hidden_token_losses, label_head, token_losses
@@ -55,6 +61,7 @@ class LoopState:
     elapsed: float = 0.0  # seconds spent training (excluding evaluation)
     history: list[dict] = field(default_factory=list)  # periodic eval results
     held: dict[str, float] | None = None  # shares of parameters and optimizer state process 0 holds
+    peak_memory_mb: list[float] | None = None  # each process's peak while training (several processes)
 
     @classmethod
     def from_checkpoint(cls, loop: dict, grad_accum: int) -> LoopState:
@@ -249,7 +256,8 @@ def fit(
     num_steps, ctx.num_epochs = plan_length(plan, cfg, world)
     ctx.total_steps, ctx.base_lr = num_steps, cfg.lr
     engine = engine or Engine(accelerator)
-    model, optimizer, scheduler = prepare_training(model, strategies, ctx, cfg, accelerator, num_steps, engine)
+    model, optimizer, scheduler = prepare_training(model, strategies, ctx, cfg, accelerator, num_steps,
+                                                   engine)
     raw_model = engine.unwrap(model)
     optimized = {id(parameter) for parameter in engine.parameters(optimizer)}
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, extra=log_extra)
@@ -295,7 +303,8 @@ def fit(
                 check_optimized(raw_model, optimized)
                 batches = [make_batch([train_items[i] for i in indices], pad_token_id)
                            for indices in step_indices]
-                result = train_step(model, strategies, ctx, batches, accelerator, cfg, with_task, head, engine)
+                result = train_step(model, strategies, ctx, batches, accelerator, cfg, with_task, head,
+                                    engine)
                 # one collective: every process stops at the same step, for a bad loss or a stop request
                 finite, stop_code = step_checks(result.total, stop.code(pace.ahead()), accelerator)
                 if not finite:
@@ -338,6 +347,8 @@ def fit(
             else:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
         progress.close()  # before the final checkpoint: a stop's message goes on a line of its own
+        if world > 1 or engine.shards:  # each process's peak so far (before a checkpoint gathers anything)
+            state.peak_memory_mb = processes_peak_memory(accelerator)
         checkpoint()
         logger.close()
     if reason is not None:

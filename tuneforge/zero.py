@@ -31,16 +31,17 @@ from tuneforge.errors import ConfigError
 from tuneforge.process_group import ensure_process_group
 
 # what tuneforge fills in from `train:`; a config may leave these out or set them to "auto"
-FILLED = {"train_micro_batch_size_per_gpu": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
-          "gradient_clipping": "train.max_grad_norm", "train_batch_size": "train.batch_size x processes x "
-          "train.grad_accum"}
+FILLED = {"train_micro_batch_size_per_gpu": "train.batch_size",
+          "gradient_accumulation_steps": "train.grad_accum",
+          "gradient_clipping": "train.max_grad_norm",
+          "train_batch_size": "train.batch_size x processes x train.grad_accum"}
 REFUSED = {"optimizer": "tuneforge builds AdamW from train.lr and train.weight_decay",
            "scheduler": "tuneforge schedules the learning rate from train.schedule and train.warmup_steps",
            "fp16": "use train.precision: bf16"}
 
 
 def import_deepspeed():
-    """deepspeed, imported for this machine (its CPU accelerator where there is no GPU); one line if absent."""
+    """deepspeed, imported for this machine (its CPU accelerator without GPUs); one line if absent."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
@@ -75,15 +76,18 @@ def resolve_deepspeed_config(config: RunConfig, world: int | None = None) -> dic
     ds = json.loads(json.dumps(raw))  # a copy
     for key, reason in REFUSED.items():
         value = ds.get(key)
-        if value is not None and (key != "fp16" or (isinstance(value, dict) and value.get("enabled") is True)):
+        enabled = not isinstance(value, dict) or value.get("enabled") is True
+        if value is not None and (key != "fp16" or enabled):
             raise ConfigError(f"{where}: {key}: not used with tuneforge ({reason}); remove it")
-    if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") is True and config.train.precision != "bf16":
+    bf16 = isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") is True
+    if bf16 and config.train.precision != "bf16":
         raise ConfigError(f"{where}: bf16.enabled is true but train.precision is fp32; set both alike")
     zero = ds.setdefault("zero_optimization", {})
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3")
     train = config.train
-    wanted = {"train_micro_batch_size_per_gpu": train.batch_size, "gradient_accumulation_steps": train.grad_accum,
+    wanted = {"train_micro_batch_size_per_gpu": train.batch_size,
+              "gradient_accumulation_steps": train.grad_accum,
               "gradient_clipping": train.max_grad_norm or 0.0,
               "train_batch_size": train.batch_size * (world or 1) * train.grad_accum}
     for key, value in wanted.items():
@@ -120,8 +124,8 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed still calls collectives torch has renamed; the warning would repeat at every step
         warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch\.distributed\.",
                                 category=FutureWarning)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
-                                                          dist_init_required=False)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                          config=self.ds_config, dist_init_required=False)
         return engine, ds_optimizer
 
     def parameters(self, optimizer) -> list[nn.Parameter]:
@@ -165,16 +169,26 @@ class DeepSpeedEngine(Engine):
                       if isinstance(v, Tensor) and k in ("exp_avg", "exp_avg_sq"))
         return {"parameters": local / max(1, total), "optimizer_state": moments / max(1, 2 * trained)}
 
-    def full_state(self, model: nn.Module, optimizer, names: dict[int, str]) -> tuple[dict[str, Tensor], dict]:
+    def full_state(self, model: nn.Module, optimizer,
+                   names: dict[int, str]) -> tuple[dict[str, Tensor], dict]:
+        """Whole fp32 weights and AdamW moments on process 0 (CPU memory), gathered one tensor at a time
+        (`safe_get_full_*`, a collective); the other processes keep nothing."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+        keep = self.accelerator.is_main_process
         params = self.parameters(optimizer)
-        weights = {names[id(p)]: safe_get_full_fp32_param(p).detach().cpu().contiguous() for p in params}
+        weights: dict[str, Tensor] = {}
+        for p in params:
+            tensor = safe_get_full_fp32_param(p).detach().cpu()
+            if keep:
+                weights[names[id(p)]] = tensor.contiguous()
         step = self._step(optimizer)
-        state = {index: {"step": step.clone(),
-                         **{key: safe_get_full_optimizer_state(p, key).detach().cpu().contiguous()
-                            for key in ("exp_avg", "exp_avg_sq")}}
-                 for index, p in enumerate(params) if step is not None}
+        state: dict[int, dict] = {}
+        for index, p in enumerate(params if step is not None else []):
+            moments = {key: safe_get_full_optimizer_state(p, key).detach().cpu().contiguous()
+                       for key in ("exp_avg", "exp_avg_sq")}
+            if keep:
+                state[index] = {"step": step.clone(), **moments}
         base = optimizer.optimizer
         index, param_groups = 0, []
         for group, members in zip(base.param_groups, self.groups, strict=True):

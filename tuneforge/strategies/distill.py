@@ -73,12 +73,12 @@ class Distill(Strategy):
     path_options: ClassVar[dict[str, tuple[str, ...]]] = {"teacher": ("base",)}  # a folder, or `base`
     options: DistillOptions
 
-    @classmethod
     def refuses_engine(self, engine: str) -> str | None:
         return ("it runs a teacher model beside the student; under sharding "
                 "that copy would be whole on every process, and its weight reads would see one "
                 "process's shards (use distributed.engine: ddp)")
 
+    @classmethod
     def refuses(cls, other: type[Strategy]) -> str | None:
         if other.provides_heads:
             return (f"{other.name} gives every task a new head that no teacher has, so there is nothing to "

@@ -39,7 +39,8 @@ class Layerwise(Strategy):
 
     def refuses_engine(self, engine: str) -> str | None:
         if engine == "deepspeed" and self.options.unfreeze_every_epochs is not None:
-            return ("gradual unfreezing changes the trained set by epoch, and ZeRO partitions the trained set "
+            return ("gradual unfreezing changes the trained set by epoch, and ZeRO partitions the trained "
+                    "set "
                     "once (use distributed.engine: fsdp or ddp)")
         return None
 
