@@ -92,7 +92,11 @@ def measure(steps: int, work: Path) -> dict:
 
 def render(path: Path) -> str:
     data = json.loads(path.read_text())
-    intro = (f"Measured {data['date']} on {data['cpus']} CPU cores, 1 run each: `{data['command']}` "
+    load = data["load_average_1min"]
+    intro = (f"Measured {data['date']} on {data['cpus']} CPU cores (1-minute load average "
+             f"{load['before']:.1f} before, {load['after']:.1f} after: a shared machine, so times are "
+             f"upper bounds), "
+             f"1 run each: `{data['command']}` "
              f"(`{path.as_posix()}`). {data['model']}; logits compared at {data['positions_compared']} "
              f"positions of {data['texts']} texts against the unmerged tuned model.")
     header = ("| --quant | file | export command | of which writing | reload (transformers) "
@@ -111,18 +115,20 @@ def render(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--render", type=Path, help="print the docs table from this JSON instead")
     args = parser.parse_args()
     if args.render:
         print(render(args.render))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    load_before = os.getloadavg()[0]  # the machine may be shared: times are upper bounds when it is busy
     with tempfile.TemporaryDirectory() as work:
         result = measure(args.steps, Path(work))
+    result["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     date = datetime.date.today().isoformat()
     command = "HF_HUB_OFFLINE=1 python bench/gguf_export.py"
-    command += f" --steps {args.steps}" if args.steps != 4 else ""
+    command += f" --steps {args.steps}" if args.steps != 2 else ""
     result = {"date": date, "command": command, "cpus": os.cpu_count(), **result}
     path = Path(__file__).resolve().parent.parent / "docs" / "results" / f"{date}-gguf-export.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
