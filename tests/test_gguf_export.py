@@ -207,6 +207,23 @@ def test_modelfile_translates_the_smollm2_chat_template(smollm2_tokenizer):
                                                                        add_generation_prompt=True)
 
 
+def test_modelfile_translates_a_llama3_style_template():
+    from tuneforge.ollama import modelfile_text
+
+    tokenizer = make_tokenizer()
+    tokenizer.bos_token = "<|pad|>"  # stands in for <|begin_of_text|>: the template writes it first
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '<|pad|>\\n\\n' "
+        "+ m['content'] + '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant<|pad|>\\n\\n' }}{% endif %}")
+    text, reason = modelfile_text("m.gguf", tokenizer)
+    assert reason is None and "SYSTEM" not in text
+    assert ('TEMPLATE """{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}'
+            '<|im_start|>{{ .Role }}<|pad|>\n\n{{ .Content }}<|im_end|>'
+            '{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant<|pad|>\n\n'
+            '{{ end }}{{ end }}"""') in text
+
+
 def test_modelfile_leaves_out_a_template_it_cannot_translate():
     from tuneforge.ollama import modelfile_text
 

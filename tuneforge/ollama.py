@@ -3,7 +3,8 @@
 Ollama formats chats with Go's text/template (github.com/ollama/ollama/blob/main/docs/modelfile.md), not
 the Jinja template a tokenizer carries, so the Jinja template is translated. Templates of the common shape,
 each message written as `<prefix naming the role><content><suffix>` and a generation prompt after a final
-non-assistant message (ChatML, as SmolLM2 and Qwen2 use; Llama 3's headers), are read off renders of probe
+non-assistant message (ChatML, as SmolLM2 and Qwen2 use; Llama 3's headers, its leading BOS left to
+llama.cpp's tokenizer), are read off renders of probe
 conversations. A default system prompt the template injects becomes `SYSTEM`. The translation is then
 checked by rendering both on sample chats; when they differ, no TEMPLATE is written and the report says
 why (Ollama then passes the prompt through unformatted).
@@ -46,11 +47,21 @@ def chat_shape(tokenizer) -> tuple[ChatShape | None, str | None]:
     """The shape of the tokenizer's chat template, or None and the reason it cannot be translated."""
     if not isinstance(getattr(tokenizer, "chat_template", None), str):
         return None, "the tokenizer has no chat template"
+    shape, reason = _shape(tokenizer, None)
+    bos = getattr(tokenizer, "bos_token", None)
+    if shape is None and bos:  # a template that writes BOS first (Llama 3): llama.cpp adds it when tokenizing
+        shape = _shape(tokenizer, bos)[0]
+    return (shape, None) if shape is not None else (None, reason)
+
+
+def _shape(tokenizer, bos: str | None) -> tuple[ChatShape | None, str | None]:
+    """`chat_shape`, with a leading `bos` cut from every render."""
     system, user, assistant, user2 = _PROBES
 
     def render(messages: list[tuple[str, str]], generation: bool) -> str:
         chat = [{"role": role, "content": content} for role, content in messages]
-        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
+        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation)
+        return text[len(bos):] if bos and text.startswith(bos) else text
 
     try:
         full = render([("system", system), ("user", user), ("assistant", assistant)], False)
