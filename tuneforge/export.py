@@ -154,9 +154,12 @@ def merge_in_place(model: nn.Module, check_inputs: dict | None = None) -> dict:
     if reference is not None:
         difference = (model(**check_inputs).logits - reference).abs().max().item()
         report["max_logit_difference"] = difference
-        if difference > 1e-4:
-            raise ModelError(f"merged logits differ from the unmerged model by {difference:.2e} (> 1e-4); "
-                             f"not written")
+        # float32 rounding grows with depth and logit size (1.6e-4 measured on the 30-layer SmolLM2 with
+        # logits near 30); a wrong merge is off by orders of magnitude more
+        limit = 1e-4 + 2e-5 * reference.abs().max().item()
+        if difference > limit:
+            raise ModelError(f"merged logits differ from the unmerged model by {difference:.2e} "
+                             f"(> {limit:.1e}); not written")
     return report
 
 
