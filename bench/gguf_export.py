@@ -91,6 +91,8 @@ def measure(steps: int, work: Path) -> dict:
 
 
 def render(path: Path) -> str:
+    from tuneforge.formatting import significant
+
     data = json.loads(path.read_text())
     load = data["load_average_1min"]
     intro = (f"Measured {data['date']} on {data['cpus']} CPU cores (1-minute load average "
@@ -105,7 +107,8 @@ def render(path: Path) -> str:
     for row in data["rows"]:
         cells = [row["quant"], f"{row['bytes'] / 2**20:.1f} MiB", f"{row['export_command_seconds']:.1f} s",
                  f"{row['write_seconds']:.1f} s", f"{row['reload_seconds']:.1f} s",
-                 f"{row['max_abs_logit_difference']:.4f}", f"{row['mean_abs_logit_difference']:.4f}",
+                 significant(row["max_abs_logit_difference"], 2),
+                 significant(row["mean_abs_logit_difference"], 2),
                  f"{100 * row['argmax_agreement']:.1f}%"]
         lines.append(f"| {' | '.join(cells)} |")
     scale = max(row["max_abs_logit"] for row in data["rows"])

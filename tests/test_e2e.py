@@ -76,9 +76,12 @@ def test_smollm2_exported_to_gguf_by_the_readme_example_reloads_with_its_logits(
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
     with torch.no_grad():
         expected, got = tuned(**inputs).logits[0], reloaded(**inputs).logits[0]
-    # measured for this model (docs/export.md): q8_0 max 0.14 of a largest |logit| of ~30
-    tolerance = {"f32": 1e-3, "f16": 0.1, "bf16": 0.6, "q8_0": 0.5, "q4_1": 3.0}[quant]
-    assert (got - expected).abs().max().item() <= tolerance
+    # (max, mean) |logit difference|: about twice what docs/export.md measured on a tuned SmolLM2 (largest
+    # |logit| 39): f16 0.031/0.0046, bf16 0.41/0.052, q8_0 1.5/0.20, q4_1 5.8/0.76
+    bounds = {"f32": (1e-3, 1e-4), "f16": (0.1, 0.01), "bf16": (1.0, 0.15), "q8_0": (3.0, 0.5),
+              "q4_1": (12.0, 2.0)}[quant]
+    difference = (got - expected).abs()
+    assert difference.max().item() <= bounds[0] and difference.mean().item() <= bounds[1]
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
 
 

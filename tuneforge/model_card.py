@@ -78,7 +78,9 @@ def card_text(results: dict, config: dict, kind: str, peft: bool = True) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in (options or {}).items())
         lines.append(f"- `{name}`{': ' + shown if shown else ''}")
     data = config.get("data") or {}
-    lines += ["", "## Data", "", f"- train: `{data.get('train')}`"]
+    lines += ["", "## Data", ""]
+    if data.get("train"):
+        lines.append(f"- train: `{data['train']}`")
     if data.get("eval"):
         lines.append(f"- eval: `{data['eval']}`")
     lines.append(f"- retain (forgetting measured on): `{config.get('retain')}`" if config.get("retain")
