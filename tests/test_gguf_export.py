@@ -174,6 +174,26 @@ def test_other_architectures_and_options_are_refused_in_one_line(tmp_path, token
     assert not list(tmp_path.iterdir())
 
 
+def test_tokenizer_kinds_without_a_gguf_form_are_refused_or_noted():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tuneforge.gguf_vocab import vocab_fields
+
+    sentencepiece_like = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(
+        vocab={"<unk>": 0, "a": 1}, merges=[], byte_fallback=True, unk_token="<unk>")))
+    with pytest.raises(ModelError, match="tokenizer of kind BPE with byte fallback does not export to GGUF"):
+        vocab_fields(sentencepiece_like, 2)
+    tokenizer = make_tokenizer()
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(use_regex=False)])
+    fields = vocab_fields(tokenizer, len(tokenizer) + 4)
+    assert fields.pre == "default" and "Whitespace+ByteLevel has no llama.cpp name" in fields.notes[0]
+    assert fields.tokens[-4:] == [f"[PAD{i}]" for i in range(len(tokenizer), len(tokenizer) + 4)]
+    assert fields.token_types[:3] == [3, 3, 3] and fields.token_types[-1] == 5  # control; unused pads
+    assert fields.special_ids == {"eos": 2, "pad": 0} and not fields.add_bos
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, tokenizer, monkeypatch):
     import gguf
 
