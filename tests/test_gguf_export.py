@@ -174,6 +174,28 @@ def test_other_architectures_and_options_are_refused_in_one_line(tmp_path, token
     assert not list(tmp_path.iterdir())
 
 
+def test_a_sentencepiece_style_tokenizer_round_trips(tmp_path):
+    """Llama 2 / Mistral 7B vocabularies: `▁` words, `<0xNN>` byte fallback, merges ranked by score."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    pieces = ["▁", "a", "b", "c", "h", "e", "l", "o", "▁a", "ab", "▁ab", "▁h", "he", "ll", "▁he", "llo",
+              "▁hello"]
+    vocab.update({piece: len(vocab) + i for i, piece in enumerate(pieces)})
+    merges = [("▁", "a"), ("a", "b"), ("▁a", "b"), ("▁", "h"), ("h", "e"), ("l", "l"), ("▁h", "e"),
+              ("ll", "o"), ("▁he", "llo")]
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges)
+    model = tiny_llama(len(tokenizer), layers=1)
+    report = write_gguf(model, tokenizer, tmp_path / "spm.gguf", "f32")
+    assert report["tokenizer_pre"] == "default" and not report["notes"]
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    for text in ["hello ab abc", "hello  héllo ☃ ab", " cab"]:
+        assert back(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    inputs = tokenizer(["hello ab abc"], return_tensors="pt")
+    torch.testing.assert_close(logits(reloaded(tmp_path / "spm.gguf"), inputs), logits(model.eval(), inputs),
+                               atol=1e-5, rtol=0)
+
+
 def test_tokenizer_kinds_without_a_gguf_form_are_refused_or_noted():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

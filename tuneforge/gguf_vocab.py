@@ -4,8 +4,11 @@ Byte-level BPE vocabularies (GPT-2 style: SmolLM2, Qwen2, Llama 3, Mistral's Tek
 `tokenizer.ggml.model = "gpt2"`: every id's token in the byte-to-unicode spelling, its type, the merges in
 rank order, and the special token ids. `tokenizer.ggml.pre` names the regex that splits text before the
 merges; it is read off the tokenizer's own pre-tokenizer (llama.cpp's names, see `llama-vocab.cpp`).
-Embedding rows past the tokenizer's last id become `[PAD<id>]` tokens of type UNUSED, as llama.cpp does.
-Sentencepiece-style vocabularies (Metaspace, byte fallback) are refused for now.
+Sentencepiece-style BPE vocabularies (Metaspace, `<0xNN>` byte fallback: Llama 2, Mistral 7B) are stored
+as `tokenizer.ggml.model = "llama"`: tokens in their `▁` spelling, byte tokens typed BYTE, the merges, and
+scores that rank each merged token by its merge (llama.cpp's sentencepiece tokenizer merges the pair whose
+result scores highest, so this reproduces the BPE order). Embedding rows past the tokenizer's last id become
+`[PAD<id>]` tokens of type UNUSED, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from tuneforge.errors import ModelError
 
 # llama.cpp token types (gguf.TokenType)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED = 1, 2, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -39,6 +42,8 @@ class VocabFields:
     add_bos: bool = False
     add_eos: bool = False
     chat_template: str | None = None
+    scores: list[float] | None = None  # sentencepiece-style vocabularies only
+    add_space_prefix: bool | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -50,11 +55,13 @@ def vocab_fields(tokenizer, vocab_size: int) -> VocabFields:
                          f"to GGUF")
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or not _is_byte_level(spec):
+    sentencepiece = model.get("type") == "BPE" and model.get("byte_fallback") and _is_metaspace(spec)
+    byte_level = _is_byte_level(spec) and not model.get("byte_fallback")
+    if model.get("type") != "BPE" or not (sentencepiece or byte_level):
         kind = f"{model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}"
-        raise ModelError(f"tokenizer of kind {kind} does not export to GGUF yet "
-                         f"(byte-level BPE only: SmolLM2, Qwen2, Llama 3)")
-    pre, notes = _pre_name(spec.get("pre_tokenizer"))
+        raise ModelError(f"tokenizer of kind {kind} does not export to GGUF yet (byte-level BPE: SmolLM2, "
+                         f"Qwen2, Llama 3; sentencepiece-style BPE: Llama 2, Mistral 7B)")
+    pre, notes = ("default", []) if sentencepiece else _pre_name(spec.get("pre_tokenizer"))
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     if len(by_id) > vocab_size:
         raise ModelError(f"the tokenizer has {len(by_id)} tokens but the model only {vocab_size} "
@@ -70,18 +77,25 @@ def vocab_fields(tokenizer, vocab_size: int) -> VocabFields:
             types.append(CONTROL if added[index].get("special") else USER_DEFINED)
         else:
             tokens.append(by_id[index])
-            types.append(NORMAL)
+            token = by_id[index]
+            byte = sentencepiece and len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+            types.append(BYTE if byte else UNKNOWN if token == model.get("unk_token") else NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    scores = None
+    if sentencepiece:  # a merged token scores minus its merge's rank; tokens no merge makes score lowest
+        rank = {merge.replace(" ", ""): -float(k) for k, merge in reversed(list(enumerate(merges)))}
+        scores = [rank.get(token, -1e9 if types[i] == NORMAL else 0.0) for i, token in enumerate(tokens)]
     special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     return VocabFields(
-        model="gpt2", pre=pre, tokens=tokens, token_types=types, merges=merges,
+        model="llama" if sentencepiece else "gpt2", pre=pre, tokens=tokens, token_types=types, merges=merges,
         special_ids={name: value for name, value in special.items() if isinstance(value, int)},
         add_bos=len(probe) > len(plain) and probe[0] == special["bos"],
         add_eos=len(probe) > len(plain) and probe[-1] == special["eos"],
-        chat_template=template, notes=notes,
+        chat_template=template, notes=notes, scores=scores,
+        add_space_prefix='"prepend_scheme": "never"' not in json.dumps(spec) if sentencepiece else None,
     )
 
 
@@ -92,6 +106,10 @@ def write_vocab(writer, fields: VocabFields) -> None:
     writer.add_token_list(fields.tokens)
     writer.add_token_types(fields.token_types)
     writer.add_token_merges(fields.merges)
+    if fields.scores is not None:
+        writer.add_token_scores(fields.scores)
+    if fields.add_space_prefix is not None:
+        writer.add_add_space_prefix(fields.add_space_prefix)
     adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id,
               "unk": writer.add_unk_token_id, "pad": writer.add_pad_token_id}
     for name, token_id in fields.special_ids.items():
@@ -106,6 +124,12 @@ def _is_byte_level(spec: dict) -> bool:
     """Byte-level BPE: a ByteLevel pre-tokenizer or decoder somewhere in the pipeline."""
     parts = json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
     return '"ByteLevel"' in parts
+
+
+def _is_metaspace(spec: dict) -> bool:
+    """Sentencepiece-style: words marked with `▁` by a Metaspace pre-tokenizer or a normalizer."""
+    parts = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer"), spec.get("decoder")])
+    return '"Metaspace"' in parts or '"\\u2581"' in parts
 
 
 def _pre_name(pre_tokenizer: dict | None) -> tuple[str, list[str]]:
