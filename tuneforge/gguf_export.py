@@ -122,8 +122,8 @@ def _write_hyperparameters(writer, config, name: str, quant: str) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None)
-                                    or (config.rope_parameters or {}).get("rope_theta", 10000.0)))
+    rope = getattr(config, "rope_parameters", None) or {}  # transformers 5 keeps rope_theta in here
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or rope.get("rope_theta", 10000.0)))
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
