@@ -81,8 +81,9 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, quant: str = "f32", name
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-    # not the bare family name: transformers reads general.name "mistral" as a gguf architecture it lacks
-    _write_hyperparameters(writer, config, name or "tuneforge-export", quant)
+    # never the bare name "mistral": transformers reads that general.name as an architecture gguf lacks
+    name = name or "tuneforge-export"
+    _write_hyperparameters(writer, config, f"{name}-export" if name == "mistral" else name, quant)
     write_vocab(writer, vocab)
     types = {}
     for gguf_name, array in _tensors(model, family, arch):
