@@ -206,13 +206,18 @@ def cmd_export(args) -> int:
 
     from tuneforge.api import load_adapter
     from tuneforge.errors import ConfigError
-    from tuneforge.export import ADAPTER_DIR, adapter_model, export_merged
+    from tuneforge.export import ADAPTER_DIR, adapter_model, export_merged, merge_in_place
+    from tuneforge.model_card import write_run_card
     from tuneforge.models import load_model
     from tuneforge.quantize import dequantize_model
 
+    if not args.merged and not args.gguf:
+        raise ConfigError("export: give --merged OUT (a Hugging Face folder) or --gguf OUT.gguf, or both")
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / ADAPTER_DIR).is_dir():
         raise ConfigError(f"{run_dir}: not a finished run directory (needs config.yaml and adapter/)")
+    if args.gguf:
+        _check_gguf_target(Path(args.gguf), args.quant)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     # the base loads as the run loaded it: a classifier with the run's labels (its head is in the adapter)
     task_type, labels = adapter_model(run_dir / ADAPTER_DIR)
@@ -221,10 +226,41 @@ def cmd_export(args) -> int:
     model, tokenizer, _ = load_model(config["model"], task_type, labels, trust, quantize)
     dequantize_model(model)  # a quantized run merges into the base it trained on, decoded to fp32
     model = load_adapter(model, run_dir / ADAPTER_DIR, tokenizer)
-    check = tokenizer(["The quick brown fox", "Hello"], return_tensors="pt", padding=True)
-    report = export_merged(model, tokenizer, Path(args.merged), dict(check))
-    print(f"merged model written to {args.merged}: {json.dumps(report)}")
+    check = dict(tokenizer(["The quick brown fox", "Hello"], return_tensors="pt", padding=True))
+    carded = (run_dir / "results.json").is_file()
+    if args.merged:
+        report = export_merged(model, tokenizer, Path(args.merged), check)
+        if carded:
+            write_run_card(Path(args.merged), run_dir, "merged")
+        print(f"merged model written to {args.merged}: {json.dumps(report)}")
+    if args.gguf:
+        from tuneforge.gguf_export import write_gguf
+        from tuneforge.ollama import write_modelfile
+
+        merged = {} if args.merged else merge_in_place(model, check)  # --merged merged it already
+        target = Path(args.gguf)
+        report = {**merged, **write_gguf(model, tokenizer, target, args.quant, name=run_dir.resolve().name)}
+        modelfile, reason = write_modelfile(target, tokenizer)
+        card = write_run_card(target.parent, run_dir, "gguf") if carded else None
+        print(f"GGUF written to {target} ({report['bytes'] / 2**20:.1f} MiB, {args.quant}, "
+              f"{report['seconds']:.1f} s), {modelfile.name} beside it"
+              f"{', and README.md' if card else ''}: {json.dumps(report)}")
+        for note in [*report["notes"], *([f"no TEMPLATE in {modelfile.name}: {reason}"] if reason else [])]:
+            print(f"tuneforge: note: {note}", file=sys.stderr)
     return 0
+
+
+def _check_gguf_target(path: Path, quant: str) -> None:
+    """Refuse a bad --gguf/--quant before loading anything."""
+    from tuneforge.errors import ConfigError
+    from tuneforge.gguf_export import QUANTS
+
+    if quant not in QUANTS:
+        raise ConfigError(f"export: --quant {quant!r}: expected one of {', '.join(QUANTS)}")
+    if path.suffix != ".gguf":
+        raise ConfigError(f"export: --gguf {path}: the file name must end in .gguf")
+    if not path.parent.is_dir():
+        raise ConfigError(f"export: --gguf {path}: folder {path.parent} does not exist")
 
 
 def cmd_compare(args) -> int:
@@ -284,9 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     generate.set_defaults(run=cmd_generate)
-    export = sub.add_parser("export", help="write a merged model folder from a run")
+    export = sub.add_parser("export", help="write a merged model folder, or a GGUF file, from a run")
     export.add_argument("run_dir", metavar="RUN", help="run directory")  # not `run`: that is the handler
-    export.add_argument("--merged", required=True, help="output folder for the merged model")
+    export.add_argument("--merged", help="output folder for the merged model (Hugging Face format)")
+    export.add_argument("--gguf", metavar="OUT.gguf", help="GGUF file for llama.cpp, Ollama and LM Studio "
+                        "(an Ollama Modelfile is written beside it)")
+    export.add_argument("--quant", default="f32",
+                        help="GGUF tensor type: f32 (default), f16, bf16, q8_0 or q4_1")
     export.set_defaults(run=cmd_export)
     compare = sub.add_parser("compare", help="train (or collect) several runs and report them side by side")
     compare.add_argument("sources", nargs="+", help="config files to train, or finished run directories")

@@ -115,6 +115,18 @@ def export_merged(model: nn.Module, tokenizer, output: Path, check_inputs: dict 
     Before writing, checks that the merge changed the weights and that merged logits equal the
     unmerged ones on `check_inputs` (silently unchanged merges are a common failure of other tools).
     """
+    report = merge_in_place(model, check_inputs)
+    with _staged(output) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return report
+
+
+@torch.no_grad()
+def merge_in_place(model: nn.Module, check_inputs: dict | None = None) -> dict:
+    """Fold the merging parametrizations into the base weights of `model` (checked as `export_merged` says);
+    returns the report: layers merged, the largest weight change and logit difference."""
     from tuneforge.compose import applied_strategies
 
     strategies = applied_strategies(model)
@@ -142,13 +154,12 @@ def export_merged(model: nn.Module, tokenizer, output: Path, check_inputs: dict 
     if reference is not None:
         difference = (model(**check_inputs).logits - reference).abs().max().item()
         report["max_logit_difference"] = difference
-        if difference > 1e-4:
-            raise ModelError(f"merged logits differ from the unmerged model by {difference:.2e} (> 1e-4); "
-                             f"not written")
-    with _staged(output) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        # float32 rounding grows with depth and logit size (1.6e-4 measured on the 30-layer SmolLM2 with
+        # logits near 30); a wrong merge is off by orders of magnitude more
+        limit = 1e-4 + 2e-5 * reference.abs().max().item()
+        if difference > limit:
+            raise ModelError(f"merged logits differ from the unmerged model by {difference:.2e} "
+                             f"(> {limit:.1e}); not written")
     return report
 
 

@@ -13,7 +13,8 @@ and a LoRA update on top (as in QLoRA, Dettmers et al. 2023, arXiv:2305.14314) g
 
 GGUF files of llama-family models store the query and key rows permuted (llama.cpp's converter interleaves
 the two rotary halves of each head); `unpermute_rows` undoes it on packed rows, since blocks never cross a
-row. `read_gguf_linears` reads chosen matrices of a GGUF file as `GGUFWeight`s in Hugging Face's layout.
+row (`permute_rows` applies it, for export). `read_gguf_linears` reads chosen matrices of a GGUF file as
+`GGUFWeight`s in Hugging Face's layout.
 """
 
 from __future__ import annotations
@@ -116,6 +117,13 @@ def decoded_linear(x: Tensor, weight: Tensor, bias: Tensor | None, decode) -> Te
 def gguf_linear(x: Tensor, weight: GGUFWeight, bias: Tensor | None = None) -> Tensor:
     """`x W^T + b` for a packed weight; gradients flow to `x` (and `bias`), never to the frozen blocks."""
     return decoded_linear(x, weight, bias, GGUFWeight.dequantize)
+
+
+def permute_rows(rows: Tensor, heads: int) -> Tensor:
+    """llama.cpp's q/k row permutation (`permute(w, n_head)` in `convert_hf_to_gguf.py`): each head's two
+    rotary halves interleaved, as its LLAMA architecture's rope expects. `unpermute_rows` undoes it."""
+    count = rows.shape[0]
+    return rows.reshape(heads, 2, count // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
 def unpermute_rows(rows: Tensor, heads: int) -> Tensor:

