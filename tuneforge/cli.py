@@ -1,4 +1,4 @@
-"""`tuneforge train|eval|generate|validate|strategies|inspect|export`.
+"""`tuneforge train|eval|generate|validate|strategies|inspect|export|compare|ui`.
 
 Every user error is printed as one line (`tuneforge: error: ...`, exit code 2), never as a traceback.
 """
@@ -250,6 +250,24 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from tuneforge.errors import ConfigError
+
+    try:
+        import jinja2  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"tuneforge ui needs {exc.name}: pip install -r requirements.txt "
+                          "(starlette, uvicorn, jinja2, python-multipart)") from None
+    from tuneforge.ui import serve
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: expected 1-65535")
+    serve(Path(args.runs), args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuneforge", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--cost", default="params", help="the cost axis of the Pareto front: params "
                          "(trainable parameters, default), time (training time) or memory (peak memory)")
     compare.set_defaults(run=cmd_compare, overrides=[])
+    ui = sub.add_parser("ui", help="a local web page to start, watch, stop, resume and compare runs")
+    ui.add_argument("--runs", default="runs", 
+                    help="the runs root: every run under it is shown (default: runs)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1; any other needs the token printed at start)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.set_defaults(run=cmd_ui)
     return parser
 
 
