@@ -171,14 +171,21 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    print(generate_reply(args.model, args.prompt, args.adapter, args.max_new_tokens, args.temperature, args.raw))
+    return 0
+
+
+def generate_reply(model_or_run: str, prompt: str, adapter: str | None = None, max_new_tokens: int = 64,
+                   temperature: float = 0.0, raw: bool = False) -> str:
+    """What `tuneforge generate` prints: the reply of a model, a model + adapter, or a run's adapter."""
     import torch
 
     from tuneforge.api import load_adapter
     from tuneforge.export import ADAPTER_DIR
     from tuneforge.models import load_model
 
-    model_name, adapter = args.model, args.adapter
-    run_dir = Path(args.model)
+    model_name = model_or_run
+    run_dir = Path(model_or_run)
     if (run_dir / "config.yaml").is_file() and (run_dir / ADAPTER_DIR).is_dir():
         import yaml
 
@@ -188,20 +195,26 @@ def cmd_generate(args) -> int:
     if adapter:
         model = load_adapter(model, adapter, tokenizer)
     model.eval()
-    if tokenizer.chat_template and not args.raw:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+    if tokenizer.chat_template and not raw:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     else:
-        encoded = tokenizer(args.prompt, return_tensors="pt")
+        encoded = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        output = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                temperature=args.temperature or None, pad_token_id=tokenizer.pad_token_id)
-    print(tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    return 0
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                temperature=temperature or None, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def cmd_export(args) -> int:
+    report = export_run(Path(args.run_dir), Path(args.merged))
+    print(f"merged model written to {args.merged}: {json.dumps(report)}")
+    return 0
+
+
+def export_run(run_dir: Path, merged: Path) -> dict:
+    """What `tuneforge export RUN --merged OUT` does: the run's adapter folded into its base, checked."""
     import yaml
 
     from tuneforge.api import load_adapter
@@ -210,7 +223,6 @@ def cmd_export(args) -> int:
     from tuneforge.models import load_model
     from tuneforge.quantize import dequantize_model
 
-    run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / ADAPTER_DIR).is_dir():
         raise ConfigError(f"{run_dir}: not a finished run directory (needs config.yaml and adapter/)")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -222,9 +234,7 @@ def cmd_export(args) -> int:
     dequantize_model(model)  # a quantized run merges into the base it trained on, decoded to fp32
     model = load_adapter(model, run_dir / ADAPTER_DIR, tokenizer)
     check = tokenizer(["The quick brown fox", "Hello"], return_tensors="pt", padding=True)
-    report = export_merged(model, tokenizer, Path(args.merged), dict(check))
-    print(f"merged model written to {args.merged}: {json.dumps(report)}")
-    return 0
+    return export_merged(model, tokenizer, merged, dict(check))
 
 
 def cmd_compare(args) -> int:

@@ -201,9 +201,8 @@ def create_app(root: Path, guard: Guard) -> Starlette:
         path = run_dir(run_id)
         if not (path / "adapter").is_dir():
             return JSONResponse({"ok": False, "message": "this run has no adapter to merge"}, status_code=400)
-        code, text, output = await run_in_threadpool(launcher.export_merged, root, run_id)
-        message = f"merged model written to {output}" if code == 0 else text.splitlines()[-1]
-        return JSONResponse({"ok": code == 0, "message": message})
+        error, output = await run_in_threadpool(launcher.export_merged, root, run_id)
+        return JSONResponse({"ok": error is None, "message": error or f"merged model written to {output}"})
 
     # ---- New run ----
     def examples() -> list[str]:
@@ -303,10 +302,9 @@ def create_app(root: Path, guard: Guard) -> Starlette:
         for run_id in chosen:
             if not (run_dir(run_id) / "results.json").is_file():
                 raise Refused(400, f"{run_id}: not a finished run")
-        key, code, text = await run_in_threadpool(launcher.compare_runs, root, chosen)
-        if code != 0:
-            last = text.splitlines()[-1] if text else f"exit code {code}"
-            return RedirectResponse("/compare?" + _query(notice=f"compare failed: {last}"), status_code=303)
+        key, error = await run_in_threadpool(launcher.compare_runs, root, chosen)
+        if error:
+            return RedirectResponse("/compare?" + _query(notice=f"compare failed: {error}"), status_code=303)
         return RedirectResponse("/compare?" + _query(report=key, run=chosen), status_code=303)
 
     async def compare_report(request: Request):
@@ -332,8 +330,8 @@ def create_app(root: Path, guard: Guard) -> Starlette:
                                 status_code=400)
         tokens = max(1, min(int(data.get("max_new_tokens") or 64), 512))
         model = str(runs_index.read_config(path).get("model", ""))
-        base = await run_in_threadpool(launcher.generate, root, model, prompt, tokens)
-        tuned = await run_in_threadpool(launcher.generate, root, str(path), prompt, tokens)
+        base = await run_in_threadpool(launcher.generate, model, prompt, tokens)
+        tuned = await run_in_threadpool(launcher.generate, str(path), prompt, tokens)
         return JSONResponse({"ok": True, "base": base, "tuned": tuned})
 
     async def refused(request: Request, exc: Refused):

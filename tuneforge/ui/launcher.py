@@ -1,6 +1,7 @@
 """What the page starts: `tuneforge train` as a detached process (it outlives the page's server, and the
 page finds it again through its status.json), stop (SIGTERM: the run stops at a checkpoint), resume,
-and the short commands (`validate`'s checks, `inspect`, `compare`, `generate`, `export`).
+and what the commands `validate`, `inspect`, `compare`, `generate` and `export` do, through their own
+functions, in the page's process.
 
 Everything a run directory holds is written by `tuneforge` itself; the page keeps its own files under the
 runs root: `configs/` (saved configs) and `.ui/` (logs of the runs it started, comparisons, exports).
@@ -9,7 +10,6 @@ runs root: `configs/` (saved configs) and `.ui/` (logs of the runs it started, c
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shlex
@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from tuneforge.run_status import process_alive, read_record, run_state
@@ -113,14 +114,13 @@ def resume_train(root: Path, run_id: str) -> int:
     return start_train(root, run_id, run_dir / "config.yaml", resume=True)
 
 
-def run_short(args: list[str], timeout: float, cwd: Path) -> tuple[int, str]:
-    """A short `tuneforge` command; its exit code and output (stderr after stdout)."""
-    try:
-        done = subprocess.run(tuneforge_command(*args), capture_output=True, text=True, timeout=timeout,
-                              env=child_env(), cwd=cwd, stdin=subprocess.DEVNULL, check=False)
-    except subprocess.TimeoutExpired:
-        return 124, f"tuneforge {args[0]}: no answer within {timeout:.0f} s"
-    return done.returncode, (done.stdout + done.stderr).strip()
+def one_at_a_time():
+    """Model-loading work of the page (inspect, compare, chat, export) runs in its process, one at a time:
+    a second request waits rather than doubling the memory."""
+    return _heavy
+
+
+_heavy = threading.Lock()
 
 
 ERROR_LINE = re.compile(r"^(?P<file>[^:\n]+?\.ya?ml):(?P<line>\d+): ")
@@ -133,12 +133,7 @@ def check_config(root: Path, text: str, name: str) -> dict:
     from tuneforge.errors import TuneforgeError
     from tuneforge.run import validate_run
 
-    configs = root / CONFIGS
-    configs.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=configs, prefix=".check-", suffix=".yaml", delete=False,
-                                     encoding="utf-8") as handle:
-        handle.write(text)
-    path = Path(handle.name)
+    path = _checked_copy(root, text, ".check-")
     try:
         summary = validate_run(load_config(path))
     except TuneforgeError as exc:
@@ -154,39 +149,72 @@ def check_config(root: Path, text: str, name: str) -> dict:
 
 
 def inspect_config(root: Path, text: str) -> dict:
-    """`tuneforge inspect --json` of the editor's text (its own process: a real model is loaded)."""
-    configs = root / CONFIGS
-    configs.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=configs, prefix=".inspect-", suffix=".yaml", delete=False,
-                                     encoding="utf-8") as handle:
-        handle.write(text)
+    """The parameter counts of `tuneforge inspect` for the editor's text (the model is built, no weight
+    trained; the memory estimate is left to the command)."""
+    from tuneforge.config import load_config
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.run import inspect_config as inspect
+
+    path = _checked_copy(root, text, ".inspect-")
     try:
-        code, output = run_short(["inspect", handle.name, "--json"], 600, root)
+        with one_at_a_time():
+            report = inspect(load_config(path))
+    except TuneforgeError as exc:
+        return {"ok": False, "message": " ".join(str(exc).splitlines()).replace(str(path), "config.yaml")}
     finally:
-        Path(handle.name).unlink(missing_ok=True)
-    if code != 0:
-        return {"ok": False, "message": output.splitlines()[-1] if output else f"exit code {code}"}
-    report = json.loads(output.splitlines()[-1])
-    return {"ok": True, "total_params": report["total_params"],
-            "trainable_params": report["trainable_params"],
+        path.unlink(missing_ok=True)
+    return {"ok": True, "total_params": report["total_params"], "trainable_params": report["trainable_params"],
             "trainable_by_strategy": report["trainable_by_strategy"], "matched": report["matched"]}
 
 
-def compare_runs(root: Path, run_ids: list[str]) -> tuple[str, int, str]:
-    """`tuneforge compare RUN... --output .ui/compare/KEY`: (KEY, exit code, output)."""
+def _checked_copy(root: Path, text: str, prefix: str) -> Path:
+    """The editor's text as a file in `configs/` (so relative paths resolve as they will when saved)."""
+    configs = root / CONFIGS
+    configs.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=configs, prefix=prefix, suffix=".yaml", delete=False,
+                                     encoding="utf-8") as handle:
+        handle.write(text)
+    return Path(handle.name)
+
+
+def compare_runs(root: Path, run_ids: list[str]) -> tuple[str, str | None]:
+    """`tuneforge compare RUN... --output .ui/compare/KEY` for finished runs: (KEY, error or None)."""
+    from tuneforge.compare import compare
+    from tuneforge.errors import TuneforgeError
+
     key = hashlib.sha256("\n".join(sorted(run_ids)).encode()).hexdigest()[:12]
     output = root / UI_DIR / "compare" / key
-    code, text = run_short(["compare", *(str(root / r) for r in run_ids), "--output", str(output)], 600, root)
-    return key, code, text
+    sources = [str(root / r) for r in run_ids]
+    command = shlex.join(["tuneforge", "compare", *sources, "--output", str(output)])
+    try:
+        with one_at_a_time():
+            compare(sources, output, command=command)
+    except TuneforgeError as exc:
+        return key, " ".join(str(exc).splitlines())
+    return key, None
 
 
-def generate(root: Path, model_or_run: str, prompt: str, max_new_tokens: int) -> str:
-    code, text = run_short(["generate", model_or_run, "--prompt", prompt, "--max-new-tokens",
-                            str(max_new_tokens)], 600, root)
-    return text if code == 0 else f"(failed) {text.splitlines()[-1] if text else code}"
+def generate(model_or_run: str, prompt: str, max_new_tokens: int) -> str:
+    """`tuneforge generate MODEL_OR_RUN --prompt ...`."""
+    from tuneforge.cli import generate_reply
+    from tuneforge.errors import TuneforgeError
+
+    try:
+        with one_at_a_time():
+            return generate_reply(model_or_run, prompt, max_new_tokens=max_new_tokens)
+    except TuneforgeError as exc:
+        return f"(failed) {exc}"
 
 
-def export_merged(root: Path, run_id: str) -> tuple[int, str, Path]:
+def export_merged(root: Path, run_id: str) -> tuple[str | None, Path]:
+    """`tuneforge export RUN --merged exports/RUN-merged`: (error or None, output folder)."""
+    from tuneforge.cli import export_run
+    from tuneforge.errors import TuneforgeError
+
     output = root / "exports" / f"{flat(run_id)}-merged"
-    code, text = run_short(["export", str(root / run_id), "--merged", str(output)], 600, root)
-    return code, text, output
+    try:
+        with one_at_a_time():
+            export_run(root / run_id, output)
+    except TuneforgeError as exc:
+        return " ".join(str(exc).splitlines()), output
+    return None, output
