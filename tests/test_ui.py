@@ -1,5 +1,6 @@
-"""`tuneforge ui` over HTTP (Starlette's TestClient): the security rules, the runs index with true states, a run's
-page and live stream, the editor's validation, save/load, parameter count and start, downloads, export and chat."""
+"""`tuneforge ui` over HTTP (Starlette's TestClient): the security rules, the runs index with true states, a
+run's page and live stream, the editor's validation, save/load, parameter count and start, downloads, export
+and chat."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import yaml
 from conftest import cli_run_config
 
 pytest.importorskip("starlette")
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from tuneforge.cli import main  # noqa: E402
-from tuneforge.run_status import STATUS_FILE, process_identity  # noqa: E402
-from tuneforge.ui.app import create_app  # noqa: E402
-from tuneforge.ui.security import MAX_BODY, Guard  # noqa: E402
+from tuneforge.cli import main
+from tuneforge.run_status import STATUS_FILE, process_identity
+from tuneforge.ui.app import create_app
+from tuneforge.ui.security import MAX_BODY, Guard
 
 LOCAL = "http://127.0.0.1:7860"
 
@@ -40,7 +41,8 @@ def root(tmp_path_factory, tiny_model_dir, task_file) -> Path:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     for name, record in (("killed", {"state": "running", "pid": dead.pid}),
-                         ("broken", {"state": "failed", "pid": dead.pid, "error": "loss became nan at step 3"})):
+                         ("broken", {"state": "failed", "pid": dead.pid,
+                                     "error": "loss became nan at step 3"})):
         (root / "nested" / name).mkdir(parents=True)
         (root / "nested" / name / "config.yaml").write_text((root / "done" / "config.yaml").read_text())
         (root / "nested" / name / STATUS_FILE).write_text(json.dumps(record))
@@ -86,7 +88,8 @@ def test_token_is_needed_off_localhost(root):
     assert app.get("/?token=wrong").status_code == 401
     first = app.get(f"/run/done?token={guard.token}&x=1")
     assert first.status_code == 303 and first.headers["location"] == "/run/done?x=1"  # token out of the URL
-    assert "httponly" in first.headers["set-cookie"].lower() and "samesite=strict" in first.headers["set-cookie"].lower()
+    cookie = first.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
     assert app.get("/").status_code == 200  # the cookie now
     fresh = TestClient(create_app(root, guard), base_url="http://192.0.2.7:7860")
     assert fresh.get("/", headers={"Authorization": f"Bearer {guard.token}"}).status_code == 200
@@ -120,14 +123,16 @@ def test_paths_stay_inside_the_runs_root(client, guard, root, tmp_path):
     (outside / "results.json").write_text("{}")
     (root / "escape").symlink_to(outside)
     try:
-        for url in ("/run/escape", "/run/%2e%2e/outside", "/run/done/..%2F..%2Fetc", "/download/adapter?run=../x",
+        for url in ("/run/escape", "/run/%2e%2e/outside", "/run/done/..%2F..%2Fetc",
+                    "/download/adapter?run=../x",
                     "/events/run?run=/etc&once=1", "/api/config?source=saved:../../x",
                     "/api/config?source=example:../../etc/passwd", "/compare/report/..%2Fx"):
             response = client.get(url)
             assert response.status_code in (400, 404), (url, response.status_code)
         assert "escape" not in client.get("/events/runs?once=1").text  # symlinks are not followed
         for name in ("../x", "a/b", ".hidden", ""):
-            response = client.post("/api/save", json={"yaml": "model: x\n", "config_name": name}, headers=csrf(guard))
+            response = client.post("/api/save", json={"yaml": "model: x\n", "config_name": name},
+                                   headers=csrf(guard))
             assert response.status_code == 400, name
     finally:
         (root / "escape").unlink()
@@ -136,7 +141,8 @@ def test_paths_stay_inside_the_runs_root(client, guard, root, tmp_path):
 def test_yaml_is_only_safe_loaded(client, guard, root, tmp_path):
     marker = tmp_path / "pwned"
     text = f"model: !!python/object/apply:os.system ['touch {marker}']\ndata: {{train: x.jsonl}}\n"
-    result = client.post("/api/validate", json={"yaml": text, "config_name": "evil"}, headers=csrf(guard)).json()
+    result = client.post("/api/validate", json={"yaml": text, "config_name": "evil"},
+                         headers=csrf(guard)).json()
     assert not result["ok"] and result["line"] == 1 and not marker.exists()
 
 
@@ -177,12 +183,14 @@ def test_run_page_and_its_live_stream(client, root):
 def test_editor_validation_names_the_line_and_start_refuses_a_taken_name(client, guard, root, tiny_model_dir,
                                                                        task_file):
     good = {"model": str(tiny_model_dir), "data": {"train": str(task_file)}, "retain": None,
-            "strategies": [{"lora": {"rank": 2}}], "train": {"max_steps": 2, "batch_size": 4, "max_seq_len": 64}}
+            "strategies": [{"lora": {"rank": 2}}],
+            "train": {"max_steps": 2, "batch_size": 4, "max_seq_len": 64}}
     text = yaml.safe_dump(good, sort_keys=False)
     ok = client.post("/api/validate", json={"yaml": text, "config_name": "mine"}, headers=csrf(guard)).json()
     assert ok["ok"] and "causal_lm" in ok["message"]
     bad_text = text.replace("rank: 2", "rank: -2")
-    bad = client.post("/api/validate", json={"yaml": bad_text, "config_name": "mine"}, headers=csrf(guard)).json()
+    bad = client.post("/api/validate", json={"yaml": bad_text, "config_name": "mine"},
+                      headers=csrf(guard)).json()
     line = next(i for i, row in enumerate(bad_text.splitlines(), 1) if "rank: -2" in row)
     assert not bad["ok"] and bad["line"] == line and bad["message"].startswith(f"mine.yaml:{line}: ")
     assert not list((root / "configs").glob(".check-*"))  # the checked copy is gone
@@ -211,12 +219,13 @@ def test_parameter_count_is_inspects(client, guard, tiny_model_dir, task_file):
 
 def test_adapter_download_export_and_chat(client, guard, root):
     archive = zipfile.ZipFile(io.BytesIO(client.get("/download/adapter?run=done").content))
-    assert sorted(archive.namelist()) == sorted(f"adapter/{p.name}" for p in (root / "done" / "adapter").iterdir())
+    adapter = root / "done" / "adapter"
+    assert sorted(archive.namelist()) == sorted(f"adapter/{p.name}" for p in adapter.iterdir())
     exported = client.post("/api/export", json={"run": "done"}, headers=csrf(guard)).json()
     assert exported["ok"], exported
     assert (root / "exports" / "done-merged" / "config.json").is_file()
-    chat = client.post("/api/chat", json={"run": "done", "prompt": "What colour is the cat?", "max_new_tokens": 6},
-                       headers=csrf(guard)).json()
+    chat = client.post("/api/chat", headers=csrf(guard),
+                       json={"run": "done", "prompt": "What colour is the cat?", "max_new_tokens": 6}).json()
     assert chat["ok"] and not chat["base"].startswith("(failed)") and not chat["tuned"].startswith("(failed)")
     assert chat["base"] != chat["tuned"]  # the adapter changed what the model says
     empty = client.post("/api/chat", json={"run": "done", "prompt": " "}, headers=csrf(guard))

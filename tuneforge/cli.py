@@ -171,7 +171,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    print(generate_reply(args.model, args.prompt, args.adapter, args.max_new_tokens, args.temperature, args.raw))
+    print(generate_reply(args.model, args.prompt, args.adapter, args.max_new_tokens, args.temperature,
+                         args.raw))
     return 0
 
 

@@ -163,7 +163,8 @@ def inspect_config(root: Path, text: str) -> dict:
         return {"ok": False, "message": " ".join(str(exc).splitlines()).replace(str(path), "config.yaml")}
     finally:
         path.unlink(missing_ok=True)
-    return {"ok": True, "total_params": report["total_params"], "trainable_params": report["trainable_params"],
+    return {"ok": True, "total_params": report["total_params"],
+            "trainable_params": report["trainable_params"],
             "trainable_by_strategy": report["trainable_by_strategy"], "matched": report["matched"]}
 
 
