@@ -96,6 +96,7 @@ def summary(root: Path, run_id: str) -> dict:
     evals = [r for r in records if r.get("split") == "eval"]
     step = results["steps"] if results else max((r["step"] for r in train), default=0)
     total = (config.get("train") or {}).get("max_steps")
+    untrained = bool(results) and results.get("steps") == 0  # max_steps: 0, the prompt-only baseline
     task_metric, task, forgetting_pct = None, None, None
     after = results["after"] if results else (evals[-1] if evals else {})
     after_eval = after.get("eval", after) if results else after
@@ -119,8 +120,9 @@ def summary(root: Path, run_id: str) -> dict:
     return {
         "id": run_id, "state": state, "step": step, "total_steps": total,
         "progress": (min(1.0, step / total) if total else (1.0 if results else None)),
-        "strategies": strategies_text(config), "model": config.get("model"),
-        "trainable_params": results.get("trainable_params") if results else None,
+        "strategies": "none (prompt only)" if untrained else strategies_text(config),
+        "model": config.get("model"),
+        "trainable_params": (0 if untrained else results.get("trainable_params")) if results else None,
         "total_params": results.get("total_params") if results else None,
         "task_metric": task_metric, "task": task, "forgetting_pct": forgetting_pct,
         "seconds": seconds, "peak_memory_mb": results.get("peak_memory_mb") if results else None,

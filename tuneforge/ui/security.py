@@ -130,7 +130,7 @@ class GuardMiddleware:
         async def with_headers(message):
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin"),
                             (b"content-security-policy", POLICY)]
                 message = {**message, "headers": headers}
             await send(message)

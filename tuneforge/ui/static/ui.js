@@ -87,8 +87,9 @@
       document.getElementById("resume").disabled = s.state === "running" || s.state === "starting" || s.state === "finished";
       if (s.log && logBox) { logBox.textContent = s.log; }
       if (s.after) { after = s.after; redraw(); }
-      if (s.state !== initial && s.state !== "running" && s.state !== "starting" && !reloaded) {
-        reloaded = true;  // the run ended: the page shows its results
+      var ended = s.state !== initial && s.state !== "running" && s.state !== "starting";
+      if ((ended || (initial === "starting" && s.state === "running")) && !reloaded) {
+        reloaded = true;  // the run started (its config is there) or ended (its results are)
         setTimeout(function () { location.replace("/run/" + runId); }, 600);
       }
     });
