@@ -21,9 +21,12 @@ fi
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "setup: installing chromium and chromium-driver (for the browser test of tuneforge ui) ..."
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
-           >/dev/null; }; then
-      [ "${CI:-}" = "true" ] && { echo "setup: error: could not install chromium (CI runs the browser test)" >&2; exit 1; }
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
+      if [ "${CI:-}" = "true" ]; then
+        echo "setup: error: could not install chromium (CI runs the browser test)" >&2
+        exit 1
+      fi
       echo "setup: warning: could not install chromium; the browser test will be skipped" >&2
     fi
   elif [ "${CI:-}" = "true" ]; then

@@ -1,7 +1,7 @@
-"""`tuneforge ui` in a real headless browser (Debian's chromium + chromium-driver, driven by selenium): start a
-20-step run on a small model from the New run page, watch the loss plot gain points while it trains, stop it,
-resume it to the end, and compare it with a run the command line made. Screenshots go to the test's folder,
-and to `$TUNEFORGE_UI_SCREENSHOTS` (docs/ui) when set.
+"""`tuneforge ui` in a real headless browser (Debian's chromium + chromium-driver, driven by selenium):
+start a 20-step run on a small model from the New run page, watch the loss plot gain points while it
+trains, stop it, resume it to the end, and compare it with a run the command line made. Screenshots go to
+the test's folder, and to `$TUNEFORGE_UI_SCREENSHOTS` (docs/ui) when set.
 
 Without chromium the test skips, saying so, except under CI=true, where it fails: CI installs chromium
 (scripts/setup.sh)."""
@@ -64,10 +64,10 @@ def small_model_dir(tmp_path_factory, tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=0, eos_token_id=2, bos_token_id=1, tie_word_embeddings=False,
-                         initializer_range=0.2)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+                         tie_word_embeddings=False, initializer_range=0.2)
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -106,14 +106,14 @@ def test_start_watch_stop_resume_and_compare_in_a_browser(browser, small_model_d
               "train": {"max_steps": 20, "batch_size": 8, "lr": 5e-3, "max_seq_len": 64, "log_every": 1,
                         "eval_every": 5},
               "evaluation": {"samples": 1, "max_new_tokens": 8, "retain_examples": 4}}
-    # a prompt-only baseline made by the command line (evaluation only): the page shows both, and compares them
+    # a prompt-only baseline made by the command line (evaluation only): the page shows both, compares them
     baseline_file = tmp_path / "baseline.yaml"
     baseline_file.write_text(yaml.safe_dump({**config, "train": {**config["train"], "max_steps": 0}}))
     assert main(["train", str(baseline_file), "--output", str(root / "prompt-only")]) == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     port = free_port()
     server_log = tmp_path / "server.log"
-    with open(server_log, "w") as handle:  # a file, not a pipe nobody reads: a full pipe would block the server
+    with open(server_log, "w") as handle:  # a file: a full pipe that nobody reads would block the server
         server = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "ui", "--runs", str(root),
                                    "--port", str(port)], env=env, stdout=handle, stderr=subprocess.STDOUT)
     started, began = [], time.monotonic()
@@ -176,7 +176,8 @@ def test_start_watch_stop_resume_and_compare_in_a_browser(browser, small_model_d
                  30, "the run to resume")
         wait_for(lambda: run_state() == "finished", 180, "the run to finish")
         wait_for(lambda: driver.find_elements(By.ID, "before-after"), 30, "the before/after table")
-        wait_for(lambda: train_points() == 20, 20, "all 20 steps on the plot")  # every step once: the resume continued where the stop left off
+        # every step once: the resume continued where the stop left off
+        wait_for(lambda: train_points() == 20, 20, "all 20 steps on the plot")
         results = json.loads((root / "lora-ui" / "results.json").read_text())
         assert results["steps"] == 20
         assert f"resumed from step-{stopped_at:08d}" in (root / ".ui" / "logs" / "lora-ui.log").read_text()
