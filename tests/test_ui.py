@@ -230,6 +230,9 @@ def test_adapter_download_export_and_chat(client, guard, root):
     assert chat["base"] != chat["tuned"]  # the adapter changed what the model says
     empty = client.post("/api/chat", json={"run": "done", "prompt": " "}, headers=csrf(guard))
     assert empty.status_code == 400
+    garbled = client.post("/api/chat", content=b"{not json", headers={**csrf(guard),
+                                                                       "Content-Type": "application/json"})
+    assert garbled.status_code == 400 and "not JSON" in garbled.text
 
 
 def test_ui_command_refuses_a_bad_port(capsys):

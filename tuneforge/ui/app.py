@@ -54,7 +54,10 @@ def create_app(root: Path, guard: Guard) -> Starlette:
     async def posted(request: Request) -> dict:
         """The body of a POST (form or JSON) after its CSRF token is checked."""
         if request.headers.get("content-type", "").startswith("application/json"):
-            body = json.loads(await request.body() or b"{}")
+            try:
+                body = json.loads(await request.body() or b"{}")
+            except ValueError:
+                raise Refused(400, "the request body is not JSON") from None
             data = body if isinstance(body, dict) else {}
         else:
             form = await request.form(max_files=0, max_fields=64, max_part_size=MAX_BODY)
@@ -328,7 +331,10 @@ def create_app(root: Path, guard: Guard) -> Starlette:
         if not prompt or len(prompt) > 4000:
             return JSONResponse({"ok": False, "message": "write a prompt (at most 4,000 characters)"},
                                 status_code=400)
-        tokens = max(1, min(int(data.get("max_new_tokens") or 64), 512))
+        try:
+            tokens = max(1, min(int(data.get("max_new_tokens") or 64), 512))
+        except (TypeError, ValueError):
+            return JSONResponse({"ok": False, "message": "max new tokens: a whole number"}, status_code=400)
         model = str(runs_index.read_config(path).get("model", ""))
         base = await run_in_threadpool(launcher.generate, model, prompt, tokens)
         tuned = await run_in_threadpool(launcher.generate, str(path), prompt, tokens)
