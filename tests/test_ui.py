@@ -225,10 +225,10 @@ def test_adapter_download_export_and_chat(client, guard, root):
     assert exported["ok"], exported
     assert (root / "exports" / "done-merged" / "config.json").is_file()
     chat = client.post("/api/chat", headers=csrf(guard),
-                       json={"run": "done", "prompt": "What colour is the cat?", "max_new_tokens": 6}).json()
+                       json={"run": "done", "text": "What colour is the cat?", "max_new_tokens": 6}).json()
     assert chat["ok"] and not chat["base"].startswith("(failed)") and not chat["tuned"].startswith("(failed)")
     assert chat["base"] != chat["tuned"]  # the adapter changed what the model says
-    empty = client.post("/api/chat", json={"run": "done", "prompt": " "}, headers=csrf(guard))
+    empty = client.post("/api/chat", json={"run": "done", "text": " "}, headers=csrf(guard))
     assert empty.status_code == 400
     garbled = client.post("/api/chat", content=b"{not json", headers={**csrf(guard),
                                                                        "Content-Type": "application/json"})

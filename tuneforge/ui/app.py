@@ -30,6 +30,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from tuneforge.export import ADAPTER_DIR
 from tuneforge.ui import launcher, runs_index
 from tuneforge.ui.security import MAX_BODY, Guard, GuardMiddleware, Refused, inside, plain_name
 
@@ -124,7 +125,7 @@ def create_app(root: Path, guard: Guard) -> Starlette:
         log = runs_index.log_tail(launcher.log_path(root, run_id))
         return page(request, "run.html", run=row, config_text=config_text, metric_rows=metric_rows,
                     cost_rows=cost_rows, samples=samples, before_samples=before_samples, log=log,
-                    has_adapter=(path / "adapter").is_dir(), notice=request.query_params.get("notice"))
+                    has_adapter=(path / ADAPTER_DIR).is_dir(), notice=request.query_params.get("notice"))
 
     async def run_events(request: Request):
         run_id = request.query_params.get("run", "")
@@ -186,7 +187,7 @@ def create_app(root: Path, guard: Guard) -> Starlette:
 
     async def adapter_zip(request: Request):
         run_id = request.query_params.get("run", "")
-        adapter = run_dir(run_id) / "adapter"
+        adapter = run_dir(run_id) / ADAPTER_DIR
         if not adapter.is_dir():
             raise Refused(404, "this run has no adapter")
         buffer = io.BytesIO()
@@ -202,7 +203,7 @@ def create_app(root: Path, guard: Guard) -> Starlette:
         data = await posted(request)
         run_id = str(data.get("run", ""))
         path = run_dir(run_id)
-        if not (path / "adapter").is_dir():
+        if not (path / ADAPTER_DIR).is_dir():
             return JSONResponse({"ok": False, "message": "this run has no adapter to merge"}, status_code=400)
         error, output = await run_in_threadpool(launcher.export_merged, root, run_id)
         return JSONResponse({"ok": error is None, "message": error or f"merged model written to {output}"})
@@ -320,14 +321,14 @@ def create_app(root: Path, guard: Guard) -> Starlette:
     # ---- Chat ----
     async def chat_page(request: Request):
         table = await run_in_threadpool(rows)
-        runs = [r for r in table if r["state"] == "finished" and (root / r["id"] / "adapter").is_dir()]
+        runs = [r for r in table if r["state"] == "finished" and (root / r["id"] / ADAPTER_DIR).is_dir()]
         return page(request, "chat.html", runs=runs, chosen=request.query_params.get("run"))
 
     async def chat(request: Request):
         data = await posted(request)
         run_id = str(data.get("run", ""))
         path = run_dir(run_id)
-        prompt = str(data.get("prompt", "")).strip()
+        prompt = str(data.get("text", "")).strip()
         if not prompt or len(prompt) > 4000:
             return JSONResponse({"ok": False, "message": "write a prompt (at most 4,000 characters)"},
                                 status_code=400)

@@ -14,14 +14,16 @@ from tuneforge.run_status import run_state
 
 # files only a run directory has (with config.yaml)
 RUN_MARKERS = ("status.json", "metrics.jsonl", "results.json", "evaluation_before.json", "checkpoints")
-NOT_SEARCHED = {"checkpoints", "adapter", "tensorboard", "configs", "exports", "__pycache__"}
+NOT_SEARCHED = {"checkpoints", "tensorboard", "configs", "exports", "__pycache__"}  # and the adapter folder
 MAX_DEPTH = 4  # compare puts its runs at OUTPUT/runs/NAME
 
 
 def find_runs(root: Path) -> list[str]:
     """Run ids (paths relative to `root`, `/`-separated) of every run directory under it; symlinks and
     hidden folders are not followed."""
-    found = []
+    from tuneforge.export import ADAPTER_DIR
+
+    found, skipped = [], NOT_SEARCHED | {ADAPTER_DIR}
     for directory, subdirs, files in os.walk(root, followlinks=False):
         here = Path(directory)
         depth = len(here.relative_to(root).parts)
@@ -29,7 +31,7 @@ def find_runs(root: Path) -> list[str]:
             found.append(here.relative_to(root).as_posix())
             subdirs[:] = []  # runs do not nest
             continue
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d not in NOT_SEARCHED
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d not in skipped
                             and depth < MAX_DEPTH)
     return sorted(found)
 

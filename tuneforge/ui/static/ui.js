@@ -183,7 +183,7 @@
     document.getElementById("chat-send").addEventListener("click", function () {
       var status = document.getElementById("chat-status"), button = document.getElementById("chat-send");
       button.disabled = true; status.textContent = "generating with the base model and the run's adapter …";
-      post("/api/chat", {run: document.getElementById("chat-run").value, prompt: document.getElementById("chat-prompt").value,
+      post("/api/chat", {run: document.getElementById("chat-run").value, text: document.getElementById("chat-prompt").value,
         max_new_tokens: document.getElementById("chat-tokens").value}).then(function (r) {
         button.disabled = false;
         if (!r.ok) { status.textContent = r.message; return; }
