@@ -64,7 +64,7 @@ def small_model_dir(tmp_path_factory, tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, pad_token_id=0, eos_token_id=2, bos_token_id=1,
                          tie_word_embeddings=False, initializer_range=0.2)
@@ -110,7 +110,8 @@ def test_start_watch_stop_resume_and_compare_in_a_browser(browser, small_model_d
     baseline_file = tmp_path / "baseline.yaml"
     baseline_file.write_text(yaml.safe_dump({**config, "train": {**config["train"], "max_steps": 0}}))
     assert main(["train", str(baseline_file), "--output", str(root / "prompt-only")]) == 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # one thread per process: the server, the run and the browser share two cores
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     port = free_port()
     server_log = tmp_path / "server.log"
     with open(server_log, "w") as handle:  # a file: a full pipe that nobody reads would block the server
