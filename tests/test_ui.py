@@ -200,7 +200,9 @@ def test_editor_validation_names_the_line_and_start_refuses_a_taken_name(client,
     invalid = client.post("/api/start", json={"yaml": bad_text, "config_name": "mine", "run_name": "new"},
                           headers=csrf(guard))
     assert invalid.status_code == 400 and invalid.json()["line"] == line and not (root / "new").exists()
-    new_page = client.get("/new").text
+    new_page = client.get("/new")
+    assert "script-src" not in new_page.headers["content-security-policy"]  # default-src 'self': no inline
+    new_page = new_page.text
     assert "data-snippet=\"  - lora: {" in new_page  # strategy options from the registry
 
 
@@ -233,6 +235,15 @@ def test_adapter_download_export_and_chat(client, guard, root):
     garbled = client.post("/api/chat", content=b"{not json", headers={**csrf(guard),
                                                                        "Content-Type": "application/json"})
     assert garbled.status_code == 400 and "not JSON" in garbled.text
+
+
+def test_compare_takes_finished_runs_only(client, guard):
+    none = client.post("/api/compare", data={"csrf": guard.csrf}, follow_redirects=False)
+    assert none.status_code == 303 and "pick+at+least+one" in none.headers["location"]
+    unfinished = client.post("/api/compare", data={"csrf": guard.csrf, "run[]": ["done", "nested/killed"]})
+    assert unfinished.status_code == 400 and "nested/killed: not a finished run" in unfinished.text
+    page = client.get("/compare").text
+    assert 'value="done"' in page and 'value="nested/killed"' not in page
 
 
 def test_ui_command_refuses_a_bad_port(capsys):

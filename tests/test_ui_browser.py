@@ -202,6 +202,9 @@ def test_start_watch_stop_resume_and_compare_in_a_browser(browser, small_model_d
         driver.switch_to.frame(frame)
         heading = wait_for(lambda: driver.find_elements(By.TAG_NAME, "h1"), 20, "the report")[0].text
         table = driver.find_element(By.ID, "results").text
+        header = driver.find_element(By.CSS_SELECTOR, "#results th.sortable")
+        header.click()  # the report's own sorting script runs under its policy
+        assert header.get_attribute("aria-sort") == "ascending"
         driver.switch_to.default_content()
         assert heading == "tuneforge comparison"
         assert "lora-ui" in table and "prompt-only" in table

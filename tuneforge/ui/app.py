@@ -39,6 +39,8 @@ EXAMPLES = HERE.parent.parent / "examples"  # the repository's examples, when ru
 DEFAULT_EXAMPLE = "quickstart.yaml"
 POLL_SECONDS = 0.5
 NO_STORE = {"Cache-Control": "no-store"}
+REPORT_POLICY = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+                 "frame-ancestors 'self'")
 STREAM_SECONDS = 300  # an event stream ends after this; the browser reconnects where it left off
 
 
@@ -316,7 +318,8 @@ def create_app(root: Path, guard: Guard) -> Starlette:
         path = root / launcher.UI_DIR / "compare" / key / "report.html"
         if not path.is_file():
             raise Refused(404, "no such comparison")
-        return FileResponse(path, media_type="text/html")
+        # the report is one self-contained file: its own inline style and sorting script, nothing fetched
+        return FileResponse(path, media_type="text/html", headers={"Content-Security-Policy": REPORT_POLICY})
 
     # ---- Chat ----
     async def chat_page(request: Request):

@@ -130,8 +130,9 @@ class GuardMiddleware:
         async def with_headers(message):
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin"),
-                            (b"content-security-policy", POLICY)]
+                headers += [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin")]
+                if not any(name.lower() == b"content-security-policy" for name, _ in headers):
+                    headers.append((b"content-security-policy", POLICY))  # unless a route set a tighter one
                 message = {**message, "headers": headers}
             await send(message)
 
