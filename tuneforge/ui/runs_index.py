@@ -74,6 +74,23 @@ def read_records(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     return records, offset + end
 
 
+_parsed: dict[Path, tuple[tuple[int, int], list[dict]]] = {}
+
+
+def all_records(path: Path) -> list[dict]:
+    """Every complete record of a metrics file, parsed again only when the file changed (the runs table is
+    rebuilt every second while a page watches it)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return []
+    key = (stat.st_size, stat.st_mtime_ns)
+    cached = _parsed.get(path)
+    if cached is None or cached[0] != key:
+        cached = _parsed[path] = (key, read_records(path)[0])
+    return cached[1]
+
+
 def strategies_text(config: dict) -> str:
     from tuneforge.strategies import REGISTRY, default_parametrization
 
@@ -93,7 +110,7 @@ def summary(root: Path, run_id: str) -> dict:
     config = read_config(run_dir)
     results = read_json(run_dir / "results.json") if state != "running" else None
     before = read_json(run_dir / "evaluation_before.json") or {}
-    records, _ = read_records(run_dir / "metrics.jsonl")
+    records = all_records(run_dir / "metrics.jsonl")
     train = [r for r in records if r.get("split", "train") == "train" and "step" in r]
     evals = [r for r in records if r.get("split") == "eval"]
     step = results["steps"] if results else max((r["step"] for r in train), default=0)
