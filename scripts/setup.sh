@@ -23,3 +23,25 @@ b = a().create_op_builder('ShareMemCommBuilder'); b and b.load(verbose=False)" >
     || echo "setup: note: DeepSpeed's CPU op did not build here; it will be compiled at first use"
   echo "$want" > "$stamp"
 fi
+
+# The browser test of `tuneforge ui` drives Debian's chromium + chromium-driver (no browser download works
+# offline). Installed here when missing and apt-get can (root); CI must have them: there a failure stops.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "setup: installing chromium and chromium-driver (for the browser test of tuneforge ui) ..."
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
+      if [ "${CI:-}" = "true" ]; then
+        echo "setup: error: could not install chromium (CI runs the browser test)" >&2
+        exit 1
+      fi
+      echo "setup: warning: could not install chromium; the browser test will be skipped" >&2
+    fi
+  elif [ "${CI:-}" = "true" ]; then
+    echo "setup: error: CI needs chromium and chromium-driver (apt-get install chromium chromium-driver)" >&2
+    exit 1
+  else
+    echo "setup: note: no chromium/chromedriver (apt-get install chromium chromium-driver as root);" \
+         "the browser test of tuneforge ui will be skipped" >&2
+  fi
+fi

@@ -1,4 +1,4 @@
-"""`tuneforge train|eval|generate|validate|strategies|inspect|export`.
+"""`tuneforge train|eval|generate|validate|strategies|inspect|export|compare|ui`.
 
 Every user error is printed as one line (`tuneforge: error: ...`, exit code 2), never as a traceback.
 """
@@ -171,14 +171,22 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    print(generate_reply(args.model, args.prompt, args.adapter, args.max_new_tokens, args.temperature,
+                         args.raw))
+    return 0
+
+
+def generate_reply(model_or_run: str, prompt: str, adapter: str | None = None, max_new_tokens: int = 64,
+                   temperature: float = 0.0, raw: bool = False) -> str:
+    """What `tuneforge generate` prints: the reply of a model, a model + adapter, or a run's adapter."""
     import torch
 
     from tuneforge.api import load_adapter
     from tuneforge.export import ADAPTER_DIR
     from tuneforge.models import load_model
 
-    model_name, adapter = args.model, args.adapter
-    run_dir = Path(args.model)
+    model_name = model_or_run
+    run_dir = Path(model_or_run)
     if (run_dir / "config.yaml").is_file() and (run_dir / ADAPTER_DIR).is_dir():
         import yaml
 
@@ -188,20 +196,32 @@ def cmd_generate(args) -> int:
     if adapter:
         model = load_adapter(model, adapter, tokenizer)
     model.eval()
-    if tokenizer.chat_template and not args.raw:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+    if tokenizer.chat_template and not raw:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     else:
-        encoded = tokenizer(args.prompt, return_tensors="pt")
+        encoded = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
-        output = model.generate(**encoded, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                temperature=args.temperature or None, pad_token_id=tokenizer.pad_token_id)
-    print(tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip())
-    return 0
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                temperature=temperature or None, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def cmd_export(args) -> int:
+    from tuneforge.errors import ConfigError
+
+    if not args.merged and not args.gguf:
+        raise ConfigError("export: give --merged OUT (a Hugging Face folder) or --gguf OUT.gguf, or both")
+    export_run(Path(args.run_dir), Path(args.merged) if args.merged else None,
+               Path(args.gguf) if args.gguf else None, args.quant)
+    return 0
+
+
+def export_run(run_dir: Path, merged: Path | None, gguf: Path | None = None, quant: str = "f32") -> dict:
+    """What `tuneforge export RUN [--merged OUT] [--gguf OUT.gguf --quant Q]` does: the run's adapter folded
+    into its base and checked, written as a Hugging Face folder and/or a GGUF file (with an Ollama
+    Modelfile), each with a model card. Returns the last export's report."""
     import yaml
 
     from tuneforge.api import load_adapter
@@ -211,13 +231,10 @@ def cmd_export(args) -> int:
     from tuneforge.models import load_model
     from tuneforge.quantize import dequantize_model
 
-    if not args.merged and not args.gguf:
-        raise ConfigError("export: give --merged OUT (a Hugging Face folder) or --gguf OUT.gguf, or both")
-    run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / ADAPTER_DIR).is_dir():
         raise ConfigError(f"{run_dir}: not a finished run directory (needs config.yaml and adapter/)")
-    if args.gguf:
-        _check_gguf_target(Path(args.gguf), args.quant)
+    if gguf:
+        _check_gguf_target(gguf, quant)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     # the base loads as the run loaded it: a classifier with the run's labels (its head is in the adapter)
     task_type, labels = adapter_model(run_dir / ADAPTER_DIR)
@@ -228,26 +245,26 @@ def cmd_export(args) -> int:
     model = load_adapter(model, run_dir / ADAPTER_DIR, tokenizer)
     check = dict(tokenizer(["The quick brown fox", "Hello"], return_tensors="pt", padding=True))
     carded = (run_dir / "results.json").is_file()
-    if args.merged:
-        report = export_merged(model, tokenizer, Path(args.merged), check)
+    report: dict = {}
+    if merged:
+        report = export_merged(model, tokenizer, merged, check)
         if carded:
-            write_run_card(Path(args.merged), run_dir, "merged")
-        print(f"merged model written to {args.merged}: {json.dumps(report)}")
-    if args.gguf:
+            write_run_card(merged, run_dir, "merged")
+        print(f"merged model written to {merged}: {json.dumps(report)}")
+    if gguf:
         from tuneforge.gguf_export import write_gguf
         from tuneforge.ollama import write_modelfile
 
-        merged = {} if args.merged else merge_in_place(model, check)  # --merged merged it already
-        target = Path(args.gguf)
-        report = {**merged, **write_gguf(model, tokenizer, target, args.quant, name=run_dir.resolve().name)}
-        modelfile, reason = write_modelfile(target, tokenizer)
-        card = write_run_card(target.parent, run_dir, "gguf") if carded else None
-        print(f"GGUF written to {target} ({report['bytes'] / 2**20:.1f} MiB, {args.quant}, "
+        done = {} if merged else merge_in_place(model, check)  # --merged merged it already
+        report = {**done, **write_gguf(model, tokenizer, gguf, quant, name=run_dir.resolve().name)}
+        modelfile, reason = write_modelfile(gguf, tokenizer)
+        card = write_run_card(gguf.parent, run_dir, "gguf") if carded else None
+        print(f"GGUF written to {gguf} ({report['bytes'] / 2**20:.1f} MiB, {quant}, "
               f"{report['seconds']:.1f} s), {modelfile.name} beside it"
               f"{', and README.md' if card else ''}: {json.dumps(report)}")
         for note in [*report["notes"], *([f"no TEMPLATE in {modelfile.name}: {reason}"] if reason else [])]:
             print(f"tuneforge: note: {note}", file=sys.stderr)
-    return 0
+    return report
 
 
 def _check_gguf_target(path: Path, quant: str) -> None:
@@ -283,6 +300,24 @@ def cmd_compare(args) -> int:
 
     print(console_comparison(json.loads((report.parent / "comparison.json").read_text())))
     print(f"\ncomparison written to {report} (and report.html, comparison.json, plots)")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from tuneforge.errors import ConfigError
+
+    try:
+        import jinja2  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"tuneforge ui needs {exc.name}: pip install -r requirements.txt "
+                          "(starlette, uvicorn, jinja2, python-multipart)") from None
+    from tuneforge.ui import serve
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port}: expected 1-65535")
+    serve(Path(args.runs), args.host, args.port)
     return 0
 
 
@@ -337,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--cost", default="params", help="the cost axis of the Pareto front: params "
                          "(trainable parameters, default), time (training time) or memory (peak memory)")
     compare.set_defaults(run=cmd_compare, overrides=[])
+    ui = sub.add_parser("ui", help="a local web page to start, watch, stop, resume and compare runs")
+    ui.add_argument("--runs", default="runs", 
+                    help="the runs root: every run under it is shown (default: runs)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1; any other needs the token printed at start)")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.set_defaults(run=cmd_ui)
     return parser
 
 

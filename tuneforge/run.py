@@ -8,6 +8,7 @@ Several tasks train as a mixture (one stream) or, with `schedule: {mode: sequenc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,6 +44,7 @@ from tuneforge.models import (
     resolve_model_path,
 )
 from tuneforge.packing import check_packing
+from tuneforge.run_status import mark_running, recorded_end
 from tuneforge.stopping import Stopped, current_request, reason_of
 from tuneforge.strategies import REGISTRY, Strategy, StrategyContext, TaskInfo, default_parametrization
 from tuneforge.surgery import disabled_adapters
@@ -199,6 +201,9 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     run_dir = prepare_output(config, resume, overwrite, accelerator)
     if accelerator.is_main_process and not resume:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.resolved_dict(), sort_keys=False))
+    if accelerator.is_main_process:
+        with contextlib.suppress(OSError):  # advisory: a disk too full for it fails at the first real write
+            mark_running(run_dir, resume)  # status.json: `tuneforge ui` tells a live run from a killed one
     if accelerator.is_main_process and config.train.max_steps != 0:
         warn_if_short_of_memory(config, accelerator.device)
     set_seed(config.train.seed)
@@ -270,7 +275,14 @@ def evaluate_before(session: Session, resume: bool) -> dict:
 
 
 def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run `config` end to end and return its results (also written to results.json and report.md)."""
+    """Run `config` end to end and return its results (also written to results.json and report.md).
+
+    status.json records that it runs and how it ended (`tuneforge.run_status`)."""
+    with recorded_end(Path(config.output)):
+        return _train_run(config, resume, overwrite)
+
+
+def _train_run(config: RunConfig, resume: bool, overwrite: bool) -> dict:
     from tuneforge.train import fit
 
     session = start_session(config, resume, overwrite)
