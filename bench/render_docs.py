@@ -123,6 +123,87 @@ def compare_seeds(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _bench_results(path: Path) -> dict[tuple, list[dict]]:
+    """A `bench/bench.py --json` file as bench.py's own `--render` reads it: {(suite, method, side): runs}."""
+    return {tuple(key.split("/")): runs for key, runs in json.loads(path.read_text()).items()}
+
+
+SYNTHETIC_LABELS = {"full": "full", "lora-qv": "lora-qv", "lora-all": "lora-all", "prefix": "prefix",
+                    "prompt": "prompt", "ia3": "ia3", "adapter": "adapter (Pfeiffer, ours only)",
+                    "layerwise-top-half": "layerwise top 4 of 8"}
+
+
+def performance_synthetic(path: Path) -> str:
+    """docs/performance.md, uniform batches: medians over repeats, as `bench.py --render` computes them."""
+    bench = _module("bench/bench.py")
+    results = _bench_results(path)
+    mm = bench.median(results[("matmul", "synthetic", "torch.mm")], "fp32_gflops_cpu")
+    lines = [("| method | step s ours | step s PEFT | ratio | tok/s ours | tok/s PEFT | peak RSS MB ours | "
+              "peak RSS MB PEFT | RSS ratio | trainable | GEMM % ours | GEMM % PEFT |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for method, label in SYNTHETIC_LABELS.items():
+        ours, peft = results[("synthetic", method, "ours")], results.get(("synthetic", method, "peft"), [])
+        step, tokens, rss = ((bench.median(ours, key), bench.median(peft, key))
+                             for key in ("step_s", "tokens_per_s", "peak_rss_mb"))
+        row = [label, bench.cell(step[0], 3), bench.cell(step[1], 3), bench.ratio(*step),
+               bench.cell(tokens[0]), bench.cell(tokens[1]), bench.cell(rss[0]), bench.cell(rss[1]),
+               bench.ratio(*rss), bench.cell(bench.median(ours, "trainable"))]
+        for runs in (ours, peft):  # GEMM FLOP rate per thread by CPU time, over torch.mm's
+            flops, cpu = bench.median(runs, "gemm_gflops_per_step"), bench.median(runs, "cpu_step_s")
+            row.append(bench.cell(100 * flops / (cpu / bench.THREADS) / mm) if flops and cpu else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+SMOLLM2_LABELS = {"lora-packed": "ours, packed", "lora-packed-bf16": "ours, packed, bf16 autocast",
+                  "lora-padded": "ours, padded", "trainer-lora": "Trainer + PEFT"}
+
+
+def performance_smollm2(path: Path) -> str:
+    """docs/performance.md, SmolLM2 on chat data: one invocation's runs against its own Trainer run."""
+    bench = _module("bench/bench.py")
+    results = _bench_results(path)
+    reference = results[("smollm2", "trainer-lora", "trainer")]
+    lines = [("| run | step s | non-pad tok/s | vs Trainer | peak RSS MB | vs Trainer | train loss/token | "
+              "held-out loss/token | steps |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    bf16 = ("smollm2", "lora-packed-bf16", "ours") in results
+    for method, label in SMOLLM2_LABELS.items():
+        side = "trainer" if method == "trainer-lora" else "ours"
+        runs = results.get(("smollm2", method, side))
+        if not runs:
+            continue
+
+        def value(key: str, digits: int = 0, runs: list = runs) -> str:
+            return bench.cell(bench.median(runs, key), digits)
+
+        def versus(key: str, runs: list = runs, method: str = method) -> str:  # bold: the row targets read
+            text = bench.ratio(bench.median(runs, key), bench.median(reference, key))
+            return f"**{text}**" if method.startswith("lora-packed") else text
+
+        label += " (fp32)" if side == "trainer" and bf16 else ""
+        row = [label, value("step_s", 2), value("tokens_per_s"), versus("tokens_per_s"), value("peak_rss_mb"),
+               versus("peak_rss_mb"), value("loss_per_token", 4), value("held_out_loss", 4), value("steps")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+INFERENCE_LABELS = {"base": "base", "lora-merged": "LoRA all-linear, merged",
+                    "lora-unmerged": "LoRA all-linear, unmerged"}
+
+
+def performance_inference(path: Path) -> str:
+    import statistics
+
+    runs = _bench_results(path)[("inference", "merged-lora", "ours")]
+    base = statistics.median(run["base"]["step_s"] for run in runs)
+    lines = ["| model (synthetic, one forward of 4 x 256) | forward s | vs base |", "| --- | ---: | ---: |"]
+    for name, label in INFERENCE_LABELS.items():
+        step = statistics.median(run[name]["step_s"] for run in runs)
+        lines.append(f"| {label} | {step:.3f} | {step / base:.2f} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ registry
 @dataclass(frozen=True)
 class Block:
@@ -143,6 +224,10 @@ BLOCKS: dict[str, Block] = {
     "architectures.json": Block("docs/results/architectures.json", architectures),
     "compare-12-steps.json": Block("docs/results/compare-12-steps.json", compare_12_steps),
     "compare/comparison.json": Block("docs/compare/comparison.json", compare_seeds),
+    "2026-11-26-synthetic.json": Block("bench/results/2026-11-26-synthetic.json", performance_synthetic),
+    "2026-11-26-smollm2.json": Block("bench/results/2026-11-26-smollm2.json", performance_smollm2),
+    "2026-11-26-smollm2-bf16.json": Block("bench/results/2026-11-26-smollm2-bf16.json", performance_smollm2),
+    "2026-11-26-inference.json": Block("bench/results/2026-11-26-inference.json", performance_inference),
 }
 
 
