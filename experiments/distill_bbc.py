@@ -8,6 +8,7 @@ training set and on a small one (200 articles), where the teacher's soft labels 
 
     python experiments/distill_bbc.py all        # teacher first, then the students (skips done runs)
     python experiments/distill_bbc.py table      # the Markdown table for docs/distillation.md
+    python experiments/distill_bbc.py record     # the same data -> docs/results/distill-bbc.json
 """
 
 from __future__ import annotations
@@ -106,28 +107,58 @@ def run_all(names: list[str]) -> None:
         subprocess.run([sys.executable, __file__, "run", name], check=False)
 
 
-def table() -> str:
+def summary(name: str, out: Path = OUT) -> dict | None:
+    """What the docs read of one finished run (None where it has not run)."""
+    path = out / name / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    after = results["after"]["eval"]
+    return {"layers": 6 if name == "teacher" else 3,
+            "train_articles": VARIANTS[name][2].get("max_train_examples", "all"), "steps": results["steps"],
+            "seed": results.get("seed"), "eval_accuracy": after["accuracy"],
+            "eval_examples": after["examples"], "eval_loss": after["loss"],
+            "train_seconds": results["train_seconds"]}
+
+
+def collect(out: Path = OUT) -> dict:
+    return {"runs": {name: summary(name, out) for name in VARIANTS}}
+
+
+def render(data: dict) -> str:
+    """The table of docs/distillation.md from `collect`'s (or the recorded JSON's) data."""
     rows = ["| run | layers | train articles | steps | eval accuracy | eval loss | train time |",
             "|---|---|---|---|---|---|---|"]
-    for name in VARIANTS:
-        path = OUT / name / "results.json"
-        if not path.is_file():
+    for name, run in data["runs"].items():
+        if run is None:
             rows.append(f"| {name} | not run | | | | | |")
             continue
-        results = json.loads(path.read_text())
-        after = results["after"]["eval"]
-        layers = 6 if name == "teacher" else 3
-        articles = VARIANTS[name][2].get("max_train_examples", "all")
-        rows.append(f"| {name} | {layers} | {articles} | {results['steps']} | {100 * after['accuracy']:.1f}% "
-                    f"({after['examples']}) | {after['loss']:.3f} | {results['train_seconds']:.0f} s |")
+        rows.append(f"| {name} | {run['layers']} | {run['train_articles']} | {run['steps']} | "
+                    f"{100 * run['eval_accuracy']:.1f}% ({run['eval_examples']}) | {run['eval_loss']:.3f} | "
+                    f"{run['train_seconds']:.0f} s |")
     return "\n".join(rows)
+
+
+RESULTS = ROOT / "docs" / "results" / "distill-bbc.json"
+
+
+def record(names: list[str]) -> None:
+    """Write the finished runs' summaries to docs/results/distill-bbc.json, with date and command."""
+    import datetime
+
+    data = {"date": datetime.date.today().isoformat(),
+            "command": "python experiments/distill_bbc.py all && python experiments/distill_bbc.py record",
+            **collect()}
+    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"written to {RESULTS}")
 
 
 def main() -> None:
     run_cli(__doc__, VARIANTS, {
         "run": lambda names: [run_variant(name) for name in names],
         "all": run_all,
-        "table": lambda names: print(table()),
+        "table": lambda names: print(render(collect())),
+        "record": record,
     })
 
 

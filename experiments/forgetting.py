@@ -8,6 +8,7 @@ disjoint from the ones EWC and the retention loss train on), 80 optimizer steps 
     python experiments/forgetting.py all                 # every variant in turn (skips done ones; calibrates)
     python experiments/forgetting.py calibrate full lora # penalty sizes at the plain end points (weights)
     python experiments/forgetting.py table               # the Markdown table for docs/forgetting.md
+    python experiments/forgetting.py record              # the same data -> docs/results/forgetting.json
 
 Each variant writes a normal run directory under runs/forgetting/NAME (results.json, metrics.jsonl with
 task and retain metrics every `eval_every` steps, report.md). "At equal task loss" interpolates the
@@ -210,49 +211,69 @@ def retain_at_task_loss(points: list[tuple[int, float, float]], target: float) -
     return None
 
 
-def table() -> str:
+def summary(name: str, out: Path = OUT) -> dict | None:
+    """What the docs read of one finished variant: its objective, lr, curve and train time."""
+    run_dir = out / name
+    if not (run_dir / "results.json").is_file():
+        return None
+    results = json.loads((run_dir / "results.json").read_text())
+    objective = ", ".join(f"{k} {v['weight']:g}" + (f" every {v['every']}" if v.get("every", 1) > 1 else "")
+                          for spec in results["strategies"] for k, v in spec.items() if "weight" in v) or "-"
+    _, lr, counterpart = VARIANTS[name]
+    return {"objective": objective, "lr": lr, "counterpart": counterpart, "seed": results.get("seed"),
+            "train_seconds": results["train_seconds"], "curve": [list(point) for point in curve(run_dir)]}
+
+
+def collect(out: Path = OUT) -> dict:
+    """Every variant's summary (None where it has not run), as `record` writes it."""
+    return {"variants": {name: summary(name, out) for name in VARIANTS}}
+
+
+def render(data: dict) -> str:
+    """The table and the eval curves of docs/forgetting.md, from `collect`'s (or the recorded JSON's) data."""
     rows = [
         ("| variant | objective | lr | task loss before -> after | retain ppl before -> after "
          "| forgetting (retain ppl) | plain counterpart at the same task loss | train time |"),
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, (_, lr, counterpart) in VARIANTS.items():
-        run_dir = OUT / name
-        if not (run_dir / "results.json").is_file():
+    variants = data["variants"]
+    for name, run in variants.items():
+        if run is None:
             rows.append(f"| {name} | not run | | | | | | |")
             continue
-        results = json.loads((run_dir / "results.json").read_text())
-        before, after = results["before"], results["after"]
-        objective = ", ".join(f"{k} {v['weight']:g}"
-                              + (f" every {v['every']}" if v.get("every", 1) > 1 else "")
-                              for spec in results["strategies"] for k, v in spec.items()
-                              if "weight" in v) or "-"
-        ppl0, ppl1 = before["retain"]["perplexity"], after["retain"]["perplexity"]
-        equal = "-"
-        if counterpart and (OUT / counterpart / "results.json").is_file():
-            found = retain_at_task_loss(curve(OUT / counterpart), after["eval"]["loss"])
+        (_, loss0, ppl0), (_, loss1, ppl1) = run["curve"][0], run["curve"][-1]
+        equal, counterpart = "-", run["counterpart"]
+        if counterpart and variants.get(counterpart):
+            found = retain_at_task_loss(variants[counterpart]["curve"], loss1)
             if found is None:
-                equal = f"{counterpart} never reached task loss {after['eval']['loss']:.3f}"
+                equal = f"{counterpart} never reached task loss {loss1:.3f}"
             else:
                 step, ppl = found
                 equal = f"{counterpart} at step {step:.0f}: {ppl:.2f} ({100 * (ppl / ppl0 - 1):+.1f}%)"
         rows.append(
-            f"| {name} | {objective} | {lr:g} | {before['eval']['loss']:.3f} -> {after['eval']['loss']:.3f} "
+            f"| {name} | {run['objective']} | {run['lr']:g} | {loss0:.3f} -> {loss1:.3f} "
             f"| {ppl0:.2f} -> {ppl1:.2f} | {ppl1 - ppl0:+.2f} ({100 * (ppl1 / ppl0 - 1):+.1f}%) "
-            f"| {equal} | {results['train_seconds']:.0f} s |"
+            f"| {equal} | {run['train_seconds']:.0f} s |"
         )
-    return "\n".join(rows)
+    curves = [f"- `{name}` (step: task loss/retain ppl): "
+              + ", ".join(f"{step}: {loss:.3f}/{ppl:.2f}" for step, loss, ppl in run["curve"])
+              for name, run in variants.items() if run is not None]
+    return "\n".join(rows) + "\n\n" + "\n".join(curves)
 
 
-def curves_text() -> str:
-    """Every run's eval curve, for the docs: step, task loss, retain perplexity."""
-    lines = []
-    for name in VARIANTS:
-        if (OUT / name / "results.json").is_file():
-            points = curve(OUT / name)
-            shown = ", ".join(f"{s}: {loss:.3f}/{ppl:.2f}" for s, loss, ppl in points)
-            lines.append(f"- `{name}` (step: task loss/retain ppl): {shown}")
-    return "\n".join(lines)
+RESULTS = ROOT / "docs" / "results" / "forgetting.json"
+
+
+def record(names: list[str]) -> None:
+    """Write the finished variants' summaries to docs/results/forgetting.json, with date and command, so
+    docs/forgetting.md can be rendered from a committed file (`bench/render_docs.py`)."""
+    import datetime
+
+    data = {"date": datetime.date.today().isoformat(),
+            "command": "python experiments/forgetting.py all && python experiments/forgetting.py record",
+            **collect()}
+    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"written to {RESULTS}")
 
 
 def main() -> None:
@@ -260,7 +281,8 @@ def main() -> None:
         "run": lambda names: [run_variant(name) for name in names],
         "all": run_all,
         "calibrate": lambda names: [calibrate(name) for name in names],
-        "table": lambda names: print(f"{table()}\n\n{curves_text()}"),
+        "table": lambda names: print(render(collect())),
+        "record": record,
     })
 
 

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -203,7 +204,27 @@ def test_json_array_items_must_be_records(items):
         with contextlib.suppress(DataError):
             load_examples(str(path))
             return  # some generated arrays are valid (e.g. text records)
-        check_message(load_error(path), path)
+        message = check_message(load_error(path), path)
+        starts = _item_lines(items)
+        line = int(re.match(re.escape(str(path)) + r":(\d+): ", message)[1])
+        objects = [isinstance(item, dict) for item in items]
+        if not all(objects):  # reading comes first: the first item that is not an object is named
+            assert line == starts[objects.index(False)], message
+            return
+        assert line in starts, message  # else the first object that is not a record: the ones before load
+        first_bad = starts.index(line)
+        if first_bad:
+            path.write_text(json.dumps(items[:first_bad], indent=1))
+            assert len(load_examples(str(path))) == first_bad
+
+
+def _item_lines(items: list) -> list[int]:
+    """Line where each item of `json.dumps(items, indent=1)` starts (the array's `[` is line 1)."""
+    starts, line = [], 2
+    for item in items:
+        starts.append(line)
+        line += json.dumps(item, indent=1).count("\n") + 1
+    return starts
 
 
 PARQUET_TYPES = {  # a parquet column has one type: every row of it is wrong, the first is named
@@ -364,7 +385,7 @@ def test_broken_yaml_is_one_line(config_inputs, position, garbage):
         try:
             load_config(path)
         except ConfigError as error:
-            check_message(error, path)
+            check_config_message(error, path)
 
 
 @SETTINGS
@@ -376,7 +397,17 @@ def test_config_bytes_are_one_line(config_inputs, garbage):
         try:
             load_config(path)
         except ConfigError as error:
-            check_message(error, path)
+            check_config_message(error, path)
+
+
+def check_config_message(error: ConfigError, path: Path) -> None:
+    """One line naming the file and a line of it; only a file without any YAML node has no line to name."""
+    message = check_message(error, path)
+    named = re.match(re.escape(str(path)) + r":(\d+): ", message)
+    if named is None:
+        assert yaml.compose(path.read_text(encoding="utf-8")) is None, message
+        return
+    assert 1 <= int(named[1]) <= path.read_bytes().count(b"\n") + 1, message
 
 
 def test_yaml_never_runs_code_nor_blows_up(tmp_path):
@@ -437,6 +468,8 @@ def test_cli_bad_data_exit_2_one_line_and_run_untouched(finished_run, config_inp
         assert message.startswith("tuneforge: error: ") and message.count("\n") == 1
         assert "Traceback" not in message
         assert f"{data}:2:" in message
+        if bad[1] is not None:
+            assert bad[1] in message, message
     assert digest(finished_run) == before
 
 

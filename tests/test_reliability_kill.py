@@ -40,13 +40,13 @@ def _fork(function, *args) -> int:
     return pid
 
 
-def _train(config: str, output: str, resume: bool) -> int:
+def _train(config: str, output: str, resume: bool, *overrides: str) -> int:
     from tuneforge.cli import main
 
     log = open(f"{output}.log", "a")  # noqa: SIM115 - the child is killed or exits without cleanup
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
-    return main(["train", config, "--output", output, *(["--resume"] if resume else [])])
+    return main(["train", config, *overrides, "--output", output, *(["--resume"] if resume else [])])
 
 
 def _last_step(metrics: Path) -> int:
@@ -63,28 +63,44 @@ def _last_step(metrics: Path) -> int:
     return max(steps, default=0)
 
 
-def _checkpoints_sound(root: Path) -> dict:
-    """Every checkpoint that verifies must load whole; at least one must verify."""
+def _checkpoints_sound(root: Path, expected_weights) -> dict:
+    """Every checkpoint that verifies must load whole and hold its own step's weights, which
+    `expected_weights(step)` gives (None: nothing to compare with)."""
     from safetensors.torch import load_file
 
     from tuneforge.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
 
     verified = [path for path in list_checkpoints(root) if verify_checkpoint(path)]
+    compared = []
     for path in verified:
-        load_file(str(path / "weights.safetensors"))
+        step = int(path.name.split("-")[1])
+        weights = load_file(str(path / "weights.safetensors"))
         load_file(str(path / "optimizer.safetensors"))
-        assert json.loads((path / "state.json").read_text())["step"] == int(path.name.split("-")[1])
+        assert json.loads((path / "state.json").read_text())["step"] == step
+        expected = expected_weights(step)
+        if expected is not None:
+            assert weights.keys() == expected.keys(), path
+            assert all(bool((weights[name] == expected[name]).all()) for name in weights), path
+            compared.append(step)
     leftovers = [p.name for p in root.iterdir() if p.name.endswith(".tmp")] if root.is_dir() else []
     latest = latest_checkpoint(root)
-    return {"verified": len(verified), "partial_write_left": bool(leftovers),
+    return {"verified": len(verified), "compared": compared, "partial_write_left": bool(leftovers),
             "latest": latest and latest.name}
 
 
 def kill_training(workdir: Path, config: str, rng: random.Random) -> dict:
     """Train to the end uninterrupted; then again, killed at `TRAIN_KILLS` random points and resumed."""
-    reference = _fork(_train, config, str(workdir / "reference"), False)
+    from safetensors.torch import load_file
+
+    # the uninterrupted run keeps every checkpoint: each checkpoint of the killed run is compared with it
+    keep_all = f"train.keep_checkpoints={MAX_STEPS}"
+    reference = _fork(_train, config, str(workdir / "reference"), False, keep_all)
     _, status = os.waitpid(reference, 0)
     assert os.waitstatus_to_exitcode(status) == 0, "the uninterrupted run failed"
+
+    def reference_weights(step: int) -> dict:
+        return load_file(str(workdir / "reference" / "checkpoints" / f"step-{step:08d}"
+                             / "weights.safetensors"))
 
     run = workdir / "killed"
     targets = sorted(rng.sample(range(2, MAX_STEPS - 1), TRAIN_KILLS))
@@ -106,14 +122,15 @@ def kill_training(workdir: Path, config: str, rng: random.Random) -> dict:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         kills.append({"after_step": _last_step(run / "metrics.jsonl"), "aimed_mid_write": mid_write,
-                      **_checkpoints_sound(run / "checkpoints")})
+                      **_checkpoints_sound(run / "checkpoints", reference_weights)})
     final = _fork(_train, config, str(run), True)
     _, status = os.waitpid(final, 0)
     return {"kills": kills, "final_exit": os.waitstatus_to_exitcode(status)}
 
 
-def _write_forever(root: Path, start: int) -> int:
-    """Checkpoint a small model again and again; each checkpoint's weights equal its step number."""
+def _write_forever(root: Path, start: int, started: int) -> int:
+    """Checkpoint a small model again and again; each checkpoint's weights equal its step number (the
+    bias: minus it)."""
     import torch
 
     from tuneforge.checkpoint import save_checkpoint
@@ -123,34 +140,40 @@ def _write_forever(root: Path, start: int) -> int:
     model(torch.randn(2, 256)).sum().backward()
     optimizer.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    os.write(started, b"1")  # tell the parent: writing starts now
     step = start
     while True:
         step += 1
         with torch.no_grad():
             model.weight.fill_(float(step))
+            model.bias.fill_(-float(step))
         save_checkpoint(root, step, model, optimizer, scheduler, [], {"step": step}, keep=2)
 
 
 def kill_writes(workdir: Path, rng: random.Random) -> dict:
     """SIGKILL a process that does nothing but write checkpoints, `WRITE_KILLS` times."""
-    from safetensors.torch import load_file
+    import torch
 
     from tuneforge.checkpoint import latest_checkpoint
+
+    def own_step(step: int) -> dict:  # what `_write_forever` writes into checkpoint N
+        return {"weight": torch.full((1024, 256), float(step)), "bias": torch.full((1024,), -float(step))}
 
     root = workdir / "writes"
     step, reports = 0, []
     for _ in range(WRITE_KILLS):
-        pid = _fork(_write_forever, root, step)
+        started, tell = os.pipe()
+        pid = _fork(_write_forever, root, step, tell)
+        os.close(tell)
+        assert os.read(started, 1) == b"1", "the writer died before writing"  # however loaded the machine
+        os.close(started)
         time.sleep(rng.uniform(0.02, 0.25))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        report = _checkpoints_sound(root)
+        reports.append(_checkpoints_sound(root, own_step))
         latest = latest_checkpoint(root)
-        if latest is not None:  # its weights are those of its own step: no file from another write
-            number = int(latest.name.split("-")[1])
-            assert bool((load_file(str(latest / "weights.safetensors"))["weight"] == number).all())
-            step = number  # the next writer goes on from there, as a resumed run would
-        reports.append(report)
+        if latest is not None:
+            step = int(latest.name.split("-")[1])  # the next writer goes on from there, as a resume would
     return {"kills": reports}
 
 
@@ -188,7 +211,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tuneforge.checkpoint import latest_checkpoint
+from tuneforge.checkpoint import latest_checkpoint, list_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -220,14 +243,16 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_weights(killed):
     workdir, report = killed
     training = report["training"]
     assert len(training["kills"]) == TRAIN_KILLS and training["final_exit"] == 0
-    for kill in training["kills"]:
-        assert kill["latest"] is not None and kill["verified"] >= 1
-    reference = load_file(str(latest_checkpoint(workdir / "reference" / "checkpoints")
-                              / "weights.safetensors"))
-    resumed = load_file(str(latest_checkpoint(workdir / "killed" / "checkpoints") / "weights.safetensors"))
-    assert reference.keys() == resumed.keys()
-    for name in reference:
-        torch.testing.assert_close(resumed[name], reference[name], atol=0, rtol=0)
+    for kill in training["kills"]:  # after each kill, every checkpoint that verified held the weights
+        assert kill["latest"] is not None and kill["verified"] >= 1  # of the uninterrupted run's same step
+        assert len(kill["compared"]) == kill["verified"]
+    for path in list_checkpoints(workdir / "killed" / "checkpoints"):  # and so do those at the end
+        resumed = load_file(str(path / "weights.safetensors"))
+        reference = load_file(str(workdir / "reference" / "checkpoints" / path.name / "weights.safetensors"))
+        assert reference.keys() == resumed.keys()
+        for name in reference:
+            torch.testing.assert_close(resumed[name], reference[name], atol=0, rtol=0)
+    assert latest_checkpoint(workdir / "killed" / "checkpoints").name == f"step-{MAX_STEPS:08d}"
 
     def curve(run: str) -> list[tuple]:
         lines = (workdir / run / "metrics.jsonl").read_text().splitlines()
@@ -243,5 +268,7 @@ def test_killed_checkpoint_writes_never_leave_a_valid_looking_damaged_checkpoint
     kills = report["writes"]["kills"]
     assert len(kills) == WRITE_KILLS
     assert all(kill["latest"] is not None for kill in kills[1:])  # sound checks ran in the harness
-    # kills land inside writes (11 and 14 of 20 in two runs): the .tmp directory each left was ignored
+    # every checkpoint that verified held its own step's weights (compared in the harness)
+    assert all(len(kill["compared"]) == kill["verified"] for kill in kills)
+    # some kills land inside writes: the .tmp directory each left was ignored
     assert sum(kill["partial_write_left"] for kill in kills) >= 3

@@ -267,7 +267,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: invalid YAML value: {shown(str(exc), 120)[1:-1]}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
+        position = getattr(exc, "position", None)
+        if mark is not None:
+            line = f":{mark.line + 1}"
+        elif isinstance(position, int):  # a ReaderError (a character YAML forbids): a position, no mark
+            line = ":" + str(text.count("\n", 0, position) + 1)
+        else:
+            line = ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}{line}: invalid YAML: {shown(problem, 120)[1:-1]}") from None
     if root is not None:

@@ -1,0 +1,271 @@
+"""Render every table the docs take from committed JSON, between `<!-- begin NAME -->` and
+`<!-- end NAME -->` markers in README.md and docs/*.md.
+
+`BLOCKS` maps each marker name to the JSON file it is rendered from and the function that renders it;
+`tests/test_docs_numbers.py` checks that every marked block in the docs equals what its function makes
+from its JSON, so prose and data cannot drift apart. Which doc section each JSON backs, and which numbers
+have no JSON yet: docs/results/README.md.
+
+    python bench/render_docs.py            # rewrite every marked block from its JSON
+    python bench/render_docs.py --check    # exit 1, naming the blocks that differ, without writing
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = re.compile(r"<!-- begin (?P<name>\S+) -->\n(?P<body>.*?)\n<!-- end (?P=name) -->", re.DOTALL)
+
+
+def _module(relative: str) -> ModuleType:
+    """A script of the repository (bench/, tests/) as a module, without making its folder a package."""
+    path = REPO / relative
+    name = f"_render_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    if str(path.parent) not in sys.path:  # its sibling imports (tests/matrix_support.py), found last
+        sys.path.append(str(path.parent))
+    spec.loader.exec_module(module)
+    return module
+
+
+def _inner(block: str, name: str) -> str:
+    """The text a renderer that writes its own markers puts between them."""
+    return block.removeprefix(f"<!-- begin {name} -->").removesuffix(f"<!-- end {name} -->").strip("\n")
+
+
+# ------------------------------------------------------------------------------------------------ renderers
+def load_memory(path: Path) -> str:
+    return _inner(_module("bench/load_memory.py").render(json.loads(path.read_text())), "load-memory.json")
+
+
+def memory_estimate(path: Path) -> str:
+    report = json.loads(path.read_text())
+    return _inner(_module("bench/memory_estimate.py").render(report), "memory_estimate.json")
+
+
+def quantize_memory(path: Path) -> str:
+    return _module("bench/quantize_memory.py").render(path)
+
+
+def qlora_vs_peft(path: Path) -> str:
+    return _module("bench/qlora_vs_peft.py").render(path)
+
+
+def architectures(path: Path) -> str:
+    return _module("tests/architectures_support.py").markdown_table(json.loads(path.read_text())["cells"])
+
+
+# run name in compare-12-steps.json -> (label, closed form of its trainable parameters on SmolLM2-135M)
+TWELVE_STEPS = {
+    "full": ("full", "every weight"),
+    "layerwise": ("layerwise (top 6, decay 0.9)", "6 x 3,540,096 + final norm 576"),
+    "lora": ("LoRA r16 all-linear", "16 x (d_in + d_out) x 7 x 30"),
+    "dora": ("DoRA r16 all-linear", "LoRA + one magnitude per output row"),
+    "adapter": ("adapter (Pfeiffer, r.f. 16)", "30 x (576 x 36 x 2 + 36 + 576)"),
+    "prefix": ("prefix (16)", "2 x 30 x 192 x 16"),
+    "ia3": ("IA3 (k, v, down)", "30 x (192 + 192 + 1536)"),
+    "prompt-tuning": ("prompt tuning (16)", "16 x 576"),
+    "prompt-only": ("prompt only (no training)", "-"),
+}
+
+
+def _mib(size: float) -> str:
+    mib = size / 2**20
+    return "0" if mib == 0 else f"{mib:.2f}" if mib < 0.1 else f"{mib:.1f}"
+
+
+def compare_12_steps(path: Path) -> str:
+    """docs/strategies.md: every method, 12 steps, one seed (the LoRA + EWC row is read in the prose)."""
+    rows = {row["run"]: row for row in json.loads(path.read_text())["rows"]}
+    lines = [("| method | trainable params | closed form | steps/s | peak MiB | task loss after | "
+              "retain ppl after | adapter MiB |"),
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for run, (label, closed_form) in TWELVE_STEPS.items():
+        row = rows[run]
+        speed = f"{row['steps'] / row['train_seconds']:.2f}" if row["train_seconds"] else "-"
+        lines.append(f"| {label} | {row['trainable_params']:,} | {closed_form} | {speed} | "
+                     f"{row['peak_memory_mb']:.0f} | {row['task']:.3f} | {row['retain_ppl_after']:.2f} | "
+                     f"{_mib(row['artifact_bytes'])} |")
+    return "\n".join(lines)
+
+
+COMPARE_LABELS = {"full": "full", "lora": "LoRA", "prompt-only": "untrained"}
+
+
+def compare_seeds(path: Path) -> str:
+    """docs/tasks.md: full vs LoRA vs no training, mean ± standard deviation over the seeds."""
+    from tuneforge.formatting import si_count
+
+    lines = [("| run | task loss after | task loss change | forgetting (retain ppl) | trainable params | "
+              "peak MiB |"), "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in json.loads(path.read_text())["rows"]:
+        spread = row["spread"]
+        change = (f"{row['task_change']:.3f} ± {spread['task_change']:.3f} ({row['task_change_pct']:+.1f}%)"
+                  if row["task_change"] or spread["task_change"] else "0")
+        forgetting = f"{row['forgetting_pct']:+.1f}%" if row["forgetting_pct"] else "0"
+        label = COMPARE_LABELS.get(row["run"], row["run"])
+        lines.append(f"| {label} | {row['task']:.3f} ± {spread['task']:.3f} | "
+                     f"{change} | {forgetting} | {si_count(row['trainable_params'])} | "
+                     f"{row['peak_memory_mb']:,.0f} |")
+    return "\n".join(lines)
+
+
+def _bench_results(path: Path) -> dict[tuple, list[dict]]:
+    """A `bench/bench.py --json` file as bench.py's own `--render` reads it: {(suite, method, side): runs}."""
+    return {tuple(key.split("/")): runs for key, runs in json.loads(path.read_text()).items()}
+
+
+SYNTHETIC_LABELS = {"full": "full", "lora-qv": "lora-qv", "lora-all": "lora-all", "prefix": "prefix",
+                    "prompt": "prompt", "ia3": "ia3", "adapter": "adapter (Pfeiffer, ours only)",
+                    "layerwise-top-half": "layerwise top 4 of 8"}
+
+
+def performance_synthetic(path: Path) -> str:
+    """docs/performance.md, uniform batches: medians over repeats, as `bench.py --render` computes them."""
+    bench = _module("bench/bench.py")
+    results = _bench_results(path)
+    mm = bench.median(results[("matmul", "synthetic", "torch.mm")], "fp32_gflops_cpu")
+    lines = [("| method | step s ours | step s PEFT | ratio | tok/s ours | tok/s PEFT | peak RSS MB ours | "
+              "peak RSS MB PEFT | RSS ratio | trainable | GEMM % ours | GEMM % PEFT |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for method, label in SYNTHETIC_LABELS.items():
+        ours, peft = results[("synthetic", method, "ours")], results.get(("synthetic", method, "peft"), [])
+        step, tokens, rss = ((bench.median(ours, key), bench.median(peft, key))
+                             for key in ("step_s", "tokens_per_s", "peak_rss_mb"))
+        row = [label, bench.cell(step[0], 3), bench.cell(step[1], 3), bench.ratio(*step),
+               bench.cell(tokens[0]), bench.cell(tokens[1]), bench.cell(rss[0]), bench.cell(rss[1]),
+               bench.ratio(*rss), bench.cell(bench.median(ours, "trainable"))]
+        for runs in (ours, peft):  # GEMM FLOP rate per thread by CPU time, over torch.mm's
+            flops, cpu = bench.median(runs, "gemm_gflops_per_step"), bench.median(runs, "cpu_step_s")
+            row.append(bench.cell(100 * flops / (cpu / bench.THREADS) / mm) if flops and cpu else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+SMOLLM2_LABELS = {"lora-packed": "ours, packed", "lora-packed-bf16": "ours, packed, bf16 autocast",
+                  "lora-padded": "ours, padded", "trainer-lora": "Trainer + PEFT"}
+
+
+def performance_smollm2(path: Path) -> str:
+    """docs/performance.md, SmolLM2 on chat data: one invocation's runs against its own Trainer run."""
+    bench = _module("bench/bench.py")
+    results = _bench_results(path)
+    reference = results[("smollm2", "trainer-lora", "trainer")]
+    lines = [("| run | step s | non-pad tok/s | vs Trainer | peak RSS MB | vs Trainer | train loss/token | "
+              "held-out loss/token | steps |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    bf16 = ("smollm2", "lora-packed-bf16", "ours") in results
+    for method, label in SMOLLM2_LABELS.items():
+        side = "trainer" if method == "trainer-lora" else "ours"
+        runs = results.get(("smollm2", method, side))
+        if not runs:
+            continue
+
+        def value(key: str, digits: int = 0, runs: list = runs) -> str:
+            return bench.cell(bench.median(runs, key), digits)
+
+        def versus(key: str, runs: list = runs, method: str = method) -> str:  # bold: the row targets read
+            text = bench.ratio(bench.median(runs, key), bench.median(reference, key))
+            return f"**{text}**" if method.startswith("lora-packed") else text
+
+        label += " (fp32)" if side == "trainer" and bf16 else ""
+        row = [label, value("step_s", 2), value("tokens_per_s"), versus("tokens_per_s"), value("peak_rss_mb"),
+               versus("peak_rss_mb"), value("loss_per_token", 4), value("held_out_loss", 4), value("steps")]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+INFERENCE_LABELS = {"base": "base", "lora-merged": "LoRA all-linear, merged",
+                    "lora-unmerged": "LoRA all-linear, unmerged"}
+
+
+def performance_inference(path: Path) -> str:
+    import statistics
+
+    runs = _bench_results(path)[("inference", "merged-lora", "ours")]
+    base = statistics.median(run["base"]["step_s"] for run in runs)
+    lines = ["| model (synthetic, one forward of 4 x 256) | forward s | vs base |", "| --- | ---: | ---: |"]
+    for name, label in INFERENCE_LABELS.items():
+        step = statistics.median(run[name]["step_s"] for run in runs)
+        lines.append(f"| {label} | {step:.3f} | {step / base:.2f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+@dataclass(frozen=True)
+class Block:
+    """A marked block: the JSON it comes from (relative to the repository) and its renderer."""
+
+    source: str
+    render: Callable[[Path], str]
+
+    def text(self) -> str:
+        return self.render(REPO / self.source)
+
+
+BLOCKS: dict[str, Block] = {
+    "load-memory.json": Block("docs/results/2026-11-29-load-memory.json", load_memory),
+    "memory_estimate.json": Block("docs/results/memory_estimate.json", memory_estimate),
+    "quantize-memory.json": Block("docs/results/2026-11-29-quantize-memory.json", quantize_memory),
+    "qlora-vs-peft.json": Block("bench/results/2026-11-29-qlora-vs-peft.json", qlora_vs_peft),
+    "architectures.json": Block("docs/results/architectures.json", architectures),
+    "compare-12-steps.json": Block("docs/results/compare-12-steps.json", compare_12_steps),
+    "compare/comparison.json": Block("docs/compare/comparison.json", compare_seeds),
+    "2026-11-26-synthetic.json": Block("bench/results/2026-11-26-synthetic.json", performance_synthetic),
+    "2026-11-26-smollm2.json": Block("bench/results/2026-11-26-smollm2.json", performance_smollm2),
+    "2026-11-26-smollm2-bf16.json": Block("bench/results/2026-11-26-smollm2-bf16.json", performance_smollm2),
+    "2026-11-26-inference.json": Block("bench/results/2026-11-26-inference.json", performance_inference),
+}
+
+
+def documents() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def marked_blocks(text: str) -> list[tuple[str, str]]:
+    """(name, text between the markers without the blank lines around it) for every marked block."""
+    return [(match["name"], match["body"].strip("\n")) for match in MARKER.finditer(text)]
+
+
+def render_document(text: str) -> str:
+    """`text` with every marked block rendered again from its JSON."""
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        return f"<!-- begin {name} -->\n\n{BLOCKS[name].text()}\n\n<!-- end {name} -->"
+
+    return MARKER.sub(replace, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report blocks that differ from their JSON")
+    args = parser.parse_args()
+    stale = []
+    for doc in documents():
+        text = doc.read_text()
+        rendered = render_document(text)
+        if rendered != text:
+            stale.append(str(doc.relative_to(REPO)))
+            if not args.check:
+                doc.write_text(rendered)
+    verb = "differ from their JSON" if args.check else "rendered again"
+    print(f"{verb}: {', '.join(stale)}" if stale else "every marked block matches its JSON")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Numbers in the docs come from committed JSON: every `<!-- begin NAME -->` ... `<!-- end NAME -->` block
+in README.md and docs/*.md equals what `bench/render_docs.py` renders from NAME's JSON, and every JSON
+under docs/results/ says when and by which command it was made."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _render_docs():
+    spec = importlib.util.spec_from_file_location("render_docs", REPO / "bench" / "render_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("render_docs", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+render_docs = _render_docs()
+FOUND = [(doc.relative_to(REPO).as_posix(), name, body) for doc in render_docs.documents()
+         for name, body in render_docs.marked_blocks(doc.read_text())]
+
+
+def test_the_docs_have_marked_blocks_and_every_registered_block_is_in_one():
+    names = [name for _, name, _ in FOUND]
+    assert len(names) == len(set(names)), "a block is marked twice"
+    assert set(render_docs.BLOCKS) == set(names), "registry and marked blocks differ"
+
+
+@pytest.mark.parametrize(("doc", "name", "body"), FOUND, ids=[f"{doc}:{name}" for doc, name, _ in FOUND])
+def test_marked_block_equals_its_render_from_json(doc, name, body):
+    block = render_docs.BLOCKS[name]
+    assert (REPO / block.source).is_file(), f"{name}: {block.source} is not committed"
+    assert body == block.text(), f"{doc}: {name} differs from {block.source} (python bench/render_docs.py)"
+
+
+def test_a_changed_number_is_caught_and_rendered_back():
+    doc = REPO / "docs" / "tasks.md"
+    text = doc.read_text()
+    changed = text.replace("| full | 0.960 ± 0.260 |", "| full | 0.961 ± 0.260 |")
+    assert changed != text
+    name, body = next((n, b) for n, b in render_docs.marked_blocks(changed) if n == "compare/comparison.json")
+    assert body != render_docs.BLOCKS[name].text()
+    assert render_docs.render_document(changed) == text
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "docs" / "results").glob("*.json")), ids=lambda p: p.name)
+def test_every_results_json_has_date_and_command(path):
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict), path
+    assert isinstance(data.get("date"), str) and data["date"][:4].isdigit(), f"{path.name}: no date"
+    assert isinstance(data.get("command"), str) and data["command"].strip(), f"{path.name}: no command"
+
+
+def _experiment(name: str):
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        path = REPO / "experiments" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"experiment_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "experiments"))
+    return module
+
+
+def _fake_run(directory: Path, strategies: list, curve: list[tuple[int, float, float]]) -> None:
+    directory.mkdir(parents=True)
+    (_, loss0, ppl0), (steps, loss1, ppl1) = curve[0], curve[-1]
+    (directory / "results.json").write_text(json.dumps({
+        "strategies": strategies, "train_seconds": 12.3, "seed": 0, "steps": steps,
+        "before": {"eval": {"loss": loss0}, "retain": {"perplexity": ppl0}},
+        "after": {"eval": {"loss": loss1}, "retain": {"perplexity": ppl1}}}))
+    (directory / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": step, "split": "eval", "loss": loss, "retain_perplexity": ppl}) + "\n"
+        for step, loss, ppl in curve[1:-1]))
+
+
+def test_forgetting_table_renders_the_same_from_run_directories_and_from_its_recorded_json(tmp_path):
+    forgetting = _experiment("forgetting")
+    _fake_run(tmp_path / "full", [{"full": {}}], [(0, 2.8, 50.0), (10, 1.2, 55.0), (20, 0.9, 60.0)])
+    _fake_run(tmp_path / "full-ewc", [{"full": {}}, {"ewc": {"weight": 0.8, "fisher_samples": 64}}],
+              [(0, 2.8, 50.0), (20, 2.0, 51.0)])
+    data = forgetting.collect(tmp_path)
+    text = forgetting.render(data)
+    assert text == forgetting.render(json.loads(json.dumps(data)))  # what a committed JSON renders
+    rows = text.splitlines()
+    assert "| full | - | 0.0002 | 2.800 -> 0.900 | 50.00 -> 60.00 | +10.00 (+20.0%) | - | 12 s |" in rows
+    # at task loss 2.0 plain full is half-way from step 0 to 10: retain ppl 52.5, +5.0%
+    assert ("| full-ewc | ewc 0.8 | 0.0002 | 2.800 -> 2.000 | 50.00 -> 51.00 | +1.00 (+2.0%) "
+            "| full at step 5: 52.50 (+5.0%) | 12 s |") in rows
+    assert "| full-retention | not run | | | | | | |" in rows
+    assert "- `full` (step: task loss/retain ppl): 0: 2.800/50.00, 10: 1.200/55.00, 20: 0.900/60.00" in rows
+
+
+def test_distillation_table_renders_the_same_from_run_directories_and_from_its_recorded_json(tmp_path):
+    distill = _experiment("distill_bbc")
+    (tmp_path / "student-small").mkdir()
+    (tmp_path / "student-small" / "results.json").write_text(json.dumps({
+        "steps": 104, "seed": 0, "train_seconds": 99.6,
+        "after": {"eval": {"accuracy": 421 / 445, "examples": 445, "loss": 0.2524}}}))
+    data = distill.collect(tmp_path)
+    text = distill.render(data)
+    assert text == distill.render(json.loads(json.dumps(data)))
+    rows = text.splitlines()
+    assert "| student-small | 3 | 200 | 104 | 94.6% (445) | 0.252 | 100 s |" in rows
+    assert "| teacher | not run | | | | | |" in rows
