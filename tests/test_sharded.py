@@ -233,3 +233,19 @@ def test_one_process_runs_a_sharded_engine_as_one_shard(tmp_path, tiny_model_dir
     assert result["distributed"]["engine"] == "fsdp" and result["distributed"]["processes"] == 1
     assert result["distributed"]["held"] == {"parameters": 1.0, "optimizer_state": 1.0}
     assert len(result["distributed"]["peak_memory_mb"]) == 1
+
+
+def test_the_documented_sharding_table_is_rendered_from_the_committed_json():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import sharding_memory
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    report = json.loads((REPO / "docs" / "results" / "2026-11-29-sharding.json").read_text())
+    assert sharding_memory.render(report) in (REPO / "docs" / "distributed.md").read_text()
+    rows = {row["engine"]: row for row in report["rows"]}
+    # what the engines hold is what the arithmetic says; the memory each process saves is measured
+    assert rows["zero2"]["held"] == {"parameters": 1.0, "optimizer_state": 0.5}
+    assert rows["fsdp"]["held"]["parameters"] == pytest.approx(0.5, abs=0.01)
+    assert rows["zero3"]["held"]["parameters"] == pytest.approx(0.5, abs=0.01)
+    assert rows["fsdp"]["saved_mb"] > 0 and rows["zero3"]["saved_mb"] > 0
