@@ -90,7 +90,8 @@ def measure(steps: int, work: Path) -> dict:
             "texts": len(texts), "rows": rows}
 
 
-def render(path: Path) -> str:
+def render(path: Path, shown: str | None = None) -> str:
+    """The table of docs/export.md from the JSON at `path` (named `shown` in the text, else as given)."""
     from tuneforge.formatting import significant
 
     data = json.loads(path.read_text())
@@ -99,8 +100,9 @@ def render(path: Path) -> str:
              f"{load['before']:.1f} before, {load['after']:.1f} after: a shared machine, so times are "
              f"upper bounds), "
              f"1 run each: `{data['command']}` "
-             f"(`{path.as_posix()}`). {data['model']}; logits compared at {data['positions_compared']} "
-             f"positions of {data['texts']} texts against the unmerged tuned model.")
+             f"(`{shown or path.as_posix()}`). {data['model']}; logits compared at "
+             f"{data['positions_compared']} positions of {data['texts']} texts against the unmerged tuned "
+             f"model.")
     header = ("| --quant | file | export command | of which writing | reload (transformers) "
               "| max \\|Δlogit\\| | mean \\|Δlogit\\| | argmax agreement |")
     lines = [intro, "", header, "| --- | --- | --- | --- | --- | --- | --- | --- |"]

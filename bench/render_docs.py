@@ -51,6 +51,14 @@ def load_memory(path: Path) -> str:
     return _inner(_module("bench/load_memory.py").render(json.loads(path.read_text())), "load-memory.json")
 
 
+def gguf_export(path: Path) -> str:
+    return _module("bench/gguf_export.py").render(path, path.relative_to(REPO).as_posix())
+
+
+def sharding(path: Path) -> str:
+    return _inner(_module("bench/sharding_memory.py").render(json.loads(path.read_text())), "sharding.json")
+
+
 def memory_estimate(path: Path) -> str:
     report = json.loads(path.read_text())
     return _inner(_module("bench/memory_estimate.py").render(report), "memory_estimate.json")
@@ -219,6 +227,8 @@ class Block:
 BLOCKS: dict[str, Block] = {
     "load-memory.json": Block("docs/results/2026-11-29-load-memory.json", load_memory),
     "memory_estimate.json": Block("docs/results/memory_estimate.json", memory_estimate),
+    "gguf-export.json": Block("docs/results/2026-11-29-gguf-export.json", gguf_export),
+    "sharding.json": Block("docs/results/2026-11-29-sharding.json", sharding),
     "quantize-memory.json": Block("docs/results/2026-11-29-quantize-memory.json", quantize_memory),
     "qlora-vs-peft.json": Block("bench/results/2026-11-29-qlora-vs-peft.json", qlora_vs_peft),
     "architectures.json": Block("docs/results/architectures.json", architectures),

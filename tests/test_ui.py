@@ -226,6 +226,10 @@ def test_adapter_download_export_and_chat(client, guard, root):
     exported = client.post("/api/export", json={"run": "done"}, headers=csrf(guard)).json()
     assert exported["ok"], exported
     assert (root / "exports" / "done-merged" / "config.json").is_file()
+    gguf = client.post("/api/export", json={"run": "done", "format": "gguf"}, headers=csrf(guard)).json()
+    assert gguf["ok"], gguf
+    assert (root / "exports" / "done-gguf" / "done-q8_0.gguf").stat().st_size > 0
+    assert (root / "exports" / "done-gguf" / "Modelfile").is_file()
     chat = client.post("/api/chat", headers=csrf(guard),
                        json={"run": "done", "text": "What colour is the cat?", "max_new_tokens": 6}).json()
     assert chat["ok"] and not chat["base"].startswith("(failed)") and not chat["tuned"].startswith("(failed)")

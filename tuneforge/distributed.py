@@ -93,10 +93,12 @@ def mean_over_processes(values: dict[str, torch.Tensor], accelerator: Accelerato
 
 
 def processes_peak_memory(accelerator: Accelerator) -> list[float]:
-    """Every process's peak memory so far in MiB (`metrics.peak_memory_mb`), in rank order (a collective)."""
+    """Every process's peak memory in MiB since training started (`metrics.reset_peak_memory`), in rank
+    order (a collective)."""
     from tuneforge.metrics import peak_memory_mb
 
-    mine = torch.tensor([peak_memory_mb(accelerator.device)], dtype=torch.float64, device=accelerator.device)
+    peak = peak_memory_mb(accelerator.device, since_reset=True)
+    mine = torch.tensor([peak], dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes == 1:
         return mine.tolist()
     return [round(value, 1) for value in accelerator.gather(mine).tolist()]

@@ -80,13 +80,41 @@ def _parse(line: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def peak_memory_mb(device: torch.device | None = None) -> float:
+_EARLIER_PEAK_MB = 0.0  # the peak before the last `reset_peak_memory` (loading, the first evaluation)
+
+
+def peak_memory_mb(device: torch.device | None = None, since_reset: bool = False) -> float:
     """Peak memory of this process: CUDA allocator peak on a GPU, else peak resident set size.
 
     On Linux the peak is the memory map's high-water mark (`VmHWM`), which starts afresh when a process
     execs; `ru_maxrss` keeps the parent's resident size from the fork, so a run started by a large
-    process (a test runner, `tuneforge compare`) would report at least that.
+    process (a test runner, `tuneforge compare`) would report at least that. `since_reset`: the peak
+    since the last `reset_peak_memory` only (training, without the loading before it).
     """
+    current = _current_peak_mb(device)
+    return current if since_reset else max(current, _EARLIER_PEAK_MB)
+
+
+def reset_peak_memory(device: torch.device | None = None) -> None:
+    """Start a new peak (training, after loading and sharding), keeping the old one for the run's overall
+    peak. Freed heap memory is handed back first (`malloc_trim`), so the new peak starts from what the
+    process holds, not from what the C library kept after loading."""
+    global _EARLIER_PEAK_MB
+    _EARLIER_PEAK_MB = max(_EARLIER_PEAK_MB, _current_peak_mb(device))
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as handle:  # Linux: VmHWM restarts from VmRSS
+            handle.write("5")
+    except (OSError, AttributeError):
+        pass  # elsewhere the training peak includes loading
+
+
+def _current_peak_mb(device: torch.device | None) -> float:
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:

@@ -43,7 +43,7 @@ from tuneforge.errors import TrainingError
 from tuneforge.evaluate import head_skipped, hidden_token_losses, label_head, token_losses
 from tuneforge.faults import reported_faults
 from tuneforge.forward import is_classification_batch, model_inputs, routes_tasks
-from tuneforge.metrics import MetricsLogger
+from tuneforge.metrics import MetricsLogger, reset_peak_memory
 from tuneforge.packing import packed_collate, packed_model_inputs
 from tuneforge.stopping import Stopped, current_request, reason_of
 from tuneforge.strategies import Strategy, StrategyContext
@@ -260,6 +260,8 @@ def fit(
                                                    engine)
     raw_model = engine.unwrap(model)
     optimized = {id(parameter) for parameter in engine.parameters(optimizer)}
+    if world > 1 or engine.shards:  # each process's training peak is reported, without the loading before
+        reset_peak_memory(accelerator.device)
     logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, extra=log_extra)
     checkpoints = checkpoints or run_dir / "checkpoints"
     with_task = routes_tasks(raw_model)

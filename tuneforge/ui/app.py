@@ -212,8 +212,13 @@ class Site:
         path = self.run_dir(run_id)
         if not (path / ADAPTER_DIR).is_dir():
             return JSONResponse({"ok": False, "message": "this run has no adapter to merge"}, status_code=400)
-        error, output = await run_in_threadpool(launcher.export_merged, self.root, run_id)
-        return JSONResponse({"ok": error is None, "message": error or f"merged model written to {output}"})
+        kind = str(data.get("format", "merged"))
+        if kind not in ("merged", "gguf"):
+            return JSONResponse({"ok": False, "message": "format is merged or gguf"}, status_code=400)
+        export = launcher.export_merged if kind == "merged" else launcher.export_gguf
+        error, output = await run_in_threadpool(export, self.root, run_id)
+        what = "merged model" if kind == "merged" else "GGUF (q8_0) and its Modelfile"
+        return JSONResponse({"ok": error is None, "message": error or f"{what} written to {output}"})
 
     # ---- New run ----
     def examples(self) -> list[str]:

@@ -207,6 +207,22 @@ def generate(model_or_run: str, prompt: str, max_new_tokens: int) -> str:
         return f"(failed) {exc}"
 
 
+def export_gguf(root: Path, run_id: str) -> tuple[str | None, Path]:
+    """`tuneforge export RUN --gguf exports/RUN/RUN-q8_0.gguf --quant q8_0`: (error or None, the file)."""
+    from tuneforge.cli import export_run
+    from tuneforge.errors import TuneforgeError
+
+    folder = root / "exports" / f"{flat(run_id)}-gguf"
+    output = folder / f"{flat(run_id)}-q8_0.gguf"
+    try:
+        with one_at_a_time():
+            folder.mkdir(parents=True, exist_ok=True)
+            export_run(root / run_id, None, output, "q8_0")
+    except TuneforgeError as exc:
+        return " ".join(str(exc).splitlines()), output
+    return None, output
+
+
 def export_merged(root: Path, run_id: str) -> tuple[str | None, Path]:
     """`tuneforge export RUN --merged exports/RUN-merged`: (error or None, output folder)."""
     from tuneforge.cli import export_run

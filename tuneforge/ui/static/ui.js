@@ -94,14 +94,17 @@
       }
     });
     stream.addEventListener("done", function () { stream.close(); });
-    var exportButton = document.getElementById("export-merged");
-    if (exportButton) {
+    [["export-merged", "merged", "--merged"], ["export-gguf", "gguf", "--gguf"]].forEach(function (spec) {
+      var exportButton = document.getElementById(spec[0]);
+      if (!exportButton) { return; }
       exportButton.addEventListener("click", function () {
         var out = document.getElementById("export-result");
-        exportButton.disabled = true; out.textContent = "exporting (tuneforge export --merged) …";
-        post("/api/export", {run: runId}).then(function (r) { out.textContent = r.message; exportButton.disabled = false; });
+        exportButton.disabled = true; out.textContent = "exporting (tuneforge export " + spec[2] + ") …";
+        post("/api/export", {run: runId, format: spec[1]}).then(function (r) {
+          out.textContent = r.message; exportButton.disabled = false;
+        });
       });
-    }
+    });
   }
 
   if (page === "new") {
