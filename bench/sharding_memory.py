@@ -2,11 +2,13 @@
 
 A synthetic Llama (random weights, SmolLM2's tokenizer and vocabulary, ~90M parameters with tied
 embeddings) is fully fine-tuned for a few steps by `torchrun --nproc_per_node 2` with each
-`distributed.engine`, in alternating order over the repeats. Each process's peak resident memory while
-training (before the final checkpoint gathers anything) comes from results.json (`distributed.
-peak_memory_mb`). The arithmetic beside it: with AdamW in fp32, model states take 16 bytes a parameter
-(4 weights, 4 gradients, 8 moments); ZeRO-2 divides gradients and moments by the processes, ZeRO-3 and
-FSDP2 all 16 (Rajbhandari et al. 2020, table 1).
+`distributed.engine`, in alternating order over the repeats. From results.json (`distributed.memory_mb`),
+for each process: what it holds once training ends (resident memory after freed memory is handed back,
+before the final checkpoint gathers anything), and its peak resident memory during training (from the
+start of training: loading puts the whole model in every process first). The arithmetic beside them:
+with AdamW in fp32, model states take 16 bytes a parameter (4 weights, 4 gradients, 8 moments); ZeRO-2
+divides gradients and moments by the processes, ZeRO-3 and FSDP2 all 16 (Rajbhandari et al. 2020,
+table 1).
 
     python bench/sharding_memory.py [--repeats 2] [--steps 6] \
         [--output docs/results/2026-11-29-sharding.json]
@@ -39,6 +41,10 @@ ENGINES = {
 STATE_BYTES = {"ddp": lambda n: 16, "zero2": lambda n: 4 + 12 / n, "zero3": lambda n: 16 / n,
                "fsdp": lambda n: 16 / n}  # model-state bytes per parameter held by each process
 PROCESSES = 2
+# glibc keeps freed blocks below its (growing) mmap threshold for reuse, and the resident set counts them:
+# with blocks of 1 MiB and more mapped and unmapped, the resident peak follows live memory
+# (bench/memory_estimate.py measures the difference)
+RETURNING = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
 def synthetic_model(directory: Path) -> int:
@@ -71,7 +77,7 @@ def run(engine: str, model: Path, work: Path, steps: int, repeat: int) -> dict:
     path = work / f"{engine}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", **RETURNING}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                str(PROCESSES), "-m", "tuneforge.cli", "train", str(path)]
     subprocess.run(command, env=env, check=True, capture_output=True, text=True, timeout=1800)
@@ -80,25 +86,30 @@ def run(engine: str, model: Path, work: Path, steps: int, repeat: int) -> dict:
     train = [r for r in records if r.get("split", "train") == "train"]
     tokens_per_s = [r["tokens_per_s"] for r in train][1:]  # after the first step's warm-up
     return {"engine": engine, "repeat": repeat, "load_average": os.getloadavg()[0],
-            "peak_memory_mb": result["distributed"]["peak_memory_mb"],
+            "peak_memory_mb": result["distributed"]["memory_mb"]["peak"],
+            "resident_memory_mb": result["distributed"]["memory_mb"]["resident"],
             "held": result["distributed"]["held"], "seconds_per_step": result["train_seconds"] / steps,
             "tokens_per_s": statistics.median(tokens_per_s), "final_loss": records[-1]["loss"]}
 
 
 def summarise(runs: list[dict], parameters: int) -> list[dict]:
-    ddp_peak = statistics.mean(statistics.mean(r["peak_memory_mb"]) for r in runs if r["engine"] == "ddp")
+    def mean_of(engine: str, key: str) -> float:
+        return statistics.mean(statistics.mean(r[key]) for r in runs if r["engine"] == engine)
+
     ddp_time = statistics.mean(r["seconds_per_step"] for r in runs if r["engine"] == "ddp")
     rows = []
     for engine in ENGINES:
         mine = [r for r in runs if r["engine"] == engine]
+        resident = [statistics.mean(r["resident_memory_mb"]) for r in mine]
         peaks = [statistics.mean(r["peak_memory_mb"]) for r in mine]
         times = [r["seconds_per_step"] for r in mine]
         expected = (STATE_BYTES["ddp"](PROCESSES) - STATE_BYTES[engine](PROCESSES)) * parameters / 2**20
-        rows.append({"engine": engine, "peak_mb": statistics.mean(peaks),
+        rows.append({"engine": engine, "resident_mb": statistics.mean(resident),
+                     "resident_spread_mb": max(resident) - min(resident),
+                     "saved_mb": mean_of("ddp", "resident_memory_mb") - statistics.mean(resident),
+                     "arithmetic_saved_mb": expected, "peak_mb": statistics.mean(peaks),
                      "peak_spread_mb": max(peaks) - min(peaks),
-                     "per_process_mb": [statistics.mean(r["peak_memory_mb"][i] for r in mine)
-                                        for i in range(PROCESSES)],
-                     "saved_mb": ddp_peak - statistics.mean(peaks), "arithmetic_saved_mb": expected,
+                     "peak_saved_mb": mean_of("ddp", "peak_memory_mb") - statistics.mean(peaks),
                      "state_bytes_per_parameter": STATE_BYTES[engine](PROCESSES),
                      "step_time_ratio": statistics.mean(times) / ddp_time,
                      "step_time_spread": (max(times) - min(times)) / ddp_time, "held": mine[0]["held"]})
@@ -106,26 +117,28 @@ def summarise(runs: list[dict], parameters: int) -> list[dict]:
 
 
 def render(report: dict) -> str:
+    loads = [r["load_average"] for r in report["runs"]]
     lines = [BEGIN, "", (f"Measured {report['date']} on {report['machine']}: `{report['command']}` "
              f"(`{report['file']}`). Full fine-tuning of a {report['parameters'] / 1e6:.0f}M-parameter "
              f"synthetic Llama, fp32, {PROCESSES} CPU processes (gloo, 1 thread each), batch 4 x 128 "
              f"tokens per process, {report['steps']} steps, {report['repeats']} runs per engine in "
-             f"alternating order; "
-             f"peak resident memory per process while training (mean of the processes and runs, the spread "
-             f"over runs beside it). The machine's 1-minute load average during the runs: "
-             f"{min(r['load_average'] for r in report['runs']):.1f} to "
-             f"{max(r['load_average'] for r in report['runs']):.1f} on 2 cores, so step times are "
-             f"rough."), "",
-             ("| engine | model-state bytes / parameter | process 0 holds (params, AdamW) | peak per process "
-              "MiB | saved vs DDP MiB | arithmetic saving MiB | step time vs DDP |"),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"alternating order; MiB per process, the mean of the processes and runs (± half the spread "
+             f"over runs), with `MALLOC_MMAP_THRESHOLD_={RETURNING['MALLOC_MMAP_THRESHOLD_']}` so that the "
+             f"resident set follows live memory. The machine's 1-minute load average during the runs: "
+             f"{min(loads):.1f} to {max(loads):.1f} on 2 cores, so step times are rough."), "",
+             ("| engine | model-state bytes / parameter | process 0 holds (params, AdamW) | held after "
+              "training | saved vs DDP | arithmetic saving | peak in training | peak saved vs DDP | step "
+              "time vs DDP |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in report["rows"]:
         held = row["held"]
         lines.append(
             f"| {row['engine']} | {row['state_bytes_per_parameter']:g} | {held['parameters']:.2f}, "
-            f"{held['optimizer_state']:.2f} | {row['peak_mb']:,.0f} (± {row['peak_spread_mb'] / 2:,.0f}) | "
-            f"{row['saved_mb']:,.0f} | {row['arithmetic_saved_mb']:,.0f} | {row['step_time_ratio']:.2f}x "
-            f"(± {row['step_time_spread'] / 2:.2f}) |")
+            f"{held['optimizer_state']:.2f} | {row['resident_mb']:,.0f} "
+            f"(± {row['resident_spread_mb'] / 2:,.0f}) | {row['saved_mb']:,.0f} | "
+            f"{row['arithmetic_saved_mb']:,.0f} | {row['peak_mb']:,.0f} "
+            f"(± {row['peak_spread_mb'] / 2:,.0f}) | {row['peak_saved_mb']:,.0f} | "
+            f"{row['step_time_ratio']:.2f}x (± {row['step_time_spread'] / 2:.2f}) |")
     return "\n".join([*lines, "", END])
 
 

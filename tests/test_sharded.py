@@ -116,7 +116,8 @@ def test_sharded_runs_match_one_process_resume_exactly_and_export(engine, tmp_pa
         parameters, optimizer_state = HELD[engine]
         assert held["held"]["parameters"] == pytest.approx(parameters, abs=0.02)
         assert held["held"]["optimizer_state"] == pytest.approx(optimizer_state, abs=0.02)
-        assert len(held["peak_memory_mb"]) == 2 and min(held["peak_memory_mb"]) > 0
+        memory = held["memory_mb"]
+        assert len(memory["peak"]) == len(memory["resident"]) == 2 and min(memory["resident"]) > 0
 
         for name in ("weights.safetensors", "optimizer.safetensors"):
             uninterrupted = load_file(str(latest_checkpoint(run / "checkpoints") / name))
@@ -232,7 +233,7 @@ def test_one_process_runs_a_sharded_engine_as_one_shard(tmp_path, tiny_model_dir
     result = json.loads((tmp_path / "run" / "results.json").read_text())
     assert result["distributed"]["engine"] == "fsdp" and result["distributed"]["processes"] == 1
     assert result["distributed"]["held"] == {"parameters": 1.0, "optimizer_state": 1.0}
-    assert len(result["distributed"]["peak_memory_mb"]) == 1
+    assert len(result["distributed"]["memory_mb"]["peak"]) == 1
 
 
 def test_the_documented_sharding_table_is_rendered_from_the_committed_json():

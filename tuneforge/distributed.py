@@ -92,13 +92,16 @@ def mean_over_processes(values: dict[str, torch.Tensor], accelerator: Accelerato
     return dict(zip(names, stacked.tolist(), strict=True))
 
 
-def processes_peak_memory(accelerator: Accelerator) -> list[float]:
-    """Every process's peak memory in MiB since training started (`metrics.reset_peak_memory`), in rank
-    order (a collective)."""
-    from tuneforge.metrics import peak_memory_mb
+def processes_memory(accelerator: Accelerator) -> dict[str, list[float]]:
+    """Every process's memory in MiB, in rank order (one collective): `peak` since training started
+    (`metrics.reset_peak_memory`) and `resident` now, freed memory handed back (`metrics.resident_memory_mb`;
+    on a GPU, what the allocator holds)."""
+    from tuneforge.metrics import peak_memory_mb, resident_memory_mb
 
-    peak = peak_memory_mb(accelerator.device, since_reset=True)
-    mine = torch.tensor([peak], dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes == 1:
-        return mine.tolist()
-    return [round(value, 1) for value in accelerator.gather(mine).tolist()]
+    device = accelerator.device
+    resident = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else resident_memory_mb()
+    peak = peak_memory_mb(device, since_reset=True)
+    mine = torch.tensor([peak, resident], dtype=torch.float64, device=device)
+    every = mine.reshape(1, 2) if accelerator.num_processes == 1 else accelerator.gather(mine).reshape(-1, 2)
+    return {"peak": [round(v, 1) for v in every[:, 0].tolist()],
+            "resident": [round(v, 1) for v in every[:, 1].tolist()]}

@@ -114,6 +114,25 @@ def reset_peak_memory(device: torch.device | None = None) -> None:
         pass  # elsewhere the training peak includes loading
 
 
+def resident_memory_mb() -> float:
+    """What this process holds now, in MiB: the resident set after a garbage collection and after freed
+    heap memory is handed back (`malloc_trim`); 0 where /proc is absent."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**10
+    except (OSError, AttributeError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
 def _current_peak_mb(device: torch.device | None) -> float:
     if device is not None and device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

@@ -363,7 +363,7 @@ def _finish(session: Session, params: dict, before: dict, state, wall: float, ex
                                   "processes": accelerator.num_processes,
                                   "held": getattr(state, "held", None) or {"parameters": 1.0,
                                                                            "optimizer_state": 1.0},
-                                  "peak_memory_mb": getattr(state, "peak_memory_mb", None)}
+                                  "memory_mb": getattr(state, "memory_mb", None)}
     if session.data.notes:  # what the run left unused, and why
         results["notes"] = list(session.data.notes)
     skipped = [message for task in session.data.tasks for message in task.skipped]

@@ -34,7 +34,7 @@ from tuneforge.data import collate
 from tuneforge.distributed import (
     agreed_stop,
     mean_over_processes,
-    processes_peak_memory,
+    processes_memory,
     step_checks,
     step_targets,
 )
@@ -61,7 +61,7 @@ class LoopState:
     elapsed: float = 0.0  # seconds spent training (excluding evaluation)
     history: list[dict] = field(default_factory=list)  # periodic eval results
     held: dict[str, float] | None = None  # shares of parameters and optimizer state process 0 holds
-    peak_memory_mb: list[float] | None = None  # each process's peak while training (several processes)
+    memory_mb: dict[str, list[float]] | None = None  # each process's training peak and held memory
 
     @classmethod
     def from_checkpoint(cls, loop: dict, grad_accum: int) -> LoopState:
@@ -349,8 +349,8 @@ def fit(
             else:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
         progress.close()  # before the final checkpoint: a stop's message goes on a line of its own
-        if world > 1 or engine.shards:  # each process's peak so far (before a checkpoint gathers anything)
-            state.peak_memory_mb = processes_peak_memory(accelerator)
+        if world > 1 or engine.shards:  # each process's memory (before a checkpoint gathers anything)
+            state.memory_mb = processes_memory(accelerator)
         checkpoint()
         logger.close()
     if reason is not None:
