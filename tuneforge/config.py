@@ -45,7 +45,7 @@ class TemplateConfig(StrictModel):
 class DataConfig(StrictModel):
     train: str
     eval: str | None = None
-    format: Literal["auto", "text", "completion", "alpaca", "chat", "classification"] = "auto"
+    format: Literal["auto", "text", "completion", "alpaca", "chat", "sharegpt", "classification"] = "auto"
     template: TemplateConfig | None = None
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # held out when no eval file is given
     where: dict[str, list[str | int]] | None = None  # keep records whose field has one of these values
