@@ -113,11 +113,27 @@ class TrainConfig(StrictModel):
         return value if value is None or isinstance(value, bool) else parse_duration(value)
 
 
+class BenchmarkConfig(StrictModel):
+    """One lm-evaluation-harness task, run before and after training (`tuneforge.benchmarks`)."""
+
+    task: str = Field(min_length=1)  # an lm-eval task or group name, or the bundled `trivia-mc`
+    limit: int | None = Field(None, ge=1)  # documents per task (the first ones); None: all
+    num_fewshot: int = Field(0, ge=0)
+    path: str | None = None  # a task YAML file or a folder of them (lm-eval's include_path)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """`- mmlu` means `- {task: mmlu}`."""
+        return {"task": value} if isinstance(value, str) else value
+
+
 class EvaluationConfig(StrictModel):
     retain_examples: int = Field(64, ge=1)  # max_seq_len-token chunks of retain text
     samples: int = Field(3, ge=0)  # greedy generations shown before and after training
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int | None = Field(None, ge=1)  # defaults to train.batch_size
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=list)  # lm-eval tasks, before and after
 
 
 class StrategySpec(StrictModel):
@@ -298,7 +314,8 @@ def config_location(config: RunConfig, dotted: str) -> str:
     source, root, overrides = config._origin
     if any(o.split("=", 1)[0].strip() == dotted for o in overrides):
         return f"{source} (override {dotted})"
-    return f"{source}:{_line_of(root, dotted.split('.'))}" if root is not None else source
+    parts = [int(part) if part.isdigit() else part for part in dotted.split(".")]
+    return f"{source}:{_line_of(root, parts)}" if root is not None else source
 
 
 def validate_config(
@@ -351,6 +368,8 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         config.model = resolve(config.model)
     for spec, name, value in _path_options(config):
         setattr(spec.options, name, resolve(value))
+    for benchmark in config.evaluation.benchmarks:
+        benchmark.path = resolve(benchmark.path)
     return config
 
 

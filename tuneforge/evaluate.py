@@ -251,8 +251,9 @@ def evaluate_task(model: nn.Module, task: TaskData, batch_size: int, pad: int, d
 
 
 def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig, device,
-                 samples: bool = True) -> dict:
-    """Per-task metrics on the eval sets (`eval` is their mean), retain metrics, and a few greedy samples."""
+                 samples: bool = True, benchmarks: bool = False) -> dict:
+    """Per-task metrics on the eval sets (`eval` is their mean), retain metrics, a few greedy samples, and
+    with `benchmarks` the configured lm-eval benchmarks (`tuneforge.benchmarks`)."""
     batch_size = config.evaluation.batch_size or config.train.batch_size
     pad = tokenizer.pad_token_id
     per_task = {task.name: evaluate_task(model, task, batch_size, pad, device) for task in run_data.tasks}
@@ -261,6 +262,10 @@ def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConf
         result["tasks"] = per_task
     if run_data.retain_items:
         result["retain"] = evaluate_lm(model, run_data.retain_items, batch_size, pad, device)
+    if benchmarks and config.evaluation.benchmarks:
+        from tuneforge.benchmarks import run_benchmarks
+
+        result["benchmarks"] = run_benchmarks(model, tokenizer, config, batch_size)
     lm_task = next((t for t in run_data.tasks if t.task_type == "causal_lm"), None)
     if samples and config.evaluation.samples and lm_task is not None:
         chosen = lm_task.eval_examples[:config.evaluation.samples]

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from tuneforge.benchmarks import check_benchmarks
 from tuneforge.checkpoint import latest_checkpoint, write_atomic
 from tuneforge.compose import apply_strategies, build_strategies, check_combination, trainable_by_strategy
 from tuneforge.config import RunConfig, check_output_location, config_location
@@ -173,9 +174,10 @@ class Session:
     ctx: StrategyContext
     data: RunData
 
-    def evaluate(self, model: nn.Module | None = None, samples: bool = True) -> dict:
+    def evaluate(self, model: nn.Module | None = None, samples: bool = True,
+                 benchmarks: bool = False) -> dict:
         return evaluate_all(model or self.model, self.tokenizer, self.data, self.config,
-                            self.accelerator.device, samples)
+                            self.accelerator.device, samples, benchmarks)
 
     def periodic_eval(self, model: nn.Module) -> dict:
         result = self.evaluate(model, samples=False)
@@ -189,6 +191,7 @@ class Session:
 
 def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_benchmarks(config)
     run_data = load_run_data(config)  # bad data fails here, before the output directory is touched
     # bf16 autocast is applied by the loop itself: Accelerate's mixed-precision setting is process-wide state.
     accelerator = make_accelerator()
@@ -259,7 +262,7 @@ def evaluate_before(session: Session, resume: bool) -> dict:
         return json.loads(path.read_text())
     session.accelerator.print("tuneforge: evaluating the base model ...")
     with disabled_adapters(session.model):
-        before = session.evaluate()
+        before = session.evaluate(benchmarks=True)
     if session.accelerator.is_main_process:
         write_atomic(path, json.dumps(before, indent=1))
     return before
@@ -328,13 +331,14 @@ def _finish(session: Session, params: dict, before: dict, state, wall: float, ex
 
     config, accelerator = session.config, session.accelerator
     accelerator.print("tuneforge: evaluating the fine-tuned model ...")
-    after = session.evaluate()
+    after = session.evaluate(benchmarks=True)
     results = {
         "model": config.model, "strategies": [s.as_dict() for s in config.strategies],
         "task_type": session.data.task_type, "tasks": [t.name for t in session.data.tasks],
         **params,
         "before": before, "after": after,
         "forgetting": forgetting(before.get("retain", {}), after.get("retain", {})),
+        **benchmark_results(before, after),
         "steps": state.step, "train_seconds": state.elapsed, "wall_seconds": wall,
         "tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
         "peak_memory_mb": peak_memory_mb(accelerator.device),
@@ -358,6 +362,15 @@ def _finish(session: Session, params: dict, before: dict, state, wall: float, ex
     return results
 
 
+def benchmark_results(before: dict, after: dict) -> dict:
+    """`benchmark_change`: each benchmark's primary metric after minus before, in points (when configured)."""
+    if "benchmarks" not in after:
+        return {}
+    from tuneforge.benchmarks import benchmark_change
+
+    return {"benchmark_change": benchmark_change(before.get("benchmarks", {}), after["benchmarks"])}
+
+
 def inspect_config(config: RunConfig) -> dict:
     """Parameter counts of the configured model and strategies, the modules each strategy matched
     (`matched`: {strategy: one line}) and the bytes base weights hold by storage kind (`base_weights`:
@@ -375,6 +388,7 @@ def validate_run(config: RunConfig) -> dict:
     """Check everything that can be checked before a model loads: the strategy list, data files, every record,
     the model."""
     check_combination([spec.name for spec in config.strategies])
+    check_benchmarks(config)
     run_data = load_run_data(config)
     check_model_available(config.model)
     check_quantize(config)
