@@ -159,6 +159,9 @@ class RunConfig(StrictModel):
     trust_remote_code: bool = False
     # keep the frozen base's block linear weights quantized (tuneforge.quantize): QLoRA with lora
     quantize: Literal["none", "nf4", "fp4", "int8", "gguf"] = "none"
+    # experiment trackers besides the run directory's TensorBoard events (tuneforge.trackers)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] = Field(
+        default_factory=lambda: ["tensorboard"])
     _origin: tuple = PrivateAttr(default=("<config>", None, ()))  # (file, YAML node tree, overrides)
 
     @model_validator(mode="after")
@@ -176,6 +179,14 @@ class RunConfig(StrictModel):
         if duplicates:
             raise ValueError(f"strategy listed twice: {', '.join(duplicates)}")
         return self
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_shorthand(cls, value: Any) -> Any:
+        """`report_to: wandb` means `[wandb]`; `none` or null means TensorBoard only."""
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
     def task_list(self) -> list[TaskConfig]:
         """The run's tasks; a single `data:` section is one task named `task`."""

@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,6 +53,7 @@ from tuneforge.tasks import (
     retain_batch_source,
     training_plan,
 )
+from tuneforge.trackers import Trackers, check_trackers, open_trackers
 
 RUN_WORK = ("metrics.jsonl", "evaluation_before.json", "checkpoints", "results.json", "adapter")
 
@@ -173,6 +174,7 @@ class Session:
     strategies: list[Strategy]
     ctx: StrategyContext
     data: RunData
+    trackers: Trackers = field(default_factory=lambda: Trackers([]))  # report_to: W&B, MLflow, Aim
 
     def evaluate(self, model: nn.Module | None = None, samples: bool = True,
                  benchmarks: bool = False) -> dict:
@@ -191,6 +193,7 @@ class Session:
 
 def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_trackers(config)
     check_benchmarks(config)
     run_data = load_run_data(config)  # bad data fails here, before the output directory is touched
     # bf16 autocast is applied by the loop itself: Accelerate's mixed-precision setting is process-wide state.
@@ -210,7 +213,8 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
         check_packing_run(model, tokenizer, run_data, config, strategies, accelerator.device)
     ctx.device = accelerator.device
     ctx.retain_batches = retain_batch_source(run_data, tokenizer, config)
-    return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data)
+    trackers = open_trackers(config, run_dir, accelerator.is_main_process)
+    return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data, trackers)
 
 
 def warn_if_short_of_memory(config: RunConfig, device) -> None:
@@ -270,9 +274,16 @@ def evaluate_before(session: Session, resume: bool) -> dict:
 
 def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run `config` end to end and return its results (also written to results.json and report.md)."""
+    session = start_session(config, resume, overwrite)
+    try:
+        return _train_session(session, config, resume)
+    finally:
+        session.trackers.close()
+
+
+def _train_session(session: Session, config: RunConfig, resume: bool) -> dict:
     from tuneforge.train import fit
 
-    session = start_session(config, resume, overwrite)
     params = parameter_report(session.model, session.strategies, session.ctx)
     sizes = [len(t.train_items) for t in session.data.tasks]
     session.accelerator.print(
@@ -301,7 +312,7 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
     else:
         state = fit(session.model, session.strategies, session.ctx, items, plan, config.train,
                     session.accelerator, session.run_dir, session.tokenizer.pad_token_id,
-                    session.periodic_eval, resume=resume)
+                    session.periodic_eval, resume=resume, trackers=session.trackers)
     session.model = session.accelerator.unwrap_model(session.model)
     return finish(session, params, before, state, time.perf_counter() - started, {})
 
@@ -359,6 +370,7 @@ def _finish(session: Session, params: dict, before: dict, state, wall: float, ex
             results["adapter_bytes"] = 0
         write_atomic(session.run_dir / "results.json", json.dumps(results, indent=1))
         write_report(session.run_dir, results)
+        session.trackers.log_results(results, session.run_dir)
     return results
 
 
@@ -388,6 +400,7 @@ def validate_run(config: RunConfig) -> dict:
     """Check everything that can be checked before a model loads: the strategy list, data files, every record,
     the model."""
     check_combination([spec.name for spec in config.strategies])
+    check_trackers(config)
     check_benchmarks(config)
     run_data = load_run_data(config)
     check_model_available(config.model)

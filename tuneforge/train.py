@@ -234,11 +234,12 @@ def fit(
     resume: bool = False,
     checkpoints: Path | None = None,
     log_extra: dict | None = None,
+    trackers=None,
 ) -> LoopState:
     """Train `model` on `train_items` in the optimizer steps `plan` draws; returns the final loop state.
 
     Checkpoints go to `checkpoints` (default `run_dir/checkpoints`); `log_extra` (e.g. the task of a
-    continual run) is added to every metrics record.
+    continual run) is added to every metrics record, which also goes to `trackers` (`report_to`).
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     # set before anything reads what is trainable in any epoch (optimizer, L2-SP and EWC anchors)
@@ -247,7 +248,7 @@ def fit(
     model, optimizer, scheduler = prepare_training(model, strategies, ctx, cfg, accelerator, num_steps)
     raw_model = accelerator.unwrap_model(model)
     optimized = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
-    logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, extra=log_extra)
+    logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, extra=log_extra, trackers=trackers)
     checkpoints = checkpoints or run_dir / "checkpoints"
     with_task = routes_tasks(raw_model)
     head = None if any(strategy.needs_logits() for strategy in strategies) else label_head(raw_model)
