@@ -130,3 +130,17 @@ def test_steps_keep_increasing_across_tasks():
 def test_flatten_config():
     assert flatten({"train": {"lr": 0.1, "seed": 0}, "strategies": [{"lora": {}}], "retain": None}) == {
         "train.lr": 0.1, "train.seed": 0, "strategies": "[{'lora': {}}]", "retain": None}
+
+
+def test_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    from tuneforge.config import validate_config
+    from tuneforge.trackers import open_trackers
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # MLflow 3 refuses a file store without it
+    config = validate_config({"model": "m", "data": {"train": "x"}, "report_to": "mlflow"})
+    with pytest.raises(ConfigError) as info:
+        open_trackers(config, tmp_path / "run")
+    message = str(info.value)
+    assert "\n" not in message and "report_to: mlflow could not start (MlflowException: " in message
+    assert message.endswith("(a file: store needs MLFLOW_ALLOW_FILE_STORE=true)")

@@ -31,6 +31,11 @@ EXTERNAL = {
     "aim": ("aim", "pip install aim==3.29.1"),
 }
 ARTIFACTS = ("results.json", "report.md", "config.yaml", "loss.png")
+START_HINTS = {
+    "wandb": "log in with `wandb login`, or set WANDB_MODE=offline",
+    "mlflow": "check MLFLOW_TRACKING_URI (a file: store needs MLFLOW_ALLOW_FILE_STORE=true)",
+    "aim": "check AIM_REPO",
+}
 
 
 def check_trackers(config: RunConfig) -> None:
@@ -101,6 +106,8 @@ def open_trackers(config: RunConfig, run_dir: Path, main_process: bool = True) -
     check_trackers(config)
     from accelerate.tracking import AimTracker, MLflowTracker, WandBTracker
 
+    from tuneforge.config import config_location
+
     opened = []
     for name in names:
         if name == "wandb":
@@ -110,8 +117,14 @@ def open_trackers(config: RunConfig, run_dir: Path, main_process: bool = True) -
             tracker = MLflowTracker(PROJECT, run_name=run_dir.name)
         else:
             tracker = AimTracker(run_dir.name, logging_dir=os.environ.get("AIM_REPO", str(run_dir.parent)))
-        tracker.start()
-        tracker.store_init_configuration(flatten(config.resolved_dict()))
+        try:
+            tracker.start()
+            tracker.store_init_configuration(flatten(config.resolved_dict()))
+        except Exception as exc:  # noqa: BLE001 - no login, an unreachable server: one line, not a traceback
+            Trackers(opened).close()
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ConfigError(f"{config_location(config, 'report_to')}: report_to: {name} could not start "
+                              f"({type(exc).__name__}: {first}); {START_HINTS[name]}") from None
         opened.append(tracker)
     return Trackers(opened)
 
