@@ -265,6 +265,14 @@ def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConf
     if benchmarks and config.evaluation.benchmarks:
         from tuneforge.benchmarks import run_benchmarks
 
+        if run_data.task_type != "causal_lm":
+            from tuneforge.config import config_location
+            from tuneforge.errors import ConfigError
+
+            where = config_location(config, "evaluation.benchmarks")
+            raise ConfigError(f"{where}: lm-eval benchmarks score a language model's next tokens; this run "
+                              "trains a classifier")
+
         result["benchmarks"] = run_benchmarks(model, tokenizer, config, batch_size)
     lm_task = next((t for t in run_data.tasks if t.task_type == "causal_lm"), None)
     if samples and config.evaluation.samples and lm_task is not None:
