@@ -157,3 +157,17 @@ def test_change_in_points_and_report_rows():
                "train_seconds": 1.0, "tokens_per_s": 1.0}
     assert benchmark_rows(results)[0] == ("benchmark mmlu acc (%)", "67.0", "22.0", "-45.0 points")
     assert row_of("r", results)["benchmark_change"] == pytest.approx(-20.0)
+
+
+def test_the_documented_table_is_rendered_from_the_committed_json():
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "bench"))
+    try:
+        import benchmark_forgetting
+    finally:
+        sys.path.remove(str(repo / "bench"))
+    report = json.loads((repo / "docs" / "results" / "benchmark_forgetting.json").read_text())
+    assert report["runs"] == 1 and report["command"].startswith("tuneforge train examples/benchmarks.yaml")
+    assert benchmark_forgetting.render(report) in (repo / "docs" / "evaluation.md").read_text()
