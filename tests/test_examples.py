@@ -50,6 +50,8 @@ def shrunk(raw: dict, decoder: Path, encoder: Path, output: Path) -> dict:
     raw["train"] = {**train, "max_steps": min(train.get("max_steps", 2), 2), "batch_size": 2,
                     "max_seq_len": 128, "warmup_steps": 0}
     raw["evaluation"] = {**raw.get("evaluation", {}), "samples": 0, "retain_examples": 2}
+    if "benchmarks" in raw["evaluation"]:  # lm-eval runs, on a few documents
+        raw["evaluation"]["benchmarks"] = [{**b, "limit": 4} for b in raw["evaluation"]["benchmarks"]]
     small = {"max_eval_examples": 4}
     if model == decoder:  # classification keeps its training data: a subset could miss a label the eval has
         small["max_train_examples"] = 64

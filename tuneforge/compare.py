@@ -32,8 +32,8 @@ COSTS = {"params": ("trainable_params", "trainable parameters"),
 
 # Row fields that are averaged over seeds.
 NUMERIC = ("task", "task_before", "task_change", "task_change_pct", "task_gain", "retain_ppl_before",
-           "retain_ppl_after", "retain_ppl_change", "forgetting", "forgetting_pct", "trainable_params",
-           "artifact_bytes", "peak_memory_mb", "train_seconds", "tokens_per_s", "steps")
+           "retain_ppl_after", "retain_ppl_change", "benchmark_change", "forgetting", "forgetting_pct",
+           "trainable_params", "artifact_bytes", "peak_memory_mb", "train_seconds", "tokens_per_s", "steps")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -136,6 +136,8 @@ def row_of(name: str, results: dict) -> dict:
         "retain_ppl_after": retain_after.get("perplexity"),
         "forgetting": results.get("forgetting", {}).get("loss"),  # retain loss after - before
         "retain_ppl_change": results.get("forgetting", {}).get("perplexity"),
+        # lm-eval benchmarks: mean change of their primary metrics, in points (negative = forgot)
+        "benchmark_change": _mean(list(results.get("benchmark_change", {}).values())),
         "forgetting_pct": relative_change(retain_before.get("perplexity"), retain_after.get("perplexity")),
         "trainable_params": results["trainable_params"] if results["steps"] else 0,
         "artifact_bytes": results.get("adapter_bytes", 0),
@@ -145,6 +147,10 @@ def row_of(name: str, results: dict) -> dict:
         "steps": results["steps"],
         "seed": None,
     }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def group_rows(runs: list[dict]) -> list[dict]:

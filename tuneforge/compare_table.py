@@ -25,6 +25,7 @@ class Column:
     spread: bool = False       # show ± the spread over seeds
     terminal: bool = True      # also in the terminal's narrower table
     if_varies: bool = False    # shown only when rows differ (before training, every row is the same model)
+    if_present: bool = False   # shown only when some row has a value (benchmarks are configured)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ def columns(task_metric: str) -> list[Column]:
         Column("retain_ppl_after", "retain ppl after ↓", "linear", 4, "lower", spread=True, terminal=False),
         Column("retain_ppl_change", "forgetting ↓ (retain ppl change)", "change", 3, "lower",
                "forgetting_pct", spread=True),
+        Column("benchmark_change", "benchmark change ↑ (points)", "linear", 3, "higher", spread=True,
+               if_present=True),
         Column("trainable_params", "trainable params ↓", "count", 3, "lower"),
         Column("artifact_mib", "artifact ↓ (MiB)", "log", 3, "lower", terminal=False),
         Column("peak_memory_mb", "peak memory ↓ (MiB)", "linear", 4, "lower"),
@@ -81,7 +84,8 @@ def table(rows: list[dict], terminal: bool = False) -> tuple[list[Column], list[
     """The columns and, per row, one Cell per column."""
     rows = [with_derived(row) for row in rows]
     shown = [c for c in columns(rows[0]["task_metric"]) if (c.terminal or not terminal)
-             and (not c.if_varies or len({row.get(c.key) for row in rows}) > 1)]
+             and (not c.if_varies or len({row.get(c.key) for row in rows}) > 1)
+             and (not c.if_present or any(row.get(c.key) is not None for row in rows))]
     out = [[] for _ in rows]
     for column in shown:
         values = [row.get(column.key) for row in rows]

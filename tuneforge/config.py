@@ -45,7 +45,7 @@ class TemplateConfig(StrictModel):
 class DataConfig(StrictModel):
     train: str
     eval: str | None = None
-    format: Literal["auto", "text", "completion", "alpaca", "chat", "classification"] = "auto"
+    format: Literal["auto", "text", "completion", "alpaca", "chat", "sharegpt", "classification"] = "auto"
     template: TemplateConfig | None = None
     eval_fraction: float = Field(0.1, gt=0, lt=1)  # held out when no eval file is given
     where: dict[str, list[str | int]] | None = None  # keep records whose field has one of these values
@@ -113,11 +113,27 @@ class TrainConfig(StrictModel):
         return value if value is None or isinstance(value, bool) else parse_duration(value)
 
 
+class BenchmarkConfig(StrictModel):
+    """One lm-evaluation-harness task, run before and after training (`tuneforge.benchmarks`)."""
+
+    task: str = Field(min_length=1)  # an lm-eval task or group name, or the bundled `trivia-mc`
+    limit: int | None = Field(None, ge=1)  # documents per task (the first ones); None: all
+    num_fewshot: int = Field(0, ge=0)
+    path: str | None = None  # a task YAML file or a folder of them (lm-eval's include_path)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """`- mmlu` means `- {task: mmlu}`."""
+        return {"task": value} if isinstance(value, str) else value
+
+
 class EvaluationConfig(StrictModel):
     retain_examples: int = Field(64, ge=1)  # max_seq_len-token chunks of retain text
     samples: int = Field(3, ge=0)  # greedy generations shown before and after training
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int | None = Field(None, ge=1)  # defaults to train.batch_size
+    benchmarks: list[BenchmarkConfig] = Field(default_factory=list)  # lm-eval tasks, before and after
 
 
 class FsdpConfig(StrictModel):
@@ -160,6 +176,9 @@ class RunConfig(StrictModel):
     trust_remote_code: bool = False
     # keep the frozen base's block linear weights quantized (tuneforge.quantize): QLoRA with lora
     quantize: Literal["none", "nf4", "fp4", "int8", "gguf"] = "none"
+    # experiment trackers besides the run directory's TensorBoard events (tuneforge.trackers)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] = Field(
+        default_factory=lambda: ["tensorboard"])
     _origin: tuple = PrivateAttr(default=("<config>", None, ()))  # (file, YAML node tree, overrides)
 
     @model_validator(mode="after")
@@ -177,6 +196,14 @@ class RunConfig(StrictModel):
         if duplicates:
             raise ValueError(f"strategy listed twice: {', '.join(duplicates)}")
         return self
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_shorthand(cls, value: Any) -> Any:
+        """`report_to: wandb` means `[wandb]`; `none` or null means TensorBoard only."""
+        if value is None or value == "none":
+            return []
+        return [value] if isinstance(value, str) else value
 
     def task_list(self) -> list[TaskConfig]:
         """The run's tasks; a single `data:` section is one task named `task`."""
@@ -321,7 +348,8 @@ def config_location(config: RunConfig, dotted: str) -> str:
     source, root, overrides = config._origin
     if any(o.split("=", 1)[0].strip() == dotted for o in overrides):
         return f"{source} (override {dotted})"
-    return f"{source}:{_line_of(root, dotted.split('.'))}" if root is not None else source
+    parts = [int(part) if part.isdigit() else part for part in dotted.split(".")]
+    return f"{source}:{_line_of(root, parts)}" if root is not None else source
 
 
 def validate_config(
@@ -374,6 +402,8 @@ def resolve_paths(config: RunConfig, base: Path) -> RunConfig:
         config.model = resolve(config.model)
     for spec, name, value in _path_options(config):
         setattr(spec.options, name, resolve(value))
+    for benchmark in config.evaluation.benchmarks:
+        benchmark.path = resolve(benchmark.path)
     return config
 
 

@@ -75,7 +75,7 @@ def train_sequence(session, before: dict, resume: bool) -> tuple:
         resuming = resume and latest_checkpoint(checkpoints) is not None
         state = fit(session.model, session.strategies, ctx, items, plan, config.train, accelerator,
                     session.run_dir, session.tokenizer.pad_token_id, session.periodic_eval, resume=resuming,
-                    checkpoints=checkpoints, log_extra={"task": task.name})
+                    checkpoints=checkpoints, log_extra={"task": task.name}, trackers=session.trackers)
         model = accelerator.unwrap_model(session.model)
         for strategy in session.strategies:
             strategy.on_task_end(model, task.name, ctx)

@@ -115,6 +115,9 @@ def engine_refusal(config, strategies) -> str | None:
     if config.schedule.mode == "sequence" and config.tasks and len(config.tasks) > 1:
         return (f"distributed.engine: {engine} trains one mixture; a continual sequence rebuilds the "
                 f"optimizer per task (use engine: ddp)")
+    if config.evaluation.benchmarks:
+        return (f"distributed.engine: {engine} with evaluation.benchmarks is not supported: lm-eval runs "
+                f"the model outside tuneforge's lock-step evaluation (use ddp)")
     if config.quantize != "none":
         return f"distributed.engine: {engine} with quantize: {config.quantize} is not supported (use ddp)"
     for strategy in strategies:

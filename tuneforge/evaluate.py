@@ -259,8 +259,9 @@ def evaluate_task(model: nn.Module, task: TaskData, batch_size: int, pad: int, d
 
 
 def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig, device,
-                 samples: bool = True) -> dict:
-    """Per-task metrics on the eval sets (`eval` is their mean), retain metrics, and a few greedy samples."""
+                 samples: bool = True, benchmarks: bool = False) -> dict:
+    """Per-task metrics on the eval sets (`eval` is their mean), retain metrics, a few greedy samples, and
+    with `benchmarks` the configured lm-eval benchmarks (`tuneforge.benchmarks`)."""
     batch_size = config.evaluation.batch_size or config.train.batch_size
     pad = tokenizer.pad_token_id
     per_task = {task.name: evaluate_task(model, task, batch_size, pad, device) for task in run_data.tasks}
@@ -269,6 +270,18 @@ def evaluate_all(model: nn.Module, tokenizer, run_data: RunData, config: RunConf
         result["tasks"] = per_task
     if run_data.retain_items:
         result["retain"] = evaluate_lm(model, run_data.retain_items, batch_size, pad, device)
+    if benchmarks and config.evaluation.benchmarks:
+        from tuneforge.benchmarks import run_benchmarks
+
+        if run_data.task_type != "causal_lm":
+            from tuneforge.config import config_location
+            from tuneforge.errors import ConfigError
+
+            where = config_location(config, "evaluation.benchmarks")
+            raise ConfigError(f"{where}: lm-eval benchmarks score a language model's next tokens; this run "
+                              "trains a classifier")
+
+        result["benchmarks"] = run_benchmarks(model, tokenizer, config, batch_size)
     lm_task = next((t for t in run_data.tasks if t.task_type == "causal_lm"), None)
     if samples and config.evaluation.samples and lm_task is not None:
         chosen = lm_task.eval_examples[:config.evaluation.samples]

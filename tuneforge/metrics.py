@@ -17,9 +17,10 @@ class MetricsLogger:
     """Appends records to `metrics.jsonl` and TensorBoard; only the main process writes."""
 
     def __init__(self, directory: Path, enabled: bool = True, tensorboard: bool = True,
-                 extra: dict | None = None):
+                 extra: dict | None = None, trackers=None):
         self.path = directory / "metrics.jsonl"
         self.enabled = enabled
+        self.trackers = trackers  # `tuneforge.trackers.Trackers`: W&B, MLflow, Aim (report_to)
         self.extra = extra or {}  # fields added to every record, e.g. {"task": "b"} in a continual run
         self.writer = None
         if enabled and tensorboard:
@@ -52,13 +53,17 @@ class MetricsLogger:
         record = {**record, **self.extra}
         with writing(self.path), open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        prefix = "/".join(str(p) for p in (record.get("task"), record.get("split", "train")) if p)
+        scalars = {f"{prefix}/{key}": value for key, value in record.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)
+                   and key not in ("step", "epoch")}
         if self.writer is not None:
-            step = record.get("step", 0)
-            prefix = "/".join(str(p) for p in (record.get("task"), record.get("split", "train")) if p)
             with writing(self.writer.log_dir):
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                        self.writer.add_scalar(f"{prefix}/{key}", value, step)
+                for key, value in scalars.items():
+                    self.writer.add_scalar(key, value, step)
+        if self.trackers:
+            self.trackers.log(scalars, step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -32,7 +32,33 @@ def metric_rows(results: dict) -> list[tuple[str, str, str, str]]:
                                      decimals)
                 rows.append((f"{label} {key}", fixed(before[key], decimals), fixed(after[key], decimals),
                              change))
+    return rows + benchmark_rows(results)
+
+
+def benchmark_rows(results: dict) -> list[tuple[str, str, str, str]]:
+    """(metric, before, after, change) rows for the lm-eval benchmarks, in points (% of documents)."""
+    rows = []
+    before_all = results["before"].get("benchmarks", {})
+    for task, after in results["after"].get("benchmarks", {}).items():
+        before = before_all.get(task, {})
+        if after.get("value") is None or before.get("value") is None:
+            continue
+        b, a = 100 * before["value"], 100 * after["value"]
+        change = change_cell(a - b, None, 1)
+        rows.append((f"benchmark {task} {after['metric']} (%)", fixed(b, 1), fixed(a, 1), f"{change} points"))
     return rows
+
+
+def benchmark_note(results: dict) -> list[str]:
+    """How each benchmark was run, with its chance level (multiple choice)."""
+    notes = []
+    for task, after in results["after"].get("benchmarks", {}).items():
+        chance = f", chance {fixed(100 * after['chance'], 1)}%" if after.get("chance") is not None else ""
+        notes.append(f"{task}: {after['n']} documents, {after['num_fewshot']}-shot{chance}")
+    if not notes:
+        return []
+    return ["", ("Benchmarks (lm-evaluation-harness, before with injected modules disabled): "
+                 + "; ".join(notes) + ". A fall in points is forgetting.")]
 
 
 def cost_rows(results: dict) -> list[tuple[str, str]]:
@@ -166,6 +192,7 @@ def write_report(run_dir: Path, results: dict) -> Path:
     lines += [f"| {m} | {b} | {a} | {c} |" for m, b, a, c in metric_rows(results)]
     lines += ["", ("Loss: mean token cross-entropy in nats (lower is better). Forgetting shows as the retain "
               "rows going up: original-domain text the run did not train on.")]
+    lines += benchmark_note(results)
     lines += continual_section(results.get("continual"))
     lines += ["", "## What it cost", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in cost_rows(results)]

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from tuneforge.benchmarks import check_benchmarks
 from tuneforge.checkpoint import latest_checkpoint, write_atomic
 from tuneforge.compose import apply_strategies, build_strategies, check_combination, trainable_by_strategy
 from tuneforge.config import RunConfig, check_output_location, config_location
@@ -55,6 +56,7 @@ from tuneforge.tasks import (
     retain_batch_source,
     training_plan,
 )
+from tuneforge.trackers import Trackers, check_trackers, open_trackers
 
 RUN_WORK = ("metrics.jsonl", "evaluation_before.json", "checkpoints", "results.json", "adapter")
 
@@ -176,10 +178,12 @@ class Session:
     ctx: StrategyContext
     data: RunData
     engine: Engine | None = None  # how the model is spread over processes (`distributed.engine`)
+    trackers: Trackers = field(default_factory=lambda: Trackers([]))  # report_to: W&B, MLflow, Aim
 
-    def evaluate(self, model: nn.Module | None = None, samples: bool = True) -> dict:
+    def evaluate(self, model: nn.Module | None = None, samples: bool = True,
+                 benchmarks: bool = False) -> dict:
         return evaluate_all(model or self.model, self.tokenizer, self.data, self.config,
-                            self.accelerator.device, samples)
+                            self.accelerator.device, samples, benchmarks)
 
     def periodic_eval(self, model: nn.Module) -> dict:
         result = self.evaluate(model, samples=False)
@@ -193,6 +197,8 @@ class Session:
 
 def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_trackers(config)
+    check_benchmarks(config)
     run_data = load_run_data(config)  # bad data fails here, before the output directory is touched
     check_engine(config, build_strategies(config.strategies), config_location(config, "distributed.engine"))
     # bf16 autocast is applied by the loop itself: Accelerate's mixed-precision setting is process-wide state.
@@ -216,7 +222,8 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
         check_packing_run(model, tokenizer, run_data, config, strategies, accelerator.device)
     ctx.device = accelerator.device
     ctx.retain_batches = retain_batch_source(run_data, tokenizer, config)
-    return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data, engine)
+    trackers = open_trackers(config, run_dir, accelerator.is_main_process)
+    return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data, engine, trackers)
 
 
 def warn_if_short_of_memory(config: RunConfig, device) -> None:
@@ -268,7 +275,7 @@ def evaluate_before(session: Session, resume: bool) -> dict:
         return json.loads(path.read_text())
     session.accelerator.print("tuneforge: evaluating the base model ...")
     with disabled_adapters(session.model):
-        before = session.evaluate()
+        before = session.evaluate(benchmarks=True)
     if session.accelerator.is_main_process:
         write_atomic(path, json.dumps(before, indent=1))
     return before
@@ -279,13 +286,16 @@ def train_run(config: RunConfig, resume: bool = False, overwrite: bool = False) 
 
     status.json records that it runs and how it ended (`tuneforge.run_status`)."""
     with recorded_end(Path(config.output)):
-        return _train_run(config, resume, overwrite)
+        session = start_session(config, resume, overwrite)
+        try:
+            return _train_session(session, config, resume)
+        finally:
+            session.trackers.close()
 
 
-def _train_run(config: RunConfig, resume: bool, overwrite: bool) -> dict:
+def _train_session(session: Session, config: RunConfig, resume: bool) -> dict:
     from tuneforge.train import fit
 
-    session = start_session(config, resume, overwrite)
     params = parameter_report(session.model, session.strategies, session.ctx)
     sizes = [len(t.train_items) for t in session.data.tasks]
     session.accelerator.print(
@@ -314,7 +324,8 @@ def _train_run(config: RunConfig, resume: bool, overwrite: bool) -> dict:
     else:
         state = fit(session.model, session.strategies, session.ctx, items, plan, config.train,
                     session.accelerator, session.run_dir, session.tokenizer.pad_token_id,
-                    session.periodic_eval, resume=resume, engine=session.engine)
+                    session.periodic_eval, resume=resume, engine=session.engine,
+                    trackers=session.trackers)
     session.model = session.accelerator.unwrap_model(session.model)
     return finish(session, params, before, state, time.perf_counter() - started, {})
 
@@ -345,13 +356,14 @@ def _finish(session: Session, params: dict, before: dict, state, wall: float, ex
 
     config, accelerator = session.config, session.accelerator
     accelerator.print("tuneforge: evaluating the fine-tuned model ...")
-    after = session.evaluate()
+    after = session.evaluate(benchmarks=True)
     results = {
         "model": config.model, "strategies": [s.as_dict() for s in config.strategies],
         "task_type": session.data.task_type, "tasks": [t.name for t in session.data.tasks],
         **params,
         "before": before, "after": after,
         "forgetting": forgetting(before.get("retain", {}), after.get("retain", {})),
+        **benchmark_results(before, after),
         "steps": state.step, "train_seconds": state.elapsed, "wall_seconds": wall,
         "tokens_per_s": state.tokens / max(state.elapsed, 1e-9),
         "peak_memory_mb": peak_memory_mb(accelerator.device),
@@ -383,7 +395,17 @@ def _finish(session: Session, params: dict, before: dict, state, wall: float, ex
         if results["adapter_bytes"]:  # the adapter's model card: what the run did, for a model hub
             write_run_card(adapter_dir, session.run_dir, "adapter")
         write_report(session.run_dir, results)
+        session.trackers.log_results(results, session.run_dir)
     return results
+
+
+def benchmark_results(before: dict, after: dict) -> dict:
+    """`benchmark_change`: each benchmark's primary metric after minus before, in points (when configured)."""
+    if "benchmarks" not in after:
+        return {}
+    from tuneforge.benchmarks import benchmark_change
+
+    return {"benchmark_change": benchmark_change(before.get("benchmarks", {}), after["benchmarks"])}
 
 
 def inspect_config(config: RunConfig) -> dict:
@@ -408,6 +430,8 @@ def validate_run(config: RunConfig) -> dict:
         from tuneforge.zero import resolve_deepspeed_config
 
         resolve_deepspeed_config(config)
+    check_trackers(config)
+    check_benchmarks(config)
     run_data = load_run_data(config)
     check_model_available(config.model)
     check_quantize(config)

@@ -244,12 +244,13 @@ def fit(
     checkpoints: Path | None = None,
     log_extra: dict | None = None,
     engine: Engine | None = None,
+    trackers=None,
 ) -> LoopState:
     """Train `model` on `train_items` in the optimizer steps `plan` draws; returns the final loop state.
 
     Checkpoints go to `checkpoints` (default `run_dir/checkpoints`); `log_extra` (e.g. the task of a
-    continual run) is added to every metrics record. `engine` spreads the model over processes (DDP by
-    default; FSDP2 or DeepSpeed ZeRO shard it, `tuneforge.engines`).
+    continual run) is added to every metrics record, which also goes to `trackers` (`report_to`). `engine`
+    spreads the model over processes (DDP by default; FSDP2 or DeepSpeed ZeRO shard it, `tuneforge.engines`).
     """
     rank, world = accelerator.process_index, accelerator.num_processes
     # set before anything reads what is trainable in any epoch (optimizer, L2-SP and EWC anchors)
@@ -262,7 +263,8 @@ def fit(
     optimized = {id(parameter) for parameter in engine.parameters(optimizer)}
     if world > 1 or engine.shards:  # each process's training peak is reported, without the loading before
         reset_peak_memory(accelerator.device)
-    logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, extra=log_extra)
+    logger = MetricsLogger(run_dir, enabled=accelerator.is_main_process, extra=log_extra,
+                           trackers=trackers)
     checkpoints = checkpoints or run_dir / "checkpoints"
     with_task = routes_tasks(raw_model)
     head = None if any(strategy.needs_logits() for strategy in strategies) else label_head(raw_model)

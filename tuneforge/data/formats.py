@@ -6,6 +6,7 @@ Formats and the fields they need:
     completion      prompt, completion
     alpaca          instruction, output (optional: input)       -> a completion example
     chat            messages: [{role, content}, ...]
+    sharegpt        conversations: [{from, value}, ...] (human/gpt/system) -> a chat example
     classification  text, label
 
 A template (`TemplateConfig`: prompt, completion, few_shot, separator) turns records of any shape into
@@ -22,12 +23,15 @@ from typing import Any, Protocol
 
 from tuneforge.data.builtin import BUILTIN_PREFIX, load_builtin
 from tuneforge.data.readers import Record, read_records
+from tuneforge.data.registry import SEPARATOR, is_registry_spec, load_registry_records
+from tuneforge.data.sharegpt import sharegpt_messages
 from tuneforge.errors import DataError, shown
 
-FORMATS = ("text", "completion", "alpaca", "chat", "classification")
+FORMATS = ("text", "completion", "alpaca", "chat", "sharegpt", "classification")
 CHAT_ROLES = ("system", "user", "assistant")
 FORMAT_FIELDS = {
     "chat": ("messages",),
+    "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
     "completion": ("prompt", "completion"),
     "classification": ("text", "label"),
@@ -126,6 +130,8 @@ def to_example(record: Record, fmt: str) -> Example:
         return Example("completion", prompt=prompt, completion=_string(record, fmt, "output", True), **base)
     if fmt == "chat":
         return Example("chat", messages=_messages(record), **base)
+    if fmt == "sharegpt":
+        return Example("chat", messages=sharegpt_messages(record), **base)
     if fmt == "classification":
         label = record.fields.get("label")
         if isinstance(label, int) and not isinstance(label, bool):
@@ -263,9 +269,15 @@ def apply_template(
 
 
 def load_records(spec: str | Path, skipped: list[str] | None = None) -> list[Record]:
-    """Records of a data file, or of a bundled dataset when `spec` is `builtin:NAME`."""
+    """Records of a data file or folder, of a bundled dataset (`builtin:NAME`), or of registered datasets
+    (`path/dataset_info.json#NAME`, see `tuneforge.data.registry`)."""
     if isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX):
         return load_builtin(spec.removeprefix(BUILTIN_PREFIX))
+    if is_registry_spec(spec):
+        return load_registry_records(str(spec), skipped)
+    path = Path(spec)
+    if path.name == "dataset_info.json" and path.is_file() and not (path.parent / "state.json").exists():
+        raise DataError(f"{spec}: a dataset registry; name one of its datasets: {spec}{SEPARATOR}NAME")
     return read_records(spec, skipped)
 
 

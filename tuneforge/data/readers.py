@@ -14,9 +14,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge.data.folders import folder_files, read_arrow_rows
 from tuneforge.errors import DataError, shown
 
-SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".md")
+SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt", ".md")
+# a folder's data files: not .md, which a dataset folder holds as its README
+FOLDER_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt")
 
 _JSON_TYPE_NAMES = {
     list: "an array",
@@ -41,8 +44,9 @@ def read_records(path: str | Path, skipped: list[str] | None = None) -> list[Rec
     """Read every record of a data file, chosen by extension.
 
     Line numbers are 1-based: the line in a `.jsonl` file, the first line of a `.csv` row (the header is
-    line 1), the line where an item of a `.json` array starts, the row number of a `.parquet` file, and 1
-    for `.txt`/`.md` files, which are one record `{"text": <whole file>}`.
+    line 1), the line where an item of a `.json` array starts, the row number of a `.parquet` or `.arrow`
+    file, and 1 for `.txt`/`.md` files, which are one record `{"text": <whole file>}`. A folder is read
+    file by file (see `tuneforge.data.folders`): a saved Hugging Face dataset, or shards of one kind.
 
     A problem with one record (a line that is not JSON, a CSV row with too many fields, bytes that are not
     UTF-8 in a line) raises a `DataError`; with a `skipped` list its message is appended there instead and
@@ -52,35 +56,46 @@ def read_records(path: str | Path, skipped: list[str] | None = None) -> list[Rec
     source = str(path)
     if not path.exists():
         raise DataError(f"{source}: file not found")
+    problems = _Problems(skipped)
     if path.is_dir():
-        raise DataError(f"{source}: is a directory, expected a data file ({', '.join(SUPPORTED_EXTENSIONS)})")
+        records = []
+        for file in folder_files(path, FOLDER_EXTENSIONS):
+            records += _read_file(file, problems, empty_ok=True)
+    else:
+        records = _read_file(path, problems)
+    if not records:
+        detail = f"every record is invalid, e.g. {skipped[0]}" if skipped else "file is empty"
+        raise DataError(f"{source}: no records ({detail})")
+    return records
+
+
+def _read_file(path: Path, problems: _Problems, empty_ok: bool = False) -> list[Record]:
+    source = str(path)
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_EXTENSIONS:
         raise DataError(
             f"{source}: unsupported file type {shown(suffix) if suffix else '(no extension)'} "
-            f"(supported: {', '.join(SUPPORTED_EXTENSIONS)})"
+            f"(supported: {', '.join(SUPPORTED_EXTENSIONS)}, or a folder of them)"
         )
+    if suffix == ".arrow":
+        return [Record(source, row, fields) for row, fields in enumerate(read_arrow_rows(path), start=1)]
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{source}: cannot read file: {exc.strerror or exc}") from None
     if not data.removeprefix(codecs.BOM_UTF8).strip():
+        if empty_ok:
+            return []
         raise DataError(f"{source}: no records (file is empty)")
-    problems = _Problems(skipped)
     if suffix == ".parquet":
-        records = _read_parquet(path, source)
-    elif suffix == ".jsonl":
-        records = _read_jsonl(data, source, problems)
-    elif suffix == ".json":
-        records = _read_json(data, source, problems)
-    elif suffix == ".csv":
-        records = _read_csv(data, source, problems)
-    else:
-        records = [Record(source, 1, {"text": _decode(data, source)})]
-    if not records:
-        detail = f"every record is invalid, e.g. {skipped[0]}" if skipped else "file is empty"
-        raise DataError(f"{source}: no records ({detail})")
-    return records
+        return _read_parquet(path, source)
+    if suffix == ".jsonl":
+        return _read_jsonl(data, source, problems)
+    if suffix == ".json":
+        return _read_json(data, source, problems)
+    if suffix == ".csv":
+        return _read_csv(data, source, problems)
+    return [Record(source, 1, {"text": _decode(data, source)})]
 
 
 class _Problems:
