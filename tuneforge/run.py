@@ -223,7 +223,8 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     ctx.device = accelerator.device
     ctx.retain_batches = retain_batch_source(run_data, tokenizer, config)
     trackers = open_trackers(config, run_dir, accelerator.is_main_process)
-    return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data, engine, trackers)
+    return Session(config, run_dir, accelerator, model, tokenizer, strategies, ctx, run_data, engine,
+                   trackers)
 
 
 def warn_if_short_of_memory(config: RunConfig, device) -> None:
