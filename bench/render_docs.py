@@ -55,6 +55,10 @@ def gguf_export(path: Path) -> str:
     return _module("bench/gguf_export.py").render(path, path.relative_to(REPO).as_posix())
 
 
+def benchmark_forgetting(path: Path) -> str:
+    return _module("bench/benchmark_forgetting.py").render(json.loads(path.read_text()))
+
+
 def sharding(path: Path) -> str:
     return _inner(_module("bench/sharding_memory.py").render(json.loads(path.read_text())), "sharding.json")
 
@@ -229,6 +233,7 @@ BLOCKS: dict[str, Block] = {
     "memory_estimate.json": Block("docs/results/memory_estimate.json", memory_estimate),
     "gguf-export.json": Block("docs/results/2026-11-29-gguf-export.json", gguf_export),
     "sharding.json": Block("docs/results/2026-11-29-sharding.json", sharding),
+    "benchmark_forgetting.json": Block("docs/results/benchmark_forgetting.json", benchmark_forgetting),
     "quantize-memory.json": Block("docs/results/2026-11-29-quantize-memory.json", quantize_memory),
     "qlora-vs-peft.json": Block("bench/results/2026-11-29-qlora-vs-peft.json", qlora_vs_peft),
     "architectures.json": Block("docs/results/architectures.json", architectures),
