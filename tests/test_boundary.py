@@ -39,6 +39,10 @@ NOT_STRATEGY_NAMES = {
     # export.py; run.py still spells it out in its list of run files.
     ("export.py", "adapter"),
     ("run.py", "adapter"),
+    # the kind of a model card's export: the adapter/ folder, beside "merged" and "gguf"
+    ("model_card.py", "adapter"),
+    # "prompt": the column key of LLaMA-Factory's dataset_info.json (its alpaca `columns.prompt`)
+    ("data/registry.py", "prompt"),
 }
 
 

@@ -1,5 +1,5 @@
 """`tuneforge ui` in a real headless browser (Debian's chromium + chromium-driver, driven by selenium):
-start a 20-step run on a small model from the New run page, watch the loss plot gain points while it
+start a 120-step run on a small model from the New run page, watch the loss plot gain points while it
 trains, stop it, resume it to the end, and compare it with a run the command line made. Screenshots go to
 the test's folder, and to `$TUNEFORGE_UI_SCREENSHOTS` (docs/ui) when set.
 
@@ -27,6 +27,8 @@ from tuneforge.cli import main
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 REPO = Path(__file__).resolve().parents[1]
+
+STEPS = 120  # optimizer steps of the run the page starts, stops and resumes
 
 
 def _need(condition: bool, message: str) -> None:
@@ -103,8 +105,10 @@ def test_start_watch_stop_resume_and_compare_in_a_browser(browser, small_model_d
     config = {"model": str(small_model_dir), "data": {"train": str(task_file), "max_eval_examples": 8},
               "retain": str(retain_file),
               "strategies": [{"lora": {"rank": 4, "targets": "all-linear"}}],
-              "train": {"max_steps": 20, "batch_size": 8, "lr": 5e-3, "max_seq_len": 64, "log_every": 1,
-                        "eval_every": 5},
+              # long enough that the stop lands mid-run on a quiet machine too (a run of 20 steps ended
+              # before the click there)
+              "train": {"max_steps": STEPS, "batch_size": 8, "lr": 5e-3, "max_seq_len": 64, "log_every": 1,
+                        "eval_every": 25},
               "evaluation": {"samples": 1, "max_new_tokens": 8, "retain_examples": 4}}
     # a prompt-only baseline made by the command line (evaluation only): the page shows both, compares them
     baseline_file = tmp_path / "baseline.yaml"
@@ -169,7 +173,7 @@ def test_start_watch_stop_resume_and_compare_in_a_browser(browser, small_model_d
         record = json.loads((root / "lora-ui" / "status.json").read_text())
         assert record["state"] == "stopped" and record["reason"] == "SIGTERM" and record["exit_code"] == 143
         stopped_at = record["step"]
-        assert first < stopped_at < 20, stopped_at
+        assert first < stopped_at < STEPS, stopped_at
 
         # resume: `tuneforge train RUN/config.yaml --resume`, to the end
         driver.find_element(By.ID, "resume").click()
@@ -178,9 +182,9 @@ def test_start_watch_stop_resume_and_compare_in_a_browser(browser, small_model_d
         wait_for(lambda: run_state() == "finished", 180, "the run to finish")
         wait_for(lambda: driver.find_elements(By.ID, "before-after"), 30, "the before/after table")
         # every step once: the resume continued where the stop left off
-        wait_for(lambda: train_points() == 20, 20, "all 20 steps on the plot")
+        wait_for(lambda: train_points() == STEPS, 20, f"all {STEPS} steps on the plot")
         results = json.loads((root / "lora-ui" / "results.json").read_text())
-        assert results["steps"] == 20
+        assert results["steps"] == STEPS
         assert f"resumed from step-{stopped_at:08d}" in (root / ".ui" / "logs" / "lora-ui.log").read_text()
         driver.execute_script("window.scrollTo(0, 0)")
         shot("run")

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tuneforge.engines import Engine
 from tuneforge.process_group import ensure_process_group
+from tuneforge.surgery import transformer_layers
 
 
 class FsdpEngine(Engine):
@@ -36,8 +37,6 @@ class FsdpEngine(Engine):
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         """Shard `model` block by block, then point `optimizer` (not stepped yet) at the sharded parameters,
         which replace the originals."""
-        from tuneforge.strategies.adapter import transformer_layers
-
         ensure_process_group(self.accelerator)
         names = {id(p): n for n, p in model.named_parameters()}
         groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]

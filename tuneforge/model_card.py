@@ -65,6 +65,8 @@ def front_matter(results: dict, config: dict, kind: str, peft: bool = True) -> d
 
 def card_text(results: dict, config: dict, kind: str, peft: bool = True) -> str:
     """The whole card: front matter, then what the run did, in Markdown."""
+    from tuneforge.strategies import default_parametrization
+
     meta = front_matter(results, config, kind, peft)
     model = results.get("model", config.get("model"))
     what = {"adapter": "an adapter for", "merged": "a merged fine-tune of",
@@ -73,7 +75,7 @@ def card_text(results: dict, config: dict, kind: str, peft: bool = True) -> str:
              f"# {meta['model-index'][0]['name'] if 'model-index' in meta else 'tuneforge run'}", "",
              f"This is {what[kind]} `{meta.get('base_model', model)}`, trained with tuneforge.", "",
              "## Strategies", ""]
-    for spec in results.get("strategies", []) or [{"full": {}}]:
+    for spec in results.get("strategies", []) or [{default_parametrization().name: {}}]:
         name, options = next(iter(spec.items()))
         shown = ", ".join(f"{k}={v}" for k, v in (options or {}).items())
         lines.append(f"- `{name}`{': ' + shown if shown else ''}")

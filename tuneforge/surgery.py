@@ -56,6 +56,19 @@ def num_layers(model: nn.Module) -> int:
     return max(indices) + 1
 
 
+def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The transformer blocks: modules named `...layers.N` (`h.N`, `layer.N`, ...), one per index."""
+    found = {}
+    for name, module in model.named_modules():
+        index = layer_index(name)
+        if index is not None and name.rsplit(".", 1)[-1] == str(index) and index not in found:
+            found[index] = (name, module)
+    if not found:
+        raise ModelError(f"{type(model).__name__}: no transformer layers found "
+                         f"(expected names like model.layers.0)")
+    return [found[i] for i in sorted(found)]
+
+
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every linear layer inside the transformer blocks (output heads excluded)."""
     found = []

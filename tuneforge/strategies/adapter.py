@@ -46,7 +46,13 @@ from transformers.activations import ACT2FN
 from tuneforge.errors import ModelError
 from tuneforge.strategies import register
 from tuneforge.strategies.base import Options, Strategy, StrategyContext
-from tuneforge.surgery import architecture_default, compute_dtype, describe_modules, layer_index, model_type
+from tuneforge.surgery import (
+    architecture_default,
+    compute_dtype,
+    describe_modules,
+    model_type,
+    transformer_layers,
+)
 
 
 class AdapterSites(NamedTuple):
@@ -168,19 +174,6 @@ class Adapter(Strategy):
     def describe(self, model: nn.Module) -> str | None:
         """The sub-layers whose outputs pass through an adapter."""
         return describe_modules(getattr(self, "sites", []))
-
-
-def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The transformer blocks: modules named `...layers.N` (`h.N`, `layer.N`, ...), one per index."""
-    found = {}
-    for name, module in model.named_modules():
-        index = layer_index(name)
-        if index is not None and name.rsplit(".", 1)[-1] == str(index) and index not in found:
-            found[index] = (name, module)
-    if not found:
-        raise ModelError(f"{type(model).__name__}: no transformer layers found "
-                         f"(expected names like model.layers.0)")
-    return [found[i] for i in sorted(found)]
 
 
 def _has(layer: nn.Module, path: str) -> bool:
