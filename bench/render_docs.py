@@ -59,6 +59,10 @@ def benchmark_forgetting(path: Path) -> str:
     return _module("bench/benchmark_forgetting.py").render(json.loads(path.read_text()))
 
 
+def quickstart(path: Path) -> str:
+    return _module("bench/quickstart.py").render(json.loads(path.read_text()))
+
+
 def sharding(path: Path) -> str:
     return _inner(_module("bench/sharding_memory.py").render(json.loads(path.read_text())), "sharding.json")
 
@@ -233,6 +237,7 @@ BLOCKS: dict[str, Block] = {
     "memory_estimate.json": Block("docs/results/memory_estimate.json", memory_estimate),
     "gguf-export.json": Block("docs/results/2026-11-29-gguf-export.json", gguf_export),
     "sharding.json": Block("docs/results/2026-11-29-sharding.json", sharding),
+    "quickstart.json": Block("docs/results/2026-11-29-quickstart.json", quickstart),
     "benchmark_forgetting.json": Block("docs/results/benchmark_forgetting.json", benchmark_forgetting),
     "quantize-memory.json": Block("docs/results/2026-11-29-quantize-memory.json", quantize_memory),
     "qlora-vs-peft.json": Block("bench/results/2026-11-29-qlora-vs-peft.json", qlora_vs_peft),
