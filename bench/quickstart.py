@@ -2,10 +2,10 @@
 
     python bench/quickstart.py                  # runs scripts/quickstart.sh, times it, writes the JSON
     python bench/quickstart.py --run runs/quickstart --wall 213   # a finished run, its wall time given
-    python bench/quickstart.py --render docs/results/2026-11-29-quickstart.json
+    python bench/render_docs.py                 # the README's paragraph again, from the JSON
 
-Writes docs/results/<date>-quickstart.json (date, command, the run's results) and renders the paragraph
-between the `quickstart.json` markers of README.md (`bench/render_docs.py` checks it).
+Writes docs/results/<date>-quickstart.json (date, command, the run's results); `bench/render_docs.py`
+renders the paragraph between the `quickstart.json` markers of README.md from it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "README.md"
-BEGIN, END = "<!-- begin quickstart.json -->", "<!-- end quickstart.json -->"
 
 
 def record(run: Path, wall: float, command: str, machine: str) -> dict:
@@ -48,22 +46,12 @@ def render(report: dict) -> str:
             f"adapter.")
 
 
-def render_into_doc(report: dict) -> None:
-    text = DOC.read_text()
-    start, end = text.index(BEGIN), text.index(END) + len(END)
-    DOC.write_text(text[:start] + f"{BEGIN}\n\n{render(report)}\n\n{END}" + text[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a finished quickstart run (else run it now)")
     parser.add_argument("--wall", type=float, help="its wall time in seconds (with --run)")
     parser.add_argument("--machine", default="2 CPU cores")
-    parser.add_argument("--render")
     args = parser.parse_args()
-    if args.render:
-        render_into_doc(json.loads(Path(args.render).read_text()))
-        return
     command = "bash scripts/quickstart.sh"
     if args.run is None:
         subprocess.run(["bash", "scripts/setup.sh"], cwd=REPO, check=True)
@@ -77,7 +65,9 @@ def main() -> None:
     report = record(run, wall, command, args.machine)
     output = REPO / "docs" / "results" / f"{report['date']}-quickstart.json"
     output.write_text(json.dumps(report, indent=1) + "\n")
-    render_into_doc(report)
+    import render_docs  # this folder: the registry renders the doc from the JSON just written
+
+    render_docs.render_all()
     print(render(report))
 
 

@@ -64,7 +64,7 @@ def quickstart(path: Path) -> str:
 
 
 def sharding(path: Path) -> str:
-    return _inner(_module("bench/sharding_memory.py").render(json.loads(path.read_text())), "sharding.json")
+    return _module("bench/sharding_memory.py").render(json.loads(path.read_text()))
 
 
 def memory_estimate(path: Path) -> str:
@@ -269,18 +269,25 @@ def render_document(text: str) -> str:
     return MARKER.sub(replace, text)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only report blocks that differ from their JSON")
-    args = parser.parse_args()
+def render_all(check: bool = False) -> list[str]:
+    """Render every marked block of README.md and docs/*.md from its JSON (unless `check`); returns the
+    documents whose blocks differed. What a bench calls after writing its JSON."""
     stale = []
     for doc in documents():
         text = doc.read_text()
         rendered = render_document(text)
         if rendered != text:
             stale.append(str(doc.relative_to(REPO)))
-            if not args.check:
+            if not check:
                 doc.write_text(rendered)
+    return stale
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report blocks that differ from their JSON")
+    args = parser.parse_args()
+    stale = render_all(args.check)
     verb = "differ from their JSON" if args.check else "rendered again"
     print(f"{verb}: {', '.join(stale)}" if stale else "every marked block matches its JSON")
     return 1 if stale and args.check else 0

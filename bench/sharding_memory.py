@@ -12,7 +12,7 @@ table 1).
 
     python bench/sharding_memory.py [--repeats 2] [--steps 6] \
         [--output docs/results/2026-11-29-sharding.json]
-    python bench/sharding_memory.py --render docs/results/2026-11-29-sharding.json
+    python bench/render_docs.py       # the table in docs/distributed.md again, from the JSON
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "distributed.md"
-BEGIN, END = "<!-- begin sharding.json -->", "<!-- end sharding.json -->"
 ENGINES = {
     "ddp": {"engine": "ddp"},
     "zero2": {"engine": "deepspeed", "deepspeed": {"zero_optimization": {"stage": 2}}},
@@ -118,7 +116,7 @@ def summarise(runs: list[dict], parameters: int) -> list[dict]:
 
 def render(report: dict) -> str:
     loads = [r["load_average"] for r in report["runs"]]
-    lines = [BEGIN, "", (f"Measured {report['date']} on {report['machine']}: `{report['command']}` "
+    lines = [(f"Measured {report['date']} on {report['machine']}: `{report['command']}` "
              f"(`{report['file']}`). Full fine-tuning of a {report['parameters'] / 1e6:.0f}M-parameter "
              f"synthetic Llama, fp32, {PROCESSES} CPU processes (gloo, 1 thread each), batch 4 x 128 "
              f"tokens per process, {report['steps']} steps, {report['repeats']} runs per engine in "
@@ -139,13 +137,7 @@ def render(report: dict) -> str:
             f"{row['arithmetic_saved_mb']:,.0f} | {row['peak_mb']:,.0f} "
             f"(± {row['peak_spread_mb'] / 2:,.0f}) | {row['peak_saved_mb']:,.0f} | "
             f"{row['step_time_ratio']:.2f}x (± {row['step_time_spread'] / 2:.2f}) |")
-    return "\n".join([*lines, "", END])
-
-
-def render_into_doc(report: dict) -> None:
-    text = DOC.read_text()
-    start, end = text.index(BEGIN), text.index(END) + len(END)
-    DOC.write_text(text[:start] + render(report) + text[end:])
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -154,11 +146,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--output", default="docs/results/2026-11-29-sharding.json")
     parser.add_argument("--machine", default="2 CPU cores, 24 GiB")
-    parser.add_argument("--render")
     args = parser.parse_args()
-    if args.render:
-        render_into_doc(json.loads(Path(args.render).read_text()))
-        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         parameters = synthetic_model(work / "model")
@@ -173,7 +161,9 @@ def main() -> None:
               "machine": args.machine, "parameters": parameters, "steps": args.steps,
               "repeats": args.repeats, "runs": runs, "rows": summarise(runs, parameters)}
     Path(args.output).write_text(json.dumps(report, indent=1) + "\n")
-    render_into_doc(report)
+    import render_docs  # this folder: the registry renders the doc from the JSON just written
+
+    render_docs.render_all()
     print(render(report))
 
 

@@ -1,6 +1,7 @@
 """Sharded engines (`distributed.engine`): FSDP2 and DeepSpeed ZeRO-2/3 over 2 CPU processes (gloo).
 
-Each engine trains full fine-tuning and LoRA with batch 4 per process against one process with batch 8:
+Each engine trains full fine-tuning (batch 4 per process) and LoRA (batch 2, accumulated twice) against one
+process with batch 8:
 - the loss curves agree (the same global batch and token-mean loss; only float summation order differs);
 - process 0 holds about half the sharded state (parameters for FSDP2 and ZeRO-3, AdamW state for all);
 - a run stopped after its step-3 checkpoint resumes to the uninterrupted run's weights and AdamW state,
@@ -38,6 +39,9 @@ ENGINES = {
 }
 # process 0's share of (parameters, AdamW state): whole parameters under ZeRO-2
 HELD = {"fsdp": (0.5, 0.5), "zero2": (1.0, 0.5), "zero3": (0.5, 0.5)}
+# per process: full fine-tuning takes batch 4 in one micro-batch; LoRA batch 2 twice (gradient accumulation,
+# where the engines' own reduction and accumulation boundary meet tuneforge's); both 8 items a step
+SHARDED_BATCH = {"full": {"batch_size": 4}, "lora": {"batch_size": 2, "grad_accum": 2}}
 # the shipped example each launch also runs (shrunk to a tiny model, like tests/test_examples.py does)
 EXAMPLES = {"fsdp": "fsdp.yaml", "zero2": "zero2.yaml", "zero3": "zero3-offload.yaml"}
 
@@ -68,7 +72,7 @@ def single(tmp_path_factory, tiny_model_dir, task_file) -> dict[str, Path]:
     for strategy in STRATEGIES:
         path = root / f"{strategy}.yaml"
         path.write_text(yaml.safe_dump(run_config(tiny_model_dir, task_file, strategy)))
-        config = load_config(path, ["train.batch_size=8"])
+        config = load_config(path, ["train.batch_size=8", "train.grad_accum=1"])
         config.output = str(root / strategy)
         train_run(config)
         runs[strategy] = root / strategy
@@ -89,8 +93,9 @@ def test_sharded_runs_match_one_process_resume_exactly_and_export(engine, tmp_pa
     runs = []
     for strategy in STRATEGIES:
         path = tmp_path / f"{strategy}.yaml"
-        path.write_text(yaml.safe_dump(run_config(tiny_model_dir, task_file, strategy,
-                                                  distributed=ENGINES[engine])))
+        raw = run_config(tiny_model_dir, task_file, strategy, distributed=ENGINES[engine])
+        raw["train"].update(SHARDED_BATCH[strategy])
+        path.write_text(yaml.safe_dump(raw))
         runs += [str(path), str(tmp_path / strategy), "1"]
     example = REPO / "examples" / "distributed" / EXAMPLES[engine]
     shrunk_example = shrunk(yaml.safe_load(example.read_text()), tiny_model_dir, tiny_model_dir,
