@@ -4,16 +4,18 @@ Setting (issue 4): the bundled SmolLM2-135M-Instruct fine-tuned on chatterbot Q/
 300 pairs held out), forgetting measured as the change of perplexity on Shakespeare (retain documents
 disjoint from the ones EWC and the retention loss train on), 80 optimizer steps of batch 8.
 
-    python experiments/forgetting.py run full            # one variant, in this process
-    python experiments/forgetting.py all                 # every variant in turn (skips done ones; calibrates)
-    python experiments/forgetting.py calibrate full lora # penalty sizes at the plain end points (weights)
+    python experiments/forgetting.py run full --seeds 1  # one variant, one seed, in this process
+    python experiments/forgetting.py all --seeds 0 1 2   # every variant and seed in turn (skips done ones)
+    python experiments/forgetting.py calibrate full lora # penalty sizes at seed 0's plain end points
     python experiments/forgetting.py table               # the Markdown table for docs/forgetting.md
     python experiments/forgetting.py record              # the same data -> docs/results/forgetting.json
 
-Each variant writes a normal run directory under runs/forgetting/NAME (results.json, metrics.jsonl with
-task and retain metrics every `eval_every` steps, report.md). "At equal task loss" interpolates the
-plain counterpart's retain perplexity on its eval curve at the regularised run's final task loss, so
-"forgets less" is never just "learned less".
+Each variant and seed writes a normal run directory under runs/forgetting/seedS/NAME (results.json,
+metrics.jsonl with task and retain metrics every 10 steps, report.md). The seed sets the held-out split,
+the data order and any initialisation. Penalty weights are calibrated once, on seed 0's plain run, and
+held for every seed. "At equal task loss" interpolates the plain counterpart's retain perplexity on its
+eval curve (same seed) at the regularised run's final task loss, so "forgets less" is never just
+"learned less".
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ VARIANTS: dict[str, tuple[list[dict], float, str | None]] = {
 }
 
 
+def seed_dir(seed: int, out: Path = OUT) -> Path:
+    """Where one seed's run directories live."""
+    return out / f"seed{seed}"
+
+
 def resolved_strategies(name: str) -> list[dict]:
     """The variant's strategies with every `auto` weight taken from the counterpart's calibration,
     rounded to one significant figure."""
@@ -65,14 +72,15 @@ def resolved_strategies(name: str) -> list[dict]:
             path = OUT / "calibration.json"
             if not path.is_file() or counterpart not in json.loads(path.read_text()):
                 raise SystemExit(f"{name}: run "
-                                 f"`python experiments/forgetting.py calibrate {counterpart}` first")
+                                 f"`python experiments/forgetting.py calibrate {counterpart}` first "
+                                 "(it needs seed 0's plain run)")
             weight = json.loads(path.read_text())[counterpart][f"{strategy}_weight"] * options.get("every", 1)
             options = {**options, "weight": float(f"{weight:.1g}")}
         resolved.append({strategy: options})
     return resolved
 
 
-def config_for(name: str, overrides: dict | None = None):
+def config_for(name: str, seed: int = 0, overrides: dict | None = None):
     from tuneforge.config import validate_config
 
     _, lr, counterpart = VARIANTS[name]
@@ -83,10 +91,10 @@ def config_for(name: str, overrides: dict | None = None):
         "retain": "builtin:shakespeare",
         "strategies": strategies,
         "train": {"max_steps": 80, "batch_size": 8, "lr": lr, "warmup_steps": 5, "max_seq_len": 128,
-                  # a dense eval curve for the plain runs: the regularised ones are compared on it
-                  "eval_every": None if counterpart else 10, "log_every": 5, "seed": 0},
+                  # eval curves for every run: compared at equal task loss along the way, not only at the end
+                  "eval_every": 10, "log_every": 5, "seed": seed},
         "evaluation": {"retain_examples": 32, "samples": 0, "batch_size": 16},
-        "output": str(OUT / name),
+        "output": str(seed_dir(seed) / name),
     }
     for key, value in (overrides or {}).items():
         section, _, field = key.partition(".")
@@ -94,13 +102,13 @@ def config_for(name: str, overrides: dict | None = None):
     return validate_config(raw)
 
 
-def run_variant(name: str) -> None:
+def run_variant(name: str, seed: int) -> None:
     import torch
 
     from tuneforge.run import train_run
 
     torch.set_num_threads(int(os.environ.get("TUNEFORGE_THREADS", "2")))
-    train_run(config_for(name), overwrite=True)
+    train_run(config_for(name, seed), overwrite=True)
 
 
 def calibrate(name: str, samples: int = 64) -> dict:
@@ -130,10 +138,11 @@ def calibrate(name: str, samples: int = 64) -> dict:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     stream = retain_batch_source(run_data, tokenizer, config)(batch_size=1)
     fisher = estimate_fisher(model, params, itertools.islice(stream, samples), "causal_lm")
-    end = load_file(str(latest_checkpoint(OUT / name / "checkpoints") / "weights.safetensors"))
+    plain = seed_dir(0) / name
+    end = load_file(str(latest_checkpoint(plain / "checkpoints") / "weights.safetensors"))
     q_l2 = sum(float((end[n] - p.detach()).pow(2).sum()) for n, p in params.items())
     q_fisher = sum(float((fisher[n] * (end[n] - p.detach()).pow(2)).sum()) for n, p in params.items())
-    results = json.loads((OUT / name / "results.json").read_text())
+    results = json.loads((plain / "results.json").read_text())
     gain = results["before"]["eval"]["loss"] - results["after"]["eval"]["loss"]
     total_fisher = sum(float(f.sum()) for f in fisher.values())
     kl_end = retention_kl_at_end(model, end, retain_batch_source(run_data, tokenizer, config)(), batches=4)
@@ -169,20 +178,25 @@ def retention_kl_at_end(model, end_weights: dict, stream, batches: int) -> float
     return sum(values) / len(values)
 
 
-def run_all(names: list[str]) -> None:
-    """One subprocess per variant, strictly one at a time (the machine has 2 shared cores)."""
-    for name in names:
-        if (OUT / name / "results.json").is_file():
-            print(f"{name}: done already", flush=True)
-            continue
-        counterpart = VARIANTS[name][2]
-        calibration = OUT / "calibration.json"
-        if counterpart and (not calibration.is_file()
-                            or counterpart not in json.loads(calibration.read_text())):
-            print(f"{counterpart}: calibrating the penalty weights", flush=True)
-            subprocess.run([sys.executable, __file__, "calibrate", counterpart], check=False)
-        print(f"{name}: running", flush=True)
-        subprocess.run([sys.executable, __file__, "run", name], check=False)
+def run_all(names: list[str], seeds: list[int]) -> None:
+    """One subprocess per variant and seed, strictly one at a time, seed by seed. A regularised variant
+    first needs its counterpart's calibration, made from seed 0's plain run (run first if missing)."""
+    for seed in seeds:
+        for name in names:
+            if (seed_dir(seed) / name / "results.json").is_file():
+                print(f"seed {seed} {name}: done already", flush=True)
+                continue
+            counterpart = VARIANTS[name][2]
+            calibration = OUT / "calibration.json"
+            if counterpart and (not calibration.is_file()
+                                or counterpart not in json.loads(calibration.read_text())):
+                if not (seed_dir(0) / counterpart / "results.json").is_file():
+                    print(f"seed 0 {counterpart}: running (calibration needs it)", flush=True)
+                    subprocess.run([sys.executable, __file__, "run", counterpart, "--seeds", "0"], check=False)
+                print(f"{counterpart}: calibrating the penalty weights", flush=True)
+                subprocess.run([sys.executable, __file__, "calibrate", counterpart], check=False)
+            print(f"seed {seed} {name}: running", flush=True)
+            subprocess.run([sys.executable, __file__, "run", name, "--seeds", str(seed)], check=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,12 +292,12 @@ def record(names: list[str]) -> None:
 
 def main() -> None:
     run_cli(__doc__, VARIANTS, {
-        "run": lambda names: [run_variant(name) for name in names],
+        "run": lambda names, seeds: [run_variant(name, seed) for seed in seeds for name in names],
         "all": run_all,
-        "calibrate": lambda names: [calibrate(name) for name in names],
-        "table": lambda names: print(render(collect())),
-        "record": record,
-    })
+        "calibrate": lambda names, seeds: [calibrate(name) for name in names],
+        "table": lambda names, seeds: print(render(collect())),
+        "record": lambda names, seeds: record(names),
+    }, seeds=True)
 
 
 if __name__ == "__main__":
