@@ -44,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-THREADS = 2
+THREADS = 2  # default; `--threads` sets it for a run, and the JSON records it
 RESULT = "BENCH_RESULT "
 
 SYNTHETIC_MODEL = {"vocab_size": 16000, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8,
@@ -74,7 +74,10 @@ SMOLLM2 = {  # name: (side, options)
     "lora-packed-bf16": ("ours", {"packing": True, "precision": "bf16"}),
     "lora-padded": ("ours", {"packing": False}),
     "lora-padded-full-logits": ("ours", {"packing": False, "full_logits": True}),
+    "lora-packed-compile": ("ours", {"packing": True, "compile": True}),
+    "lora-packed-bf16-compile": ("ours", {"packing": True, "precision": "bf16", "compile": True}),
     "trainer-lora": ("trainer", {}),
+    "trainer-lora-bf16": ("trainer", {"precision": "bf16"}),
 }
 SMOLLM2_TRAIN, SMOLLM2_EVAL, SMOLLM2_LEN = 512, 128, 256
 
@@ -135,9 +138,10 @@ def run_ours(model, strategies: list, items: list[dict], plan, steps: int, optio
             marks.append((time.perf_counter(), record["loss"], peak_rss_mb(), time.process_time()))
 
     loop.MetricsLogger = StepClock
+    compiled = {"compile": True} if options.get("compile") else {}
     cfg = TrainConfig(max_steps=steps, lr=options.get("lr", 1e-4), schedule="constant", log_every=1,
                       precision=options.get("precision", "fp32"), packing=options.get("packing", False),
-                      max_seq_len=options.get("max_seq_len", 256))
+                      max_seq_len=options.get("max_seq_len", 256), **compiled)
     with tempfile.TemporaryDirectory() as run_dir:
         loop.fit(model, applied_strategies(model), StrategyContext(tokenizer=tokenizer), items, plan, cfg,
                  Accelerator(cpu=True), Path(run_dir), pad, evaluate=lambda m: {})
@@ -145,7 +149,8 @@ def run_ours(model, strategies: list, items: list[dict], plan, steps: int, optio
 
 
 def run_plain(model, peft_spec, batches: list[dict], options: dict) -> tuple[list, object]:
-    """PEFT (or the bare model) in a plain PyTorch loop: forward with labels, backward, clip, AdamW."""
+    """PEFT (or the bare model) in a plain PyTorch loop: forward with labels, backward, clip, AdamW (the fused
+    implementation, as tuneforge's loop uses)."""
     import torch
 
     if peft_spec == "plain-top-half":  # freeze embeddings and the bottom half of the layers
@@ -164,7 +169,7 @@ def run_plain(model, peft_spec, batches: list[dict], options: dict) -> tuple[lis
         model = peft.get_peft_model(model, config_class(task_type="CAUSAL_LM", **settings))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=options.get("lr", 1e-4), betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=0.0)
+                                  weight_decay=0.0, fused=True)
     model.train()
     marks = []
     for batch in batches:
@@ -303,7 +308,8 @@ def worker_smollm2(spec: dict) -> dict:
 
 
 def run_trainer(model, tokenizer, train: list[dict], options: dict):
-    """Hugging Face Trainer + PEFT LoRA, default padding; per-step times from a callback."""
+    """Hugging Face Trainer + PEFT LoRA, default padding; per-step times from a callback. Like-for-like with
+    ours: fused AdamW (`adamw_torch_fused`), and bf16 autocast (`bf16=True`) when ours runs in bf16."""
     import peft
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
@@ -328,7 +334,7 @@ def run_trainer(model, tokenizer, train: list[dict], options: dict):
             output_dir=output, per_device_train_batch_size=8, num_train_epochs=1, learning_rate=options["lr"],
             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-            dataloader_pin_memory=False,
+            dataloader_pin_memory=False, optim="adamw_torch_fused", bf16=options.get("precision") == "bf16",
         )
         trainer = Trainer(model=model, args=args, train_dataset=[dict(i) for i in train],
                           data_collator=collate, callbacks=[StepClock()])
@@ -406,6 +412,8 @@ def worker_matmul(spec: dict) -> dict:
 def worker(spec: dict) -> dict:
     import torch
 
+    global THREADS
+    THREADS = spec.get("threads", THREADS)
     torch.set_num_threads(THREADS)
     return {"synthetic": worker_synthetic, "smollm2": worker_smollm2, "inference": worker_inference,
             "matmul": worker_matmul}[spec["suite"]](spec)
@@ -413,7 +421,8 @@ def worker(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ orchestrator
 def run_process(spec: dict) -> dict | None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
+    threads = str(spec.get("threads", THREADS))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
                           capture_output=True, text=True, check=False,
@@ -473,7 +482,7 @@ def plan_runs(args) -> list[list[dict]]:
     for suite in ("synthetic", "smollm2"):
         if suite in args.suite:
             groups.append([{"suite": "matmul", "method": suite, "side": "torch.mm"}])
-    return groups
+    return [[{**spec, "threads": args.threads} for spec in group] for group in groups]
 
 
 def main() -> None:
@@ -482,6 +491,7 @@ def main() -> None:
                         choices=["synthetic", "smollm2", "inference"])
     parser.add_argument("--methods", nargs="+", help="only these methods (names as in the table)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads of each run, both sides")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per synthetic run")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--examples", type=int, default=SMOLLM2_TRAIN, help="SmolLM2 training examples")
@@ -499,7 +509,8 @@ def main() -> None:
     if args.render:  # several files (e.g. one per suite) merge
         saved: dict[tuple, list[dict]] = {}
         for path in args.render:
-            for key, runs in json.loads(path.read_text()).items():
+            data = json.loads(path.read_text())
+            for key, runs in data.get("results", data).items():
                 saved.setdefault(tuple(key.split("/")), []).extend(runs)
         print(render_tables(saved))
         return
@@ -520,9 +531,31 @@ def main() -> None:
                     result["load_before"] = load
                     results.setdefault((spec["suite"], spec["method"], spec["side"]), []).append(result)
     if args.json:
-        args.json.write_text(json.dumps({"/".join(k): v for k, v in results.items()}, indent=1))
+        saved = {"/".join(key): runs for key, runs in results.items()}
+        args.json.write_text(json.dumps({**provenance(args), "results": saved}, indent=1) + "\n")
     print()
     print(render_tables(results))
+
+
+def provenance(args) -> dict:
+    """Date, command, threads and machine of an invocation: what a committed result file must carry."""
+    import datetime
+    import platform
+
+    import peft
+    import torch
+    import transformers
+
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor())
+    return {"date": datetime.date.today().isoformat(),
+            "command": "python bench/bench.py " + " ".join(sys.argv[1:]),
+            "threads": args.threads, "repeats": args.repeats,
+            "machine": {"cpu": cpu, "cores": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+                        "torch": torch.__version__, "transformers": transformers.__version__,
+                        "peft": peft.__version__}}
 
 
 # ------------------------------------------------------------------------------------------------ tables

@@ -11,7 +11,7 @@ disjoint from the ones EWC and the retention loss train on), 80 optimizer steps 
     python experiments/forgetting.py record              # the same data -> docs/results/forgetting.json
 
 Each variant and seed writes a normal run directory under runs/forgetting/seedS/NAME (results.json,
-metrics.jsonl with task and retain metrics every 10 steps, report.md). The seed sets the held-out split,
+metrics.jsonl with task and retain metrics every 20 steps, report.md). The seed sets the held-out split,
 the data order and any initialisation. Penalty weights are calibrated once, on seed 0's plain run, and
 held for every seed. "At equal task loss" interpolates the plain counterpart's retain perplexity on its
 eval curve (same seed) at the regularised run's final task loss, so "forgets less" is never just
@@ -83,7 +83,7 @@ def resolved_strategies(name: str) -> list[dict]:
 def config_for(name: str, seed: int = 0, overrides: dict | None = None):
     from tuneforge.config import validate_config
 
-    _, lr, counterpart = VARIANTS[name]
+    lr = VARIANTS[name][1]
     strategies = resolved_strategies(name)
     raw = {
         "model": "smollm2-135m",
@@ -92,7 +92,7 @@ def config_for(name: str, seed: int = 0, overrides: dict | None = None):
         "strategies": strategies,
         "train": {"max_steps": 80, "batch_size": 8, "lr": lr, "warmup_steps": 5, "max_seq_len": 128,
                   # eval curves for every run: compared at equal task loss along the way, not only at the end
-                  "eval_every": 10, "log_every": 5, "seed": seed},
+                  "eval_every": 20, "log_every": 5, "seed": seed},
         "evaluation": {"retain_examples": 32, "samples": 0, "batch_size": 16},
         "output": str(seed_dir(seed) / name),
     }
@@ -192,7 +192,8 @@ def run_all(names: list[str], seeds: list[int]) -> None:
                                 or counterpart not in json.loads(calibration.read_text())):
                 if not (seed_dir(0) / counterpart / "results.json").is_file():
                     print(f"seed 0 {counterpart}: running (calibration needs it)", flush=True)
-                    subprocess.run([sys.executable, __file__, "run", counterpart, "--seeds", "0"], check=False)
+                    subprocess.run([sys.executable, __file__, "run", counterpart, "--seeds", "0"],
+                                   check=False)
                 print(f"{counterpart}: calibrating the penalty weights", flush=True)
                 subprocess.run([sys.executable, __file__, "calibrate", counterpart], check=False)
             print(f"seed {seed} {name}: running", flush=True)
@@ -225,9 +226,8 @@ def retain_at_task_loss(points: list[tuple[int, float, float]], target: float) -
     return None
 
 
-def summary(name: str, out: Path = OUT) -> dict | None:
-    """What the docs read of one finished variant: its objective, lr, curve and train time."""
-    run_dir = out / name
+def summary(name: str, run_dir: Path) -> dict | None:
+    """What the docs read of one finished run: its objective, lr, seed, curve and train time."""
     if not (run_dir / "results.json").is_file():
         return None
     results = json.loads((run_dir / "results.json").read_text())
@@ -239,43 +239,122 @@ def summary(name: str, out: Path = OUT) -> dict | None:
 
 
 def collect(out: Path = OUT) -> dict:
-    """Every variant's summary (None where it has not run), as `record` writes it."""
-    return {"variants": {name: summary(name, out) for name in VARIANTS}}
+    """Every finished run, by variant and seed, as `record` writes it."""
+    seeds = sorted(int(d.name.removeprefix("seed")) for d in out.glob("seed*") if d.name[4:].isdigit())
+    variants = {}
+    for name in VARIANTS:
+        runs = {str(seed): summary(name, seed_dir(seed, out) / name) for seed in seeds}
+        variants[name] = {seed: run for seed, run in runs.items() if run is not None}
+    return {"variants": variants}
+
+
+TARGET_RETAIN, TARGET_TASK = 0.02, 0.02  # issue 16: retain ppl within +2% of the base, task loss within 2%
+
+
+def judged(variants: dict, name: str, seed: str) -> dict:
+    """One regularised run against its plain counterpart of the same seed: forgetting (retain ppl change
+    over the base), task loss relative to plain's final, and plain's retain change where its curve reaches
+    this run's final task loss (None when it never does)."""
+    run = variants[name][seed]
+    (_, _, ppl0), (_, loss1, ppl1) = run["curve"][0], run["curve"][-1]
+    result = {"forgetting": ppl1 / ppl0 - 1, "task_loss": loss1, "task_vs_plain": None,
+              "plain_at_equal": None}
+    plain = variants.get(run["counterpart"] or "", {}).get(seed)
+    if plain:
+        result["task_vs_plain"] = loss1 / plain["curve"][-1][1] - 1
+        found = retain_at_task_loss(plain["curve"], loss1)
+        result["plain_at_equal"] = None if found is None else found[1] / plain["curve"][0][2] - 1
+    result["meets"] = (result["forgetting"] <= TARGET_RETAIN and result["task_vs_plain"] is not None
+                       and result["task_vs_plain"] <= TARGET_TASK)
+    return result
+
+
+def _spread(values: list[float], scale: float = 1.0, digits: int = 3, sign: str = "", unit: str = "") -> str:
+    """mean (min .. max) of `values` times `scale`; the bare value for one run."""
+    values = [v * scale for v in values]
+
+    def number(value: float) -> str:
+        return f"{value:{sign}.{digits}f}{unit}"
+
+    mean = number(sum(values) / len(values))
+    return mean if len(values) == 1 else f"{mean} ({number(min(values))} .. {number(max(values))})"
 
 
 def render(data: dict) -> str:
-    """The table and the eval curves of docs/forgetting.md, from `collect`'s (or the recorded JSON's) data."""
+    """The table of docs/forgetting.md, from `collect`'s (or the recorded JSON's) data: per variant the mean
+    and range over its seeds, and whether every seed meets the target."""
     rows = [
-        ("| variant | objective | lr | task loss before -> after | retain ppl before -> after "
-         "| forgetting (retain ppl) | plain counterpart at the same task loss | train time |"),
-        "|---|---|---|---|---|---|---|---|",
+        ("| variant | objective | lr | seeds | task loss after | vs plain's | retain ppl change "
+         "| plain at the same task loss | within +2% retain at <= +2% task loss | train time |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     variants = data["variants"]
-    for name, run in variants.items():
-        if run is None:
-            rows.append(f"| {name} | not run | | | | | | |")
+    for name, runs in variants.items():
+        if not runs:
+            rows.append(f"| {name} | not run | | | | | | | | |")
             continue
-        (_, loss0, ppl0), (_, loss1, ppl1) = run["curve"][0], run["curve"][-1]
-        equal, counterpart = "-", run["counterpart"]
-        if counterpart and variants.get(counterpart):
-            found = retain_at_task_loss(variants[counterpart]["curve"], loss1)
-            if found is None:
-                equal = f"{counterpart} never reached task loss {loss1:.3f}"
-            else:
-                step, ppl = found
-                equal = f"{counterpart} at step {step:.0f}: {ppl:.2f} ({100 * (ppl / ppl0 - 1):+.1f}%)"
+        seeds = sorted(runs, key=int)
+        first = runs[seeds[0]]
+        verdicts = [judged(variants, name, seed) for seed in seeds]
+        versus = [v["task_vs_plain"] for v in verdicts if v["task_vs_plain"] is not None]
+        equal = [v["plain_at_equal"] for v in verdicts if first["counterpart"]]
+        if not first["counterpart"]:
+            equal_text, meets = "-", "-"
+        else:
+            reached = [e for e in equal if e is not None]
+            equal_text = _spread(reached, 100, 1, "+", "%") if reached else "never reached"
+            if len(reached) < len(equal):
+                equal_text += f"; not reached in {len(equal) - len(reached)} of {len(equal)}"
+            met = sum(v["meets"] for v in verdicts)
+            meets = f"{'**yes**' if met == len(verdicts) else 'no'} ({met} of {len(verdicts)})"
         rows.append(
-            f"| {name} | {run['objective']} | {run['lr']:g} | {loss0:.3f} -> {loss1:.3f} "
-            f"| {ppl0:.2f} -> {ppl1:.2f} | {ppl1 - ppl0:+.2f} ({100 * (ppl1 / ppl0 - 1):+.1f}%) "
-            f"| {equal} | {run['train_seconds']:.0f} s |"
+            f"| {name} | {first['objective']} | {first['lr']:g} | {', '.join(seeds)} "
+            f"| {_spread([v['task_loss'] for v in verdicts])} "
+            f"| {_spread(versus, 100, 1, '+', '%') if versus else '-'} "
+            f"| {_spread([v['forgetting'] for v in verdicts], 100, 1, '+', '%')} | {equal_text} | {meets} "
+            f"| {_spread([runs[s]['train_seconds'] for s in seeds], 1, 0, '', ' s')} |"
         )
-    curves = [f"- `{name}` (step: task loss/retain ppl): "
-              + ", ".join(f"{step}: {loss:.3f}/{ppl:.2f}" for step, loss, ppl in run["curve"])
-              for name, run in variants.items() if run is not None]
-    return "\n".join(rows) + "\n\n" + "\n".join(curves)
+    return "\n".join(rows)
+
+
+def render_curves(data: dict) -> str:
+    """Every run's eval curve (step: task loss/retain ppl), one line per variant and seed."""
+    return "\n".join(f"- `{name}` seed {seed}: "
+                     + ", ".join(f"{step}: {loss:.3f}/{ppl:.2f}" for step, loss, ppl in run["curve"])
+                     for name, runs in data["variants"].items() for seed, run in sorted(runs.items()))
+
+
+def plot(data: dict, path: Path) -> None:
+    """Retain perplexity change against task loss, every run's eval curve (docs/forgetting/curves.png):
+    the comparison at equal task loss, read off the curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    colours = {}
+    for name, runs in data["variants"].items():
+        for seed, run in sorted(runs.items()):
+            points = run["curve"]
+            base = points[0][2]
+            colour = colours.setdefault(name, f"C{len(colours)}")
+            axes.plot([p[1] for p in points], [100 * (p[2] / base - 1) for p in points], marker="o", ms=3,
+                      color=colour, alpha=0.8, label=name if seed == min(runs, key=int) else None)
+    axes.axhline(100 * TARGET_RETAIN, color="grey", ls="--", lw=0.8)
+    axes.invert_xaxis()
+    axes.set_xlabel("task loss (held-out answers; training goes right)")
+    axes.set_ylabel("retain perplexity change vs base (%)")
+    axes.set_title("Forgetting along training, every seed (eval every 20 steps)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
 
 
 RESULTS = ROOT / "docs" / "results" / "forgetting.json"
+CURVES = ROOT / "docs" / "forgetting" / "curves.png"
 
 
 def record(names: list[str]) -> None:
@@ -284,10 +363,12 @@ def record(names: list[str]) -> None:
     import datetime
 
     data = {"date": datetime.date.today().isoformat(),
-            "command": "python experiments/forgetting.py all && python experiments/forgetting.py record",
+            "command": ("python experiments/forgetting.py all full full-retention full-ewc --seeds 0 1 2 "
+                        "&& python experiments/forgetting.py record"),
             **collect()}
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"written to {RESULTS}")
+    plot(data, CURVES)
+    print(f"written to {RESULTS} and {CURVES}")
 
 
 def main() -> None:
@@ -295,7 +376,7 @@ def main() -> None:
         "run": lambda names, seeds: [run_variant(name, seed) for seed in seeds for name in names],
         "all": run_all,
         "calibrate": lambda names, seeds: [calibrate(name) for name in names],
-        "table": lambda names, seeds: print(render(collect())),
+        "table": lambda names, seeds: print(render(collect()) + "\n\n" + render_curves(collect())),
         "record": lambda names, seeds: record(names),
     }, seeds=True)
 

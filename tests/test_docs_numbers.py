@@ -84,19 +84,27 @@ def _fake_run(directory: Path, strategies: list, curve: list[tuple[int, float, f
 
 def test_forgetting_table_renders_the_same_from_run_directories_and_from_its_recorded_json(tmp_path):
     forgetting = _experiment("forgetting")
-    _fake_run(tmp_path / "full", [{"full": {}}], [(0, 2.8, 50.0), (10, 1.2, 55.0), (20, 0.9, 60.0)])
-    _fake_run(tmp_path / "full-ewc", [{"full": {}}, {"ewc": {"weight": 0.8, "fisher_samples": 64}}],
-              [(0, 2.8, 50.0), (20, 2.0, 51.0)])
+    ewc = [{"full": {}}, {"ewc": {"weight": 0.8, "fisher_samples": 64}}]
+    _fake_run(tmp_path / "seed0" / "full", [{"full": {}}], [(0, 2.8, 50.0), (10, 1.2, 55.0), (20, 0.9, 60.0)])
+    _fake_run(tmp_path / "seed0" / "full-ewc", ewc, [(0, 2.8, 50.0), (20, 2.0, 51.0)])
+    _fake_run(tmp_path / "seed1" / "full", [{"full": {}}], [(0, 2.8, 50.0), (20, 1.0, 54.0)])
+    _fake_run(tmp_path / "seed1" / "full-ewc", ewc, [(0, 2.8, 50.0), (10, 1.5, 50.5), (20, 1.01, 50.5)])
     data = forgetting.collect(tmp_path)
     text = forgetting.render(data)
     assert text == forgetting.render(json.loads(json.dumps(data)))  # what a committed JSON renders
     rows = text.splitlines()
-    assert "| full | - | 0.0002 | 2.800 -> 0.900 | 50.00 -> 60.00 | +10.00 (+20.0%) | - | 12 s |" in rows
-    # at task loss 2.0 plain full is half-way from step 0 to 10: retain ppl 52.5, +5.0%
-    assert ("| full-ewc | ewc 0.8 | 0.0002 | 2.800 -> 2.000 | 50.00 -> 51.00 | +1.00 (+2.0%) "
-            "| full at step 5: 52.50 (+5.0%) | 12 s |") in rows
-    assert "| full-retention | not run | | | | | | |" in rows
-    assert "- `full` (step: task loss/retain ppl): 0: 2.800/50.00, 10: 1.200/55.00, 20: 0.900/60.00" in rows
+    assert ("| full | - | 0.0002 | 0, 1 | 0.950 (0.900 .. 1.000) | - | +14.0% (+8.0% .. +20.0%) | - | - "
+            "| 12 s (12 s .. 12 s) |") in rows
+    # seed 0: at task loss 2.0 plain full is half-way from step 0 to 10 (retain +5.0%), and ewc ends at
+    # 2.0 / 0.9 - 1 = +122% task loss: not within 2%. Seed 1: plain reaches 1.01 at 1.01/1.0 of the way
+    # (retain 50 + 4 * 1.79/1.8 = +7.96%), ewc is within +1% task loss and +1% retain: it meets the target.
+    assert ("| full-ewc | ewc 0.8 | 0.0002 | 0, 1 | 1.505 (1.010 .. 2.000) | +61.6% (+1.0% .. +122.2%) "
+            "| +1.5% (+1.0% .. +2.0%) | +6.5% (+5.0% .. +8.0%) | no (1 of 2) | 12 s (12 s .. 12 s) |") in rows
+    assert "| full-retention | not run | | | | | | | | |" in rows
+    curves = forgetting.render_curves(data).splitlines()
+    assert "- `full` seed 0: 0: 2.800/50.00, 10: 1.200/55.00, 20: 0.900/60.00" in curves
+    forgetting.plot(data, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_distillation_table_renders_the_same_from_run_directories_and_from_its_recorded_json(tmp_path):
