@@ -3,15 +3,19 @@
     python bench/profile_step.py synthetic full ours
     python bench/profile_step.py synthetic lora-qv peft --rows 20
     python bench/profile_step.py smollm2 lora-packed ours
+    python bench/profile_step.py smollm2 lora-packed ours --threads 1 --json bench/results/profile.json
 
 Runs a few warm-up steps, then profiles one (forward, backward, clip, optimizer step) and prints the
 operators by self CPU time: matrix products (mm/addmm/bmm), attention, the optimizer's foreach ops,
-and the memory-bound rest.
+and the memory-bound rest. `--json` also writes the operator table and those shares, with the date and
+command, for docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import sys
 from pathlib import Path
 
@@ -27,18 +31,51 @@ def main() -> None:
     parser.add_argument("method")
     parser.add_argument("side", choices=["ours", "peft", "trainer"])
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=bench.THREADS)
+    parser.add_argument("--json", type=Path, help="write the operator table and category shares here")
     args = parser.parse_args()
 
     import torch
     from torch.profiler import profile
 
-    torch.set_num_threads(bench.THREADS)
+    torch.set_num_threads(args.threads)
     step = build_step(args.suite, args.method, args.side)
     for _ in range(3):
         step()
     with profile() as profiler:
         step()
-    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    averages = profiler.key_averages()
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    if args.json:
+        operators = sorted(((e.key, e.self_cpu_time_total, e.count) for e in averages
+                            if e.self_cpu_time_total > 0), key=lambda row: -row[1])
+        total = sum(us for _, us, _ in operators)
+        shares: dict[str, float] = {}
+        for name, us, _ in operators:
+            shares[category(name)] = shares.get(category(name), 0.0) + us / total
+        args.json.write_text(json.dumps({
+            "date": datetime.date.today().isoformat(),
+            "command": "python bench/profile_step.py " + " ".join(sys.argv[1:]),
+            "threads": args.threads, "step_cpu_ms": total / 1e3, "shares": shares,
+            "operators": [{"name": n, "self_cpu_ms": us / 1e3, "share": us / total, "calls": c}
+                          for n, us, c in operators[:args.rows]]}, indent=1) + "\n")
+
+
+CATEGORIES = (  # (category, operator-name fragments), first match wins
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("optimizer", ("_fused_adam", "_foreach", "clip_grad")),
+    ("compiled kernels", ("compiled", "cpp_fused", "triton", "inductor", "torch-compiled")),
+)
+
+
+def category(operator: str) -> str:
+    """The share a profiled operator counts in: matmul, attention, the optimizer, compiled fused kernels, or
+    the element-wise and copying rest."""
+    for name, fragments in CATEGORIES:
+        if any(fragment in operator for fragment in fragments):
+            return name
+    return "element-wise and the rest"
 
 
 def build_step(suite: str, method: str, side: str):

@@ -141,7 +141,8 @@ def compare_seeds(path: Path) -> str:
 
 def _bench_results(path: Path) -> dict[tuple, list[dict]]:
     """A `bench/bench.py --json` file as bench.py's own `--render` reads it: {(suite, method, side): runs}."""
-    return {tuple(key.split("/")): runs for key, runs in json.loads(path.read_text()).items()}
+    data = json.loads(path.read_text())
+    return {tuple(key.split("/")): runs for key, runs in data.get("results", data).items()}
 
 
 SYNTHETIC_LABELS = {"full": "full", "lora-qv": "lora-qv", "lora-all": "lora-all", "prefix": "prefix",
@@ -201,6 +202,91 @@ def performance_smollm2(path: Path) -> str:
         row = [label, value("step_s", 2), value("tokens_per_s"), versus("tokens_per_s"), value("peak_rss_mb"),
                versus("peak_rss_mb"), value("loss_per_token", 4), value("held_out_loss", 4), value("steps")]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _paired(ours: list[dict], reference: list[dict], key: str) -> str:
+    """Median of the per-repeat ratios ours / reference (repeat i against repeat i: the same phase of the
+    machine), with their range; `-` without a reference."""
+    import statistics
+
+    ratios = [a[key] / b[key] for a, b in zip(ours, reference, strict=False) if a.get(key) and b.get(key)]
+    if not ratios:
+        return "-"
+    middle = f"{statistics.median(ratios):.2f}"
+    return middle if len(ratios) == 1 else f"{middle} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def _with_range(runs: list[dict], key: str, digits: int = 0) -> str:
+    """Median over repeats, with the range."""
+    values = [run[key] for run in runs if run.get(key) is not None]
+    if not values:
+        return "-"
+    import statistics
+
+    def show(value: float) -> str:
+        return f"{value:,.{digits}f}"
+
+    middle = show(statistics.median(values))
+    return middle if len(values) == 1 else f"{middle} ({show(min(values))}-{show(max(values))})"
+
+
+def performance_uniform(path: Path) -> str:
+    """docs/performance.md, uniform batches, like-for-like (fused AdamW both sides): medians over repeats with
+    their range, ratios paired by repeat."""
+    bench = _module("bench/bench.py")
+    data = json.loads(path.read_text())
+    results, threads = _bench_results(path), data["threads"]
+    mm = bench.median(results[("matmul", "synthetic", "torch.mm")], "fp32_gflops_cpu")
+    lines = [f"{data['repeats']} repeats, {threads} thread(s) per run; median (range).", "",
+             ("| method | step s ours | step s PEFT | ours / PEFT | peak RSS MB ours | peak RSS MB PEFT "
+              "| RSS ratio | trainable | GEMM % ours | GEMM % PEFT |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for method, label in SYNTHETIC_LABELS.items():
+        ours, peft = results[("synthetic", method, "ours")], results.get(("synthetic", method, "peft"), [])
+        row = [label, _with_range(ours, "step_s", 3), _with_range(peft, "step_s", 3),
+               f"**{_paired(ours, peft, 'step_s')}**" if peft else "-",
+               _with_range(ours, "peak_rss_mb"), _with_range(peft, "peak_rss_mb"),
+               _paired(ours, peft, "peak_rss_mb"), bench.cell(bench.median(ours, "trainable"))]
+        for runs in (ours, peft):  # GEMM FLOP rate per thread by CPU time, over torch.mm's
+            flops, cpu = bench.median(runs, "gemm_gflops_per_step"), bench.median(runs, "cpu_step_s")
+            row.append(bench.cell(100 * flops / (cpu / threads) / mm) if flops and cpu else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+# method -> (label, the Trainer run it is compared with: the same dtype)
+CHAT_ROWS = {
+    "lora-packed": ("ours, packed, fp32", "trainer-lora"),
+    "lora-packed-compile": ("ours, packed, fp32, `train.compile`", "trainer-lora"),
+    "trainer-lora": ("Trainer + PEFT, fp32", "trainer-lora"),
+    "lora-packed-bf16": ("ours, packed, bf16 autocast", "trainer-lora-bf16"),
+    "lora-packed-bf16-compile": ("ours, packed, bf16 autocast, `train.compile`", "trainer-lora-bf16"),
+    "trainer-lora-bf16": ("Trainer + PEFT, bf16 autocast", "trainer-lora-bf16"),
+}
+
+
+def performance_chat(path: Path) -> str:
+    """docs/performance.md, SmolLM2 LoRA on chat data: each row against the Trainer of the same dtype, ratios
+    paired by repeat (both ran in the same repeat, back to back)."""
+    data = json.loads(path.read_text())
+    results = _bench_results(path)
+    lines = [f"{data['repeats']} repeats, {data['threads']} thread(s) per run; median (range).", "",
+             ("| run | step s | non-pad tok/s | vs Trainer (same dtype) | peak RSS MB | vs Trainer "
+              "| train loss/token | held-out loss/token |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for method, (label, reference_name) in CHAT_ROWS.items():
+        side = "trainer" if method.startswith("trainer") else "ours"
+        runs = results.get(("smollm2", method, side))
+        if not runs:
+            continue
+        reference = results.get(("smollm2", reference_name, "trainer"), [])
+        mine = method != reference_name
+        speed, memory = _paired(runs, reference, "tokens_per_s"), _paired(runs, reference, "peak_rss_mb")
+        lines.append(f"| {label} | {_with_range(runs, 'step_s', 2)} | {_with_range(runs, 'tokens_per_s')} "
+                     f"| {f'**{speed}**' if mine else '1.00'} | {_with_range(runs, 'peak_rss_mb')} "
+                     f"| {f'**{memory}**' if mine else '1.00'} | {_with_range(runs, 'loss_per_token', 4)} "
+                     f"| {_with_range(runs, 'held_out_loss', 4)} |")
     return "\n".join(lines)
 
 
