@@ -77,7 +77,8 @@ METHODS = {"full": ([], "none"), "lora": ([LORA_ALL], "none"), "qlora": ([LORA_A
 CURVES = ("length", "size", "lora", "methods")
 # The default plan: about 50 min at 1 thread by `--dry-run`'s guess (calibrated on this machine). The 4096
 # row dominates (a packed row of 4096 runs the whole 4096 x 4096 masked attention). `--set` restores more,
-# e.g. length_tokens=2048 checkpointing_lengths=[256,512,1024,2048,4096] (about 95 min).
+# e.g. length_tokens=2048 checkpointing_lengths=[256,512,1024,2048,4096] size_tokens=1024 lora_rows=2
+# (about 90 min).
 FULL = {"lengths": [256, 512, 1024, 2048, 4096], "length_tokens": 1024, "length_shape": "135M",
         "checkpointing_lengths": [256, 1024, 4096],
         "sizes": ["135M", "360M", "1B"], "size_length": 512, "size_tokens": 512,
@@ -353,7 +354,15 @@ def guess_seconds(spec: dict, gflops: float, overhead: float = 12.0) -> float:
     forward = 2 * (linear + labelled * head) + 4 * context * hidden * layers
     backward = 2 * (linear + labelled * head) + 10 * context * hidden * layers + (2 * total if full else 0)
     per_token = forward + backward + (forward if spec.get("checkpointing") else 0)
-    return overhead + spec["steps"] * tokens * per_token / (gflops * 1e9)
+    if spec["curve"] == "lora":  # the adapters' own products: 6 FLOPs a weight a token
+        config = SHAPES[spec["shape"]]
+        kv = hidden // config["num_attention_heads"] * config["num_key_value_heads"]
+        inner = config["intermediate_size"]
+        sides = [2 * hidden, hidden + kv] + ([hidden + kv, 2 * hidden, 3 * (hidden + inner)]
+                                              if spec["targets"] == "all" else [])
+        per_token += 6 * spec["rank"] * sum(sides) * layers
+    slower = 1.3 if spec.get("method") == "qlora" else 1.0  # dequantizing the frozen weights: a guess
+    return overhead + slower * spec["steps"] * tokens * per_token / (gflops * 1e9)
 
 
 def dry_run(groups: list[list[dict]], gflops: float, repeats: int) -> str:
@@ -406,8 +415,10 @@ def run_order(groups: list[list[dict]], repeats: int):
 
 
 def measure(args, settings: dict) -> dict:
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = f"taskset -c {','.join(map(str, cpus))} " if len(cpus) < (os.cpu_count() or 0) else ""
     report = {"date": datetime.date.today().isoformat(),
-              "command": "python bench/scaling.py " + shlex.join(sys.argv[1:]),
+              "command": f"{pinned}python bench/scaling.py " + shlex.join(sys.argv[1:]),
               "machine": machine(args.threads), "settings": settings, "repeats": args.repeats, "points": []}
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="scaling-") as work:
