@@ -331,10 +331,13 @@ def run_trainer(model, tokenizer, train: list[dict], options: dict):
 
     with tempfile.TemporaryDirectory() as output:
         args = TrainingArguments(
-            output_dir=output, per_device_train_batch_size=8, num_train_epochs=1, learning_rate=options["lr"],
+            output_dir=output, per_device_train_batch_size=options.get("batch_size", 8), num_train_epochs=1,
+            learning_rate=options["lr"],
             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
             dataloader_pin_memory=False, optim="adamw_torch_fused", bf16=options.get("precision") == "bf16",
+            activation_checkpointing=options.get("checkpointing", False),
+            activation_checkpointing_kwargs={"use_reentrant": False},
         )
         trainer = Trainer(model=model, args=args, train_dataset=[dict(i) for i in train],
                           data_collator=collate, callbacks=[StepClock()])
@@ -420,11 +423,11 @@ def worker(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ orchestrator
-def run_process(spec: dict) -> dict | None:
-    threads = str(spec.get("threads", THREADS))
+def run_process(spec: dict, script: str = __file__, threads: int | None = None) -> dict | None:
+    threads = str(threads if threads is not None else spec.get("threads", THREADS))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+    done = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], env=env,
                           capture_output=True, text=True, check=False,
                           cwd=Path(__file__).resolve().parents[1])
     for line in done.stdout.splitlines():

@@ -80,6 +80,10 @@ def qlora_vs_peft(path: Path) -> str:
     return _module("bench/qlora_vs_peft.py").render(path)
 
 
+def scaling(path: Path) -> str:
+    return _module("bench/scaling_report.py").render(json.loads(path.read_text()))
+
+
 def architectures(path: Path) -> str:
     return _module("tests/architectures_support.py").markdown_table(json.loads(path.read_text())["cells"])
 
@@ -335,6 +339,11 @@ BLOCKS: dict[str, Block] = {
     "2026-11-26-smollm2-bf16.json": Block("bench/results/2026-11-26-smollm2-bf16.json", performance_smollm2),
     "2026-11-26-inference.json": Block("bench/results/2026-11-26-inference.json", performance_inference),
 }
+# docs/scaling.md shows the newest `bench/scaling.py` results, once one is committed: until then the doc has
+# a pending note where `bench/scaling.py` puts the markers when it writes its JSON there
+SCALING = sorted((REPO / "bench" / "results").glob("*-scaling.json"))
+if SCALING:
+    BLOCKS["scaling.json"] = Block(SCALING[-1].relative_to(REPO).as_posix(), scaling)
 
 
 def documents() -> list[Path]:
