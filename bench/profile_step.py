@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("side", choices=["ours", "peft", "trainer"])
     parser.add_argument("--rows", type=int, default=15)
     parser.add_argument("--threads", type=int, default=bench.THREADS)
-    parser.add_argument("--json", type=Path, help="write the operator table and category shares here")
+    parser.add_argument("--json", type=Path, help="add the operator table and category shares to this file")
+    parser.add_argument("--label", help="this profile's column in the docs (default: suite method side)")
     args = parser.parse_args()
 
     import torch
@@ -47,18 +48,27 @@ def main() -> None:
     averages = profiler.key_averages()
     print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if args.json:
-        operators = sorted(((e.key, e.self_cpu_time_total, e.count) for e in averages
-                            if e.self_cpu_time_total > 0), key=lambda row: -row[1])
-        total = sum(us for _, us, _ in operators)
-        shares: dict[str, float] = {}
-        for name, us, _ in operators:
-            shares[category(name)] = shares.get(category(name), 0.0) + us / total
-        args.json.write_text(json.dumps({
-            "date": datetime.date.today().isoformat(),
-            "command": "python bench/profile_step.py " + " ".join(sys.argv[1:]),
-            "threads": args.threads, "step_cpu_ms": total / 1e3, "shares": shares,
-            "operators": [{"name": n, "self_cpu_ms": us / 1e3, "share": us / total, "calls": c}
-                          for n, us, c in operators[:args.rows]]}, indent=1) + "\n")
+        record(args, averages)
+
+
+def record(args, averages) -> None:
+    """Add this profile (by its label) to the `--json` file: the operator table, category shares, command."""
+    operators = sorted(((e.key, e.self_cpu_time_total, e.count) for e in averages
+                        if e.self_cpu_time_total > 0), key=lambda row: -row[1])
+    total = sum(us for _, us, _ in operators)
+    shares: dict[str, float] = {}
+    for name, us, _ in operators:
+        shares[category(name)] = shares.get(category(name), 0.0) + us / total
+    profile = {"label": args.label or f"{args.suite} {args.method} {args.side}",
+               "command": "python bench/profile_step.py " + " ".join(sys.argv[1:]), "threads": args.threads,
+               "step_cpu_ms": total / 1e3, "shares": shares,
+               "operators": [{"name": n, "self_cpu_ms": us / 1e3, "share": us / total, "calls": c}
+                             for n, us, c in operators[:args.rows]]}
+    saved = json.loads(args.json.read_text()) if args.json.is_file() else {"profiles": []}
+    profiles = [p for p in saved["profiles"] if p["label"] != profile["label"]] + [profile]
+    commands = "; ".join(p["command"] for p in profiles)
+    args.json.write_text(json.dumps({"date": datetime.date.today().isoformat(), "command": commands,
+                                     "profiles": profiles}, indent=1) + "\n")
 
 
 CATEGORIES = (  # (category, operator-name fragments), first match wins

@@ -294,6 +294,20 @@ def performance_chat(path: Path) -> str:
     return "\n".join(lines)
 
 
+def profile_shares(path: Path) -> str:
+    """docs/performance.md, where a step goes: the profiles `bench/profile_step.py --json` collected in one
+    file side by side, each operator category's share of the step's self CPU time."""
+    profiles = json.loads(path.read_text())["profiles"]
+    names = list(dict.fromkeys(name for profile in profiles for name in profile["shares"]))
+    header = " | ".join(profile["label"] for profile in profiles)
+    lines = [f"| share of a step's CPU time | {header} |", "| --- |" + " ---: |" * len(profiles)]
+    for name in sorted(names, key=lambda n: -profiles[0]["shares"].get(n, 0.0)):
+        lines.append(f"| {name} | " + " | ".join(f"{100 * p['shares'].get(name, 0.0):.1f}%" for p in profiles)
+                     + " |")
+    lines.append("| step, CPU ms | " + " | ".join(f"{p['step_cpu_ms']:,.0f}" for p in profiles) + " |")
+    return "\n".join(lines)
+
+
 INFERENCE_LABELS = {"base": "base", "lora-merged": "LoRA all-linear, merged",
                     "lora-unmerged": "LoRA all-linear, unmerged"}
 
