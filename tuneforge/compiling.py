@@ -29,7 +29,7 @@ from tuneforge.errors import ConfigError, TrainingError
 from tuneforge.strategies import Strategy
 from tuneforge.surgery import transformer_layers
 
-BACKEND = "inductor"  # tests swap in the cheap "aot_eager", which runs the same graphs without codegen
+BACKEND = "inductor"  # tests swap in dynamo's cheap "eager": the same tracing and guards, no codegen
 # graphs per compiled code: a few kinds of call x (static, dynamic shapes), with room for a frozen bottom
 RECOMPILE_LIMIT = 16
 
