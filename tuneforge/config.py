@@ -102,6 +102,7 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     packing: bool = False
     gradient_checkpointing: bool = False
+    compile: bool = False  # the transformer blocks through torch.compile while training (tuneforge.compiling)
     # wall-clock seconds for this process (`3h30m`, `90m`, `45s`): stop at a checkpoint before a job's limit
     max_time: float | None = Field(None, gt=0)
 

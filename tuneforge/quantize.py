@@ -46,6 +46,8 @@ def _bnb():
 
 def _bnb_kind(weight: Tensor) -> str | None:
     """`4bit` or `int8` for bitsandbytes' quantized parameters (checked by name: no import needed)."""
+    if type(weight) in (Tensor, nn.Parameter):  # dense: also keeps `torch.compile` from a graph break here
+        return None
     if type(weight).__module__.startswith("bitsandbytes"):
         return {"Params4bit": "4bit", "Int8Params": "int8"}.get(type(weight).__name__)
     return None

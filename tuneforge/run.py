@@ -25,6 +25,7 @@ from torch import nn
 
 from tuneforge.benchmarks import check_benchmarks
 from tuneforge.checkpoint import latest_checkpoint, write_atomic
+from tuneforge.compiling import check_compile
 from tuneforge.compose import apply_strategies, build_strategies, check_combination, trainable_by_strategy
 from tuneforge.config import RunConfig, check_output_location, config_location
 from tuneforge.data import load_examples
@@ -200,7 +201,9 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     check_trackers(config)
     check_benchmarks(config)
     run_data = load_run_data(config)  # bad data fails here, before the output directory is touched
-    check_engine(config, build_strategies(config.strategies), config_location(config, "distributed.engine"))
+    strategies = build_strategies(config.strategies)
+    check_engine(config, strategies, config_location(config, "distributed.engine"))
+    check_compile(config, strategies, config_location(config, "train.compile"))
     # bf16 autocast is applied by the loop itself: Accelerate's mixed-precision setting is process-wide state.
     accelerator = make_accelerator()
     engine = make_engine(config, accelerator)
@@ -426,7 +429,9 @@ def validate_run(config: RunConfig) -> dict:
     """Check everything that can be checked before a model loads: the strategy list, data files, every record,
     the model."""
     check_combination([spec.name for spec in config.strategies])
-    check_engine(config, build_strategies(config.strategies), config_location(config, "distributed.engine"))
+    strategies = build_strategies(config.strategies)
+    check_engine(config, strategies, config_location(config, "distributed.engine"))
+    check_compile(config, strategies, config_location(config, "train.compile"))
     if config.distributed.engine == "deepspeed":
         from tuneforge.zero import resolve_deepspeed_config
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tuneforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tuneforge.compiling import compiled_blocks, eager
 from tuneforge.compose import set_trainable, trainable_in_any_epoch
 from tuneforge.config import TrainConfig
 from tuneforge.data import collate
@@ -294,7 +295,8 @@ def fit(
                     disable=not accelerator.is_main_process, dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0
     # a full disk or out of memory: one line naming the last good checkpoint, under a closed progress bar
-    with reported_faults(lambda: latest_checkpoint(checkpoints)), progress:
+    with reported_faults(lambda: latest_checkpoint(checkpoints)), progress, \
+            compiled_blocks(raw_model, cfg.compile, strategies, engine.name):  # the training steps only
         reason = reason_of(agreed_stop(stop.code(), accelerator))  # a signal before the first step
         while state.step < num_steps and reason is None:
             ctx.epoch, ctx.step = state.epoch, state.step
@@ -335,7 +337,8 @@ def fit(
                 paused = False  # evaluation or a checkpoint took time: a signal may have come meanwhile
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < num_steps:
                     eval_start = time.perf_counter()
-                    metrics = evaluate(raw_model)
+                    with eager():  # evaluation's shapes and KV cache would recompile (tuneforge.compiling)
+                        metrics = evaluate(raw_model)
                     state.history.append({"step": state.step, **metrics})
                     logger.log({"step": state.step, "split": "eval", **metrics})
                     model.train()

@@ -104,6 +104,11 @@ class Strategy:
         `deepspeed`; None: it can). Checked before any model loads; say what to change."""
         return None
 
+    def refuses_compile(self) -> str | None:
+        """Why this strategy, with its options, cannot train with `train.compile` (None: it can). Checked
+        before any model loads; say what to change."""
+        return None
+
     @classmethod
     def label(cls, options: dict[str, Any]) -> str:
         """How reports name this strategy with these options (e.g. `lora (dora)`)."""

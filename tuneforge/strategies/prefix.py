@@ -215,6 +215,12 @@ class PrefixTuning(Strategy):
     peft_type = "PREFIX_TUNING"
     options: PrefixOptions
 
+    def refuses_compile(self) -> str | None:
+        # measured: the layer number picking each block's slice of P is a Python int, so torch.compile
+        # specialises one graph per block, past the recompile limit on a real model
+        return ("each block's prefix is picked by its layer number, one compiled graph per block "
+                "(set train.compile: false)")
+
     def setup(self, model: nn.Module, ctx: StrategyContext) -> nn.Module:
         if hasattr(model, ENCODER_ATTR):
             raise ModelError("prefix: the model already has a prefix (prefix listed twice?)")
