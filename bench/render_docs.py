@@ -154,61 +154,6 @@ SYNTHETIC_LABELS = {"full": "full", "lora-qv": "lora-qv", "lora-all": "lora-all"
                     "layerwise-top-half": "layerwise top 4 of 8"}
 
 
-def performance_synthetic(path: Path) -> str:
-    """docs/performance.md, uniform batches: medians over repeats, as `bench.py --render` computes them."""
-    bench = _module("bench/bench.py")
-    results = _bench_results(path)
-    mm = bench.median(results[("matmul", "synthetic", "torch.mm")], "fp32_gflops_cpu")
-    lines = [("| method | step s ours | step s PEFT | ratio | tok/s ours | tok/s PEFT | peak RSS MB ours | "
-              "peak RSS MB PEFT | RSS ratio | trainable | GEMM % ours | GEMM % PEFT |"),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for method, label in SYNTHETIC_LABELS.items():
-        ours, peft = results[("synthetic", method, "ours")], results.get(("synthetic", method, "peft"), [])
-        step, tokens, rss = ((bench.median(ours, key), bench.median(peft, key))
-                             for key in ("step_s", "tokens_per_s", "peak_rss_mb"))
-        row = [label, bench.cell(step[0], 3), bench.cell(step[1], 3), bench.ratio(*step),
-               bench.cell(tokens[0]), bench.cell(tokens[1]), bench.cell(rss[0]), bench.cell(rss[1]),
-               bench.ratio(*rss), bench.cell(bench.median(ours, "trainable"))]
-        for runs in (ours, peft):  # GEMM FLOP rate per thread by CPU time, over torch.mm's
-            flops, cpu = bench.median(runs, "gemm_gflops_per_step"), bench.median(runs, "cpu_step_s")
-            row.append(bench.cell(100 * flops / (cpu / bench.THREADS) / mm) if flops and cpu else "-")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-SMOLLM2_LABELS = {"lora-packed": "ours, packed", "lora-packed-bf16": "ours, packed, bf16 autocast",
-                  "lora-padded": "ours, padded", "trainer-lora": "Trainer + PEFT"}
-
-
-def performance_smollm2(path: Path) -> str:
-    """docs/performance.md, SmolLM2 on chat data: one invocation's runs against its own Trainer run."""
-    bench = _module("bench/bench.py")
-    results = _bench_results(path)
-    reference = results[("smollm2", "trainer-lora", "trainer")]
-    lines = [("| run | step s | non-pad tok/s | vs Trainer | peak RSS MB | vs Trainer | train loss/token | "
-              "held-out loss/token | steps |"),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    bf16 = ("smollm2", "lora-packed-bf16", "ours") in results
-    for method, label in SMOLLM2_LABELS.items():
-        side = "trainer" if method == "trainer-lora" else "ours"
-        runs = results.get(("smollm2", method, side))
-        if not runs:
-            continue
-
-        def value(key: str, digits: int = 0, runs: list = runs) -> str:
-            return bench.cell(bench.median(runs, key), digits)
-
-        def versus(key: str, runs: list = runs, method: str = method) -> str:  # bold: the row targets read
-            text = bench.ratio(bench.median(runs, key), bench.median(reference, key))
-            return f"**{text}**" if method.startswith("lora-packed") else text
-
-        label += " (fp32)" if side == "trainer" and bf16 else ""
-        row = [label, value("step_s", 2), value("tokens_per_s"), versus("tokens_per_s"), value("peak_rss_mb"),
-               versus("peak_rss_mb"), value("loss_per_token", 4), value("held_out_loss", 4), value("steps")]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
 def _paired(ours: list[dict], reference: list[dict], key: str) -> str:
     """Median of the per-repeat ratios ours / reference (repeat i against repeat i: the same phase of the
     machine), with their range; `-` without a reference."""
@@ -351,6 +296,10 @@ def performance_targets(path: Path) -> str:
               f"{bench.median(trainer, 'held_out_loss'):.3f} held out")
     memory = _paired_median(ours[best], trainer, "peak_rss_mb")
     rate = {key: bench.median(matmul, f"{key}_gflops") for key in ("fp32", "bf16")}
+    inference = _bench_results(REPO / "bench/results/2026-11-26-inference.json")
+    inference = inference[("inference", "merged-lora", "ours")]
+    merged = (bench.median([run["lora-merged"] for run in inference], "step_s")
+              / bench.median([run["base"] for run in inference], "step_s"))
     rows = [
         ("every PEFT method's step time <= 1.0 x PEFT's (uniform batches)", verdict(steps, 1.0)),
         ("peak RSS <= PEFT's", verdict(rss, 1.0)),
@@ -366,6 +315,8 @@ def performance_targets(path: Path) -> str:
         ("bottom half of the layers frozen: step time <= 0.65 x full fine-tuning",
          (f"**{'met' if top <= 0.65 else 'missed'}**: {top:.2f} x; the arithmetic allows no less than "
           "0.667 x (below)")),
+        ("a merged LoRA model runs inference at the base model's speed",
+         f"**{'met' if merged <= 1.02 else 'missed'}**: {merged:.2f} x (2026-11-26, above)"),
     ]
     return "\n".join(["| target | result |", "| --- | --- |"] + [f"| {t} | {r} |" for t, r in rows])
 
@@ -410,9 +361,10 @@ BLOCKS: dict[str, Block] = {
     "architectures.json": Block("docs/results/architectures.json", architectures),
     "compare-12-steps.json": Block("docs/results/compare-12-steps.json", compare_12_steps),
     "compare/comparison.json": Block("docs/compare/comparison.json", compare_seeds),
-    "2026-11-26-synthetic.json": Block("bench/results/2026-11-26-synthetic.json", performance_synthetic),
-    "2026-11-26-smollm2.json": Block("bench/results/2026-11-26-smollm2.json", performance_smollm2),
-    "2026-11-26-smollm2-bf16.json": Block("bench/results/2026-11-26-smollm2-bf16.json", performance_smollm2),
+    "2026-11-29-uniform.json": Block("bench/results/2026-11-29-uniform.json", performance_uniform),
+    "2026-11-29-chat.json": Block("bench/results/2026-11-29-chat.json", performance_chat),
+    "2026-11-29-profile.json": Block("bench/results/2026-11-29-profile.json", profile_shares),
+    "targets": Block("bench/results/2026-11-29-chat.json", performance_targets),
     "2026-11-26-inference.json": Block("bench/results/2026-11-26-inference.json", performance_inference),
 }
 # docs/scaling.md shows the newest `bench/scaling.py` results, once one is committed: until then the doc has
