@@ -59,6 +59,14 @@ def benchmark_forgetting(path: Path) -> str:
     return _module("bench/benchmark_forgetting.py").render(json.loads(path.read_text()))
 
 
+def forgetting(path: Path) -> str:
+    return _module("experiments/forgetting.py").render(json.loads(path.read_text()))
+
+
+def forgetting_curves(path: Path) -> str:
+    return _module("experiments/forgetting.py").render_curves(json.loads(path.read_text()))
+
+
 def quickstart(path: Path) -> str:
     return _module("bench/quickstart.py").render(json.loads(path.read_text()))
 

@@ -25,6 +25,9 @@ import bench
 
 REPO = HERE.parent
 DOC = REPO / "docs" / "scaling.md"
+# Speeds are non-padding tokens per second of the process's CPU time: with one thread that is its compute
+# time, which another process on the same core does not inflate (wall time is in the JSON as well)
+SPEED = "cpu_tokens_per_s"
 PLOTS = REPO / "docs" / "scaling"
 NAME = "scaling.json"  # the marker of docs/scaling.md's block
 PENDING = re.compile(r"<!-- pending scaling\.json -->\n.*?<!-- /pending -->", re.DOTALL)
@@ -148,7 +151,9 @@ def header(report: dict) -> list[str]:
              f"({cores} core{'s' * (cores > 1)} allowed), torch {machine['torch']}, transformers "
              f"{machine['transformers']}, peft {machine['peft']}: {runs} run{'s' * (runs > 1)} a point, "
              f"each a fresh process, {report['wall_seconds'] / 60:.0f} min in all, with "
-             f"`{report['command']}`."), ""]
+             f"`{report['command']}`. Speeds are tokens per second of each process's CPU time (one "
+             "thread: its compute time), since another job shared the core for part of the run; wall-clock "
+             "speeds are in the JSON too."), ""]
 
 
 def length_section(report: dict) -> list[str]:
@@ -160,13 +165,13 @@ def length_section(report: dict) -> list[str]:
     lines = [f"### Sequence length ({settings['length_shape']} shape, LoRA r 8 on q,v)", "",
              (f"Documents of U[L/4, L] random tokens, loss on the second half of each, about "
               f"{settings['length_tokens']} non-padding tokens a step (at least one row of L tokens, or one "
-              "document). Non-padding tokens/s:"), ""]
+              "document). Non-padding tokens per second of CPU time (below):"), ""]
     rows = []
     for x in xs_of(runs):
-        ratio = bench.ratio(value(runs, x, "ours-packed", "tokens_per_s"),
-                            value(runs, x, "trainer", "tokens_per_s"))
+        ratio = bench.ratio(value(runs, x, "ours-packed", SPEED),
+                            value(runs, x, "trainer", SPEED))
         rows.append([str(x), rate(value(runs, x, "ours-packed", "tokens_per_step")),
-                     *(rate(value(runs, x, m, "tokens_per_s")) for m in methods), ratio])
+                     *(rate(value(runs, x, m, SPEED)) for m in methods), ratio])
     lines += table(["L", "tokens a step (packed)", *(LENGTH_LABELS[m] for m in methods),
                     "ours packed / Trainer"], rows)
     lines += ["", "Peak RSS (MB):", ""]
@@ -179,7 +184,7 @@ def length_section(report: dict) -> list[str]:
                    "costs L^(1+s); and time per token = a + b L, the weights' work (a, linear in L) and "
                    "attention's (b L, quadratic), equal at L = a/b:"), ""]
     for method in methods:
-        xs, speeds = fitted(runs, method, "tokens_per_s")
+        xs, speeds = fitted(runs, method, SPEED)
         if len(xs) < 2:
             continue
         per_token = [1 / speed for speed in speeds]
@@ -211,7 +216,7 @@ def size_section(report: dict) -> list[str]:
     if runs:
         rows = []
         for x in xs_of(runs):
-            speeds = [value(runs, x, m, "tokens_per_s") for m in SIZE_LABELS]
+            speeds = [value(runs, x, m, SPEED) for m in SIZE_LABELS]
             peaks = [value(runs, x, m, "peak_rss_mb") for m in SIZE_LABELS]
             rows.append([x, count(value(runs, x, "ours-packed", "parameters")), *map(rate, speeds),
                          bench.ratio(*speeds), *map(bench.cell, peaks), bench.ratio(*peaks)])
@@ -222,7 +227,7 @@ def size_section(report: dict) -> list[str]:
             def parameters(x, method: str = method) -> float:
                 return value(runs, x, method, "parameters")
 
-            xs, speeds = fitted(runs, method, "tokens_per_s", parameters)
+            xs, speeds = fitted(runs, method, SPEED, parameters)
             xs_rss, peaks = fitted(runs, method, "peak_rss_mb", parameters)
             if len(xs) < 2:
                 continue
@@ -286,7 +291,7 @@ def lora_section(report: dict) -> list[str]:
         for rank in xs_of(runs):
             if (rank, f"ours-{targets}") not in runs:
                 continue
-            speeds = [value(runs, rank, f"{side}-{targets}", "tokens_per_s") for side in ("ours", "peft")]
+            speeds = [value(runs, rank, f"{side}-{targets}", SPEED) for side in ("ours", "peft")]
             peaks = [value(runs, rank, f"{side}-{targets}", "peak_rss_mb") for side in ("ours", "peft")]
             rows.append([str(rank), label, *map(rate, speeds), bench.ratio(*speeds), *map(bench.cell, peaks),
                          bench.cell(value(runs, rank, f"ours-{targets}", "trainable"))])
@@ -294,7 +299,7 @@ def lora_section(report: dict) -> list[str]:
                     "PEFT peak RSS MB", "trainable"], rows)
     lines.append("")
     for method, label in LORA_LABELS.items():
-        ranks, speeds = fitted(runs, method, "tokens_per_s")
+        ranks, speeds = fitted(runs, method, SPEED)
         if len(ranks) < 2:
             continue
         slope = loglog_slope(ranks, [1 / speed for speed in speeds])
@@ -315,7 +320,7 @@ def methods_section(report: dict) -> list[str]:
     for x in xs_of(runs):
         for method, label in METHOD_LABELS.items():
             estimate = value(estimated, x, method, "total_bytes")
-            rows.append([x, label, rate(value(runs, x, method, "tokens_per_s")),
+            rows.append([x, label, rate(value(runs, x, method, SPEED)),
                          bench.cell(value(runs, x, method, "peak_rss_mb")),
                          bench.cell(estimate / 2**20) if estimate else "-",
                          bench.cell(value(runs, x, method, "trainable"))])
@@ -323,7 +328,7 @@ def methods_section(report: dict) -> list[str]:
     lines.append("")
     for x in xs_of(runs):
         full, qlora, lora = (value(runs, x, m, "peak_rss_mb") for m in ("full", "qlora", "lora"))
-        speeds = [value(runs, x, m, "tokens_per_s") for m in ("full", "lora", "qlora")]
+        speeds = [value(runs, x, m, SPEED) for m in ("full", "lora", "qlora")]
         lines.append(f"- {x}: peak RSS QLoRA / LoRA {bench.ratio(qlora, lora)}, LoRA / full "
                      f"{bench.ratio(lora, full)}; tok/s LoRA / full {bench.ratio(speeds[1], speeds[0])}, "
                      f"QLoRA / LoRA {bench.ratio(speeds[2], speeds[1])}.")
@@ -350,7 +355,7 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     def lines_figure(name: str, runs: dict, labels: dict, x_of, xlabel: str, logx: bool) -> None:
         figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
         for index, (method, label) in enumerate(labels.items()):
-            for axis, key in zip(axes, ("tokens_per_s", "peak_rss_mb"), strict=True):
+            for axis, key in zip(axes, (SPEED, "peak_rss_mb"), strict=True):
                 xs, ys = fitted(runs, method, key, x_of)
                 if xs:
                     axis.plot(xs, ys, label=label, color=colour(index), marker=MARKERS[index % len(MARKERS)],
@@ -378,7 +383,7 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
         shapes = xs_of(runs)
         width = 0.8 / len(METHOD_LABELS)
         for index, (method, label) in enumerate(METHOD_LABELS.items()):
-            for axis, key in zip(axes, ("tokens_per_s", "peak_rss_mb"), strict=True):
+            for axis, key in zip(axes, (SPEED, "peak_rss_mb"), strict=True):
                 axis.bar([s + index * width for s in range(len(shapes))],
                          [value(runs, x, method, key) or 0 for x in shapes], width, label=label,
                          color=colour(index))
