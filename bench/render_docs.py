@@ -362,6 +362,8 @@ BLOCKS: dict[str, Block] = {
     "gguf-export.json": Block("docs/results/2026-11-29-gguf-export.json", gguf_export),
     "sharding.json": Block("docs/results/2026-11-29-sharding.json", sharding),
     "quickstart.json": Block("docs/results/2026-11-29-quickstart.json", quickstart),
+    "forgetting.json": Block("docs/results/forgetting.json", forgetting),
+    "forgetting-curves": Block("docs/results/forgetting.json", forgetting_curves),
     "benchmark_forgetting.json": Block("docs/results/benchmark_forgetting.json", benchmark_forgetting),
     "quantize-memory.json": Block("docs/results/2026-11-29-quantize-memory.json", quantize_memory),
     "qlora-vs-peft.json": Block("bench/results/2026-11-29-qlora-vs-peft.json", qlora_vs_peft),

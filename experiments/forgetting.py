@@ -303,7 +303,7 @@ def render(data: dict) -> str:
         else:
             reached = [e for e in equal if e is not None]
             equal_text = _spread(reached, 100, 1, "+", "%") if reached else "never reached"
-            if len(reached) < len(equal):
+            if reached and len(reached) < len(equal):
                 equal_text += f"; not reached in {len(equal) - len(reached)} of {len(equal)}"
             met = sum(v["meets"] for v in verdicts)
             meets = f"{'**yes**' if met == len(verdicts) else 'no'} ({met} of {len(verdicts)})"
