@@ -16,6 +16,7 @@ import argparse
 import importlib.util
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,12 +163,18 @@ SYNTHETIC_LABELS = {"full": "full", "lora-qv": "lora-qv", "lora-all": "lora-all"
                     "layerwise-top-half": "layerwise top 4 of 8"}
 
 
-def _paired(ours: list[dict], reference: list[dict], key: str) -> str:
-    """Median of the per-repeat ratios ours / reference (repeat i against repeat i: the same phase of the
-    machine), with their range; `-` without a reference."""
-    import statistics
+def _ratios(ours: list[dict], reference: list[dict], key: str) -> list[float]:
+    """Per-repeat ratios ours / reference: repeat i against repeat i, the same phase of the machine."""
+    return [a[key] / b[key] for a, b in zip(ours, reference, strict=False) if a.get(key) and b.get(key)]
 
-    ratios = [a[key] / b[key] for a, b in zip(ours, reference, strict=False) if a.get(key) and b.get(key)]
+
+def _paired_median(ours: list[dict], reference: list[dict], key: str) -> float:
+    return statistics.median(_ratios(ours, reference, key))
+
+
+def _paired(ours: list[dict], reference: list[dict], key: str) -> str:
+    """Median of the per-repeat ratios, with their range; `-` without a reference."""
+    ratios = _ratios(ours, reference, key)
     if not ratios:
         return "-"
     middle = f"{statistics.median(ratios):.2f}"
@@ -179,7 +186,6 @@ def _with_range(runs: list[dict], key: str, digits: int = 0) -> str:
     values = [run[key] for run in runs if run.get(key) is not None]
     if not values:
         return "-"
-    import statistics
 
     def show(value: float) -> str:
         return f"{value:,.{digits}f}"
@@ -261,12 +267,6 @@ def profile_shares(path: Path) -> str:
     return "\n".join(lines)
 
 
-def _paired_median(ours: list[dict], reference: list[dict], key: str) -> float:
-    import statistics
-
-    return statistics.median(a[key] / b[key] for a, b in zip(ours, reference, strict=False))
-
-
 def performance_targets(path: Path) -> str:
     """docs/performance.md, the targets: each judged from the like-for-like results (this file: the chat
     bench; beside it the uniform-batch bench of the same date)."""
@@ -333,8 +333,6 @@ INFERENCE_LABELS = {"base": "base", "lora-merged": "LoRA all-linear, merged",
 
 
 def performance_inference(path: Path) -> str:
-    import statistics
-
     runs = _bench_results(path)[("inference", "merged-lora", "ours")]
     base = statistics.median(run["base"]["step_s"] for run in runs)
     lines = ["| model (synthetic, one forward of 4 x 256) | forward s | vs base |", "| --- | ---: | ---: |"]
