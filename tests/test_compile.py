@@ -108,6 +108,9 @@ ACCEPTED = [
     ("ia3-encoder", [{"ia3": {"targets": ["key", "value"], "feedforward_targets": []}}], "enc_cls", "single",
      {}, 2),
     ("lora+distill", [{"lora": LORA}, {"distill": {"teacher": "base"}}], "lm", "single", {}, 3),
+    ("full+retention", [{"full": {}}, {"retention": {"weight": 1.0}}], "lm", "single", {}, 3),  # frozen copy
+    ("lora+ewc+l2sp", [{"lora": LORA}, {"ewc": {"weight": 1.0, "fisher_samples": 2}},
+                       {"l2sp": {"weight": 0.1}}], "lm", "single", {}, 4),  # + EWC's Fisher pass at step 1
 ]
 
 
