@@ -128,6 +128,11 @@ def run_ours(model, strategies: list, items: list[dict], plan, steps: int, optio
     if options.get("checkpointing"):  # as tuneforge.run.build_model does for train.gradient_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.disable_input_require_grads()
+    if options.get("packing"):  # as tuneforge.run does: per-document attention where it computes the same
+        from tuneforge.packing import check_packing
+
+        row = None if options.get("attention") == "mask" else options.get("max_seq_len", 256)
+        check_packing(model, pad, "cpu", row)
     if options.get("full_logits"):  # ablation: the head on every position, as without the fast path
         loop.label_head = lambda model: None
     marks: list[tuple[float, float, float]] = []

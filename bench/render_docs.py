@@ -93,6 +93,10 @@ def scaling(path: Path) -> str:
     return _module("bench/scaling_report.py").render(json.loads(path.read_text()))
 
 
+def document_attention(path: Path) -> str:
+    return _module("bench/scaling_report.py").attention_section(json.loads(path.read_text()))
+
+
 def architectures(path: Path) -> str:
     return _module("tests/architectures_support.py").markdown_table(json.loads(path.read_text())["cells"])
 

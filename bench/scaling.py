@@ -71,7 +71,9 @@ LORA_TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 # length-curve sides: name -> (side, gradient checkpointing)
 LENGTH_SIDES = {"ours-packed": ("ours-packed", False), "ours-packed-ckpt": ("ours-packed", True),
                 "ours-padded": ("ours-padded", False), "trainer": ("trainer", False),
-                "trainer-ckpt": ("trainer", True)}
+                "trainer-ckpt": ("trainer", True),
+                "ours-packed-mask": ("ours-packed", False)}  # the block-diagonal mask, not per document
+MASKED = {"ours-packed-mask"}
 LORA_ALL = {"lora": {"rank": 8, "alpha": 16, "targets": "all-linear"}}
 METHODS = {"full": ([], "none"), "lora": ([LORA_ALL], "none"), "qlora": ([LORA_ALL], "nf4")}
 CURVES = ("length", "size", "lora", "methods")
@@ -84,12 +86,13 @@ FULL = {"lengths": [256, 512, 1024, 2048, 4096], "length_tokens": 1024, "length_
         "sizes": ["135M", "360M", "1B"], "size_length": 512, "size_tokens": 512,
         "estimate_sizes": ["135M", "360M", "1B", "3B", "7B"],
         "ranks": [8, 64, 256], "lora_shape": "135M", "lora_length": 512, "lora_rows": 1,
-        "method_sizes": ["135M", "360M"], "timed_steps": 2}
+        "method_sizes": ["135M", "360M"], "timed_steps": 2,
+        "length_sides": ["ours-packed", "ours-packed-ckpt", "ours-padded", "trainer", "trainer-ckpt"]}
 SMOKE = {"lengths": [32, 64], "length_tokens": 64, "length_shape": "tiny", "checkpointing_lengths": [32, 64],
          "sizes": ["tiny", "tiny2"], "size_length": 32, "size_tokens": 64,
          "estimate_sizes": ["tiny", "tiny2"],
          "ranks": [4, 8], "lora_shape": "tiny", "lora_length": 32, "lora_rows": 2,
-         "method_sizes": ["tiny", "tiny2"], "timed_steps": 2}
+         "method_sizes": ["tiny", "tiny2"], "timed_steps": 2, "length_sides": FULL["length_sides"]}
 
 
 # ----------------------------------------------------------------------------------------------- workers
@@ -159,7 +162,7 @@ def documents_point(spec: dict, quantize: str = "none") -> dict:
     items = documents(math.ceil(steps * size * (2 if side == "ours-packed" else 1)) + 8, length, vocab)
     model = saved_model(spec, quantize)
     options = {"lr": 1e-4, "checkpointing": spec.get("checkpointing", False), "max_seq_len": length,
-               "packing": side == "ours-packed"}
+               "packing": side == "ours-packed", "attention": spec.get("attention", "auto")}
     if side == "trainer":
         train = items[:steps * size]
         marks, model, step_batches = bench.run_trainer(model, pad_tokenizer(), train,
@@ -188,6 +191,10 @@ def finish(spec: dict, marks: list, model, step_batches: list[list[dict]], size:
     result["steps"] = len(marks)
     result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result["parameters"] = sum(p.numel() for p in model.parameters())
+    if spec.get("side") == "ours-packed":
+        from tuneforge.document_attention import uses_document_attention
+
+        result["attention"] = "documents" if uses_document_attention(model) else "mask"
     return result
 
 
@@ -288,9 +295,10 @@ def plan_points(curves: list[str], settings: dict, folders: Path) -> list[list[d
     if "length" in curves:
         tokens = settings["length_tokens"]
         for length in settings["lengths"]:
-            sides = {name: value for name, value in LENGTH_SIDES.items()
-                     if not value[1] or length in settings["checkpointing_lengths"]}
+            sides = {name: LENGTH_SIDES[name] for name in settings["length_sides"]
+                     if not LENGTH_SIDES[name][1] or length in settings["checkpointing_lengths"]}
             groups.append([{"curve": "length", "method": name, "side": side, "checkpointing": ckpt,
+                            "attention": "mask" if name in MASKED else "auto",
                             "x": length, "length": length, "tokens": tokens, **at(settings["length_shape"]),
                             "steps": steps(settings, expected_tokens(length, tokens, side), tokens),
                             "strategies": qv} for name, (side, ckpt) in sides.items()])

@@ -32,7 +32,8 @@ PLOTS = REPO / "docs" / "scaling"
 NAME = "scaling.json"  # the marker of docs/scaling.md's block
 PENDING = re.compile(r"<!-- pending scaling\.json -->\n.*?<!-- /pending -->", re.DOTALL)
 BUDGET = 24 * 2**30  # bytes: the memory the docs ask about
-LENGTH_LABELS = {"ours-packed": "ours packed", "ours-packed-ckpt": "ours packed, checkpointing",
+LENGTH_LABELS = {"ours-packed": "ours packed", "ours-packed-mask": "ours packed, mask",
+                 "ours-packed-ckpt": "ours packed, checkpointing",
                  "ours-padded": "ours padded", "trainer": "Trainer + PEFT",
                  "trainer-ckpt": "Trainer + PEFT, checkpointing"}
 SIZE_LABELS = {"ours-packed": "ours packed", "trainer": "Trainer + PEFT"}
@@ -340,6 +341,30 @@ def render(report: dict) -> str:
     lines = header(report)
     for section in (length_section, size_section, lora_section, methods_section):
         lines += section(report)
+    return "\n".join(lines).strip("\n")
+
+
+def attention_section(report: dict) -> str:
+    """docs/scaling.md's `document-attention` block: packed rows attended per document
+    (tuneforge.document_attention) against the block-diagonal mask, with Trainer + PEFT padded beside."""
+    runs = curve(report, "length")
+    lines = header(report)
+    lines += [("Ours packed, attention per document (`tuneforge.document_attention`, what `tuneforge train` "
+               "now uses for rows of 1024 tokens and more) and with the block-diagonal mask (what it used "
+               "before), on the same documents as the length curve; Trainer + PEFT padded beside. "
+               "Non-padding tokens per second of CPU time, and peak RSS:"), ""]
+    rows = []
+    for x in xs_of(runs):
+        documents, mask, trainer = (value(runs, x, m, SPEED) for m in ("ours-packed", "ours-packed-mask",
+                                                                         "trainer"))
+        memory = [value(runs, x, m, "peak_rss_mb") for m in ("ours-packed", "ours-packed-mask", "trainer")]
+        used = {run.get("attention") for run in runs.get((x, "ours-packed"), [])}
+        rows.append([str(x), "/".join(sorted(a for a in used if a)) or "-", rate(documents), rate(mask),
+                     bench.ratio(documents, mask), rate(trainer), bench.ratio(documents, trainer),
+                     *(bench.cell(m) for m in memory), bench.ratio(memory[0], memory[2])])
+    lines += table(["L", "attention used", "per document", "mask", "per document / mask", "Trainer + PEFT",
+                    "per document / Trainer", "peak RSS MB: per document", "mask", "Trainer",
+                    "RSS per document / Trainer"], rows)
     return "\n".join(lines).strip("\n")
 
 

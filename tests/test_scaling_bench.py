@@ -176,11 +176,18 @@ def test_plan_alternates_the_sides_and_times_long_rows_once():
     for repeat in (0, 1):  # each x value's sides in the opposite order of the one before
         sides = [[spec["method"] for r, spec in order if r == repeat and spec["curve"] == "length"
                   and spec["x"] == length] for length in (256, 512, 1024)]
-        assert {frozenset(s) for s in sides[::2]} == {frozenset(scaling.LENGTH_SIDES)}
+        assert {frozenset(s) for s in sides[::2]} == {frozenset(scaling.FULL["length_sides"])}
         assert [method for method in sides[0] if method in sides[1]] == sides[1][::-1]
         assert sides[2] == sides[0]
     first_256 = [spec["method"] for r, spec in order if spec["curve"] == "length" and spec["x"] == 256]
     assert first_256[:5] == first_256[5:][::-1]  # and the second repeat reverses the first
+
+
+def test_the_mask_side_runs_packed_rows_with_the_block_diagonal_mask():
+    settings = {**scaling.FULL, "lengths": [2048], "length_sides": ["ours-packed", "ours-packed-mask"]}
+    group, = [g for g in scaling.plan_points(["length"], settings, Path("/m")) if g[0]["curve"] == "length"]
+    assert {(spec["method"], spec["side"], spec["attention"]) for spec in group} == {
+        ("ours-packed", "ours-packed", "auto"), ("ours-packed-mask", "ours-packed", "mask")}
 
 
 def test_unknown_setting_is_one_line(monkeypatch, capsys):

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from tuneforge import document_attention
 from tuneforge.data import IGNORE_INDEX
 from tuneforge.errors import ConfigError
 from tuneforge.forward import model_inputs
@@ -136,19 +137,43 @@ def packed_collate(items: list[dict], pad_token_id: int, capacity: int) -> dict[
     return batch
 
 
-def packed_model_inputs(inputs: dict, batch: dict) -> dict:
-    """Model inputs for a packed batch: positions that restart per example, no 2-D mask, no KV cache."""
-    return {**inputs, "position_ids": batch["position_ids"], "attention_mask": None, "use_cache": False}
+def packed_model_inputs(inputs: dict, batch: dict, documents: bool = False) -> dict:
+    """Model inputs for a packed batch: positions that restart per example, no 2-D mask, no KV cache; with
+    `documents` (a model using tuneforge.document_attention) also the examples' boundaries."""
+    packed = {**inputs, "position_ids": batch["position_ids"], "attention_mask": None, "use_cache": False}
+    if documents:
+        packed.update(document_attention.boundaries(batch["position_ids"]))
+    return packed
 
 
 @torch.no_grad()
-def check_packing(model: nn.Module, pad_token_id: int, device) -> None:
+def check_packing(model: nn.Module, pad_token_id: int, device, row_length: int | None = None) -> str:
     """Refuse packing when packed examples would not give the outputs they give alone.
 
     Runs two short random examples separately and packed into one row (in eval mode, so dropout is off)
     and compares their logits. Fails e.g. for models whose attention ignores `position_ids`, or prompt
-    tuning (one soft prompt would open the row, not each example).
+    tuning (one soft prompt would open the row, not each example). Given the rows' `row_length`, an sdpa
+    model is first switched to per-document attention (tuneforge.document_attention), kept only when it
+    passes the same comparison. Returns the attention packed rows will use: "documents" or "mask".
     """
+    if row_length is not None and document_attention.enable(model, row_length):
+        gap, tolerance = _packing_gap(model, pad_token_id, device)
+        if gap <= tolerance:
+            return "documents"
+        document_attention.disable(model)
+    gap, tolerance = _packing_gap(model, pad_token_id, device)
+    if not gap <= tolerance:
+        raise ConfigError(
+            f"train.packing: examples packed into one row do not give the outputs they give alone (largest "
+            f"logit difference {gap:.3g}); this model or a strategy (e.g. prompt tuning, "
+            f"whose soft prompt would open only the row) does not keep packed examples apart; "
+            f"set train.packing: false"
+        )
+    return "mask"
+
+
+def _packing_gap(model: nn.Module, pad_token_id: int, device) -> tuple[float, float]:
+    """The largest logit difference between two examples run alone and packed, and the tolerance."""
     was_training = model.training
     model.eval()
     try:
@@ -162,15 +187,12 @@ def check_packing(model: nn.Module, pad_token_id: int, device) -> None:
             ids = torch.tensor([item["input_ids"]], device=device)
             alone.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float())
         packed = {k: v.to(device) for k, v in packed_collate(items, pad_token_id, 12).items()}
-        logits = model(**packed_model_inputs(model_inputs(packed), packed)).logits[0].float()
+        inputs = packed_model_inputs(model_inputs(packed), packed,
+                                     document_attention.uses_document_attention(model))
+        logits = model(**inputs).logits[0].float()
         together = [logits[:5], logits[5:12]]
         gap = max(float((a - b).abs().max()) for a, b in zip(alone, together, strict=True))
         tolerance = 1e-4 if model.get_input_embeddings().weight.dtype == torch.float32 else 3e-2
     finally:
         model.train(was_training)
-    if not gap <= tolerance * max(1.0, float(alone[0].abs().max())):
-        raise ConfigError(
-            f"train.packing: examples packed into one row do not give the outputs they give alone (largest "
-            f"logit difference {gap:.3g}); this model or a strategy (e.g. prompt tuning, whose soft prompt "
-            f"would open only the row) does not keep packed examples apart; set train.packing: false"
-        )
+    return gap, tolerance * max(1.0, float(alone[0].abs().max()))

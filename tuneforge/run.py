@@ -261,7 +261,7 @@ def check_packing_run(model: nn.Module, tokenizer, run_data: RunData, config: Ru
     if run_data.multi_task and schedule.mode == "mixture" and schedule.sampling != "proportional":
         raise ConfigError(f"train.packing mixes tasks proportionally (every example once per epoch); "
                           f"schedule.sampling: {config.schedule.sampling} is not supported with it")
-    check_packing(model, tokenizer.pad_token_id, device)
+    check_packing(model, tokenizer.pad_token_id, device, config.train.max_seq_len)
 
 
 def provides_heads(strategies: list[Strategy]) -> bool:

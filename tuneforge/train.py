@@ -39,6 +39,7 @@ from tuneforge.distributed import (
     step_checks,
     step_targets,
 )
+from tuneforge.document_attention import uses_document_attention
 from tuneforge.engines import Engine
 from tuneforge.errors import TrainingError
 from tuneforge.evaluate import head_skipped, hidden_token_losses, label_head, token_losses
@@ -145,7 +146,7 @@ def task_loss(model: nn.Module, batch: dict, with_task: bool = False, head: nn.L
     """
     inputs = model_inputs(batch, with_task)
     if "position_ids" in batch:  # packed rows: attention stays inside each example (tuneforge.packing)
-        inputs = packed_model_inputs(inputs, batch)
+        inputs = packed_model_inputs(inputs, batch, uses_document_attention(model))
     if is_classification_batch(batch):
         outputs = model(**inputs)
         loss_sum = F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum")
