@@ -227,3 +227,21 @@ def test_a_tiny_point_trains_and_counts_its_non_padding_tokens(tiny_folder, side
         assert min(len(d["input_ids"]) for d in documents) * 3 <= result["tokens_per_step"]
     assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 100
     assert math.isfinite(result["loss_per_token"])
+
+
+def test_the_attention_table_sets_per_document_against_mask_and_trainer():
+    report = fake_report()
+    report["points"] = [p for p in report["points"] if p["curve"] == "length" and p["method"] in
+                        ("ours-packed", "trainer")]
+    for point in list(report["points"]):
+        if point["method"] == "ours-packed":
+            point["attention"] = "documents"
+            report["points"].append({**point, "method": "ours-packed-mask", "attention": "mask",
+                                     "cpu_tokens_per_s": point["cpu_tokens_per_s"] / 2,
+                                     "peak_rss_mb": 2 * point["peak_rss_mb"]})
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+            for line in report_module.attention_section(report).splitlines() if line.startswith("| 4096")}
+    cells = rows["4096"]
+    assert cells[1] == "documents" and cells[4] == "2.00"  # per document / mask
+    trainer = 1 / (1e-4 * 4096**0.5)
+    assert cells[6] == f"{(1 / (1e-3 + 1e-6 * 4096)) / trainer:.2f}"
