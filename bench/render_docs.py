@@ -156,6 +156,50 @@ def compare_seeds(path: Path) -> str:
     return "\n".join(lines)
 
 
+# config stem in docs/continual/comparison.json -> the row's label in docs/tasks.md
+CONTINUAL_LABELS = {"continual-encoder": "naive", "continual-replay": "replay (200 items, ratio 0.5)",
+                    "continual-ewc": "EWC (weight 5000)"}
+
+
+def _continual_runs(path: Path) -> dict[tuple[str, int], dict]:
+    """{(config stem, seed): the run's continual results} from a `tuneforge compare --seeds` comparison."""
+    data = json.loads(path.read_text())
+    seeds = {run["run"]: run["seed"] for run in data["runs"]}
+    return {(name.rsplit("-seed", 1)[0], seeds[name]): result for name, result in data["continual"].items()}
+
+
+def continual_first_seed(path: Path) -> str:
+    """docs/tasks.md: each method's R after the last task, ACC, BWT and FWT for the first seed."""
+    runs = _continual_runs(path)
+    first = min(seed for _, seed in runs)
+    lines = ["| run | R after the last task (task 1, 2, 3) | ACC | BWT | FWT |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for stem, label in CONTINUAL_LABELS.items():
+        result = runs[(stem, first)]
+        final = ", ".join(f"{value:.3f}" for value in result["matrix"][-1])
+        lines.append(f"| {label} | {final} | {result['acc']:.3f} | {result['bwt']:+.3f} | "
+                     f"{result['fwt']:+.3f} |")
+    return "\n".join(lines)
+
+
+def continual_seeds(path: Path) -> str:
+    """docs/tasks.md: BWT and ACC of each method for every seed, and their means."""
+    runs = _continual_runs(path)
+    seeds = sorted({seed for _, seed in runs})
+    stems = list(CONTINUAL_LABELS)
+    names = [CONTINUAL_LABELS[stem].split(" (")[0] for stem in stems]
+    lines = ["| seed | " + " | ".join([*(f"BWT {n}" for n in names), *(f"ACC {n}" for n in names)]) + " |",
+             "| --- |" + " ---: |" * (2 * len(stems))]
+    for seed in seeds:
+        cells = [f"{runs[(stem, seed)]['bwt']:+.3f}" for stem in stems]
+        cells += [f"{runs[(stem, seed)]['acc']:.3f}" for stem in stems]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    means = [f"{statistics.mean(runs[(stem, seed)]['bwt'] for seed in seeds):+.3f}" for stem in stems]
+    means += [f"{statistics.mean(runs[(stem, seed)]['acc'] for seed in seeds):.3f}" for stem in stems]
+    lines.append("| mean | " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
 def _bench_results(path: Path) -> dict[tuple, list[dict]]:
     """A `bench/bench.py --json` file as bench.py's own `--render` reads it: {(suite, method, side): runs}."""
     data = json.loads(path.read_text())

@@ -70,6 +70,7 @@ def test_compare_shows_each_sequence_runs_task_matrix(tmp_path, tiny_model_dir, 
         decimals = decimals_for([v for row in [continual["baseline"], *continual["matrix"]] for v in row], 4)
         last_row = continual["matrix"][-1]
         assert "| second | " + " | ".join(fixed(v, decimals) for v in last_row) + " |" in report
+        assert json.loads((out / "comparison.json").read_text())["continual"][name] == continual
     assert "BWT" in report and "BWT" in page
 
 

@@ -226,7 +226,8 @@ def compare(
     plots = write_plots(rows, run_dirs, output, cost)
     continual = {name: r["continual"] for name, r in results.items() if r.get("continual")}
     report = {"rows": rows, "runs": runs, "differences": differences, "cost": cost,
-              "summary": summary, "command": command, "date": date.today().isoformat()}
+              "summary": summary, "continual": continual, "command": command,
+              "date": date.today().isoformat()}
     (output / "comparison.json").write_text(json.dumps(report, indent=1))
     (output / "report.md").write_text(render_markdown(report, plots, configs, continual))
     (output / "report.html").write_text(render_html(report, plots, configs, continual))
