@@ -147,3 +147,27 @@ def test_packed_inputs_carry_boundaries_only_when_asked():
     batch = packed_collate(random_items([5, 9]), PAD, capacity=20)
     assert "cu_seq_lens_q" not in packed_model_inputs({}, batch)
     assert packed_model_inputs({}, batch, documents=True)["cu_seq_lens_q"].tolist() == [0, 5, 14]
+
+
+def test_compiled_blocks_train_the_same_per_document(run_config, monkeypatch, tmp_path):
+    """Under train.compile the per-document call runs eagerly between two compiled parts of each block."""
+    from tuneforge import compiling
+    from tuneforge.run import train_run
+
+    monkeypatch.setattr(document_attention, "MIN_ROW_LENGTH", 0)
+    monkeypatch.setattr(compiling, "BACKEND", "eager")  # dynamo's tracing and guards, no code generation
+    train = {"packing": True, "batch_size": 2, "max_steps": 2, "max_seq_len": 48}
+    split = []
+    original = document_attention.boundaries
+    monkeypatch.setattr(document_attention, "boundaries", lambda p: split.append(1) or original(p))
+
+    def losses(name: str, **extra) -> list[float]:
+        config = run_config(train={**train, **extra}, output=str(tmp_path / name))
+        train_run(config)
+        lines = (Path(config.output) / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, lines) if "loss" in r and r.get("split") != "eval"]
+
+    torch._dynamo.reset()
+    compiled = losses("compiled", compile=True)
+    assert len(split) >= 3  # the check and both steps went per document
+    assert compiled == pytest.approx(losses("eager"), abs=1e-6)
