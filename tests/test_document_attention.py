@@ -12,6 +12,7 @@ from test_packing import PAD, random_items
 
 import tuneforge
 from tuneforge import document_attention
+from tuneforge.errors import ConfigError
 from tuneforge.evaluate import label_head
 from tuneforge.packing import check_packing, packed_collate, packed_model_inputs
 from tuneforge.train import task_loss
@@ -115,11 +116,20 @@ def test_a_per_document_function_that_mixes_examples_is_turned_off(monkeypatch):
     assert not document_attention.uses_document_attention(model)
 
 
-def test_a_saved_model_does_not_name_the_attention(tmp_path):
-    model = tiny_llama()
-    document_attention.enable(model, ROW)
-    model.save_pretrained(tmp_path)
-    assert document_attention.ATTENTION_NAME not in (tmp_path / "config.json").read_text()
+def test_a_soft_prompt_is_still_refused_and_the_model_left_as_it_came():
+    model = tuneforge.prepare(tiny_llama(), [{"prompt": {"length": 4}}])  # rows grow inside the model
+    with pytest.raises(ConfigError, match="train.packing: examples packed into one row"):
+        check_packing(model, PAD, "cpu", ROW)
+    assert not document_attention.uses_document_attention(model)
+
+
+def test_only_plain_full_attention_models_on_cpu_are_switched():
+    assert document_attention.why_not(tiny_llama(), ROW) is None
+    assert "CPU only" in document_attention.why_not(tiny_llama(), ROW, "meta")
+    assert "attention chunk size (64)" in document_attention.why_not(tiny_llama(attention_chunk_size=64), ROW)
+    hybrid = tiny_llama()
+    hybrid.config.layer_types = ["full_attention", "linear_attention", "full_attention", "full_attention"]
+    assert "linear_attention" in document_attention.why_not(hybrid, ROW)
 
 
 def test_a_packed_run_trains_the_same_per_document_as_masked(run_config, monkeypatch, tmp_path):
@@ -138,7 +148,7 @@ def test_a_packed_run_trains_the_same_per_document_as_masked(run_config, monkeyp
     monkeypatch.setattr(document_attention, "boundaries", lambda p: split.append(1) or original(p))
     documents = losses("documents")
     assert len(split) >= 4  # the check and every training step carried the boundaries
-    monkeypatch.setattr(document_attention, "why_not", lambda model, row_length: "off for the comparison")
+    monkeypatch.setattr(document_attention, "why_not", lambda *args: "off for the comparison")
     masked = losses("masked")
     assert documents == pytest.approx(masked, rel=1e-4) and len(documents) == 4
 

@@ -50,10 +50,13 @@ def document_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
 
     query (B, H, L, D), key/value (B, H_kv, L, D); returns (B, L, H, D) as every attention function does.
     """
-    if cu_seq_lens_q is None or query.shape[2] != key.shape[2]:  # no boundaries, or a KV cache in use
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     batch, _, length, _ = query.shape
-    starts = cu_seq_lens_q.tolist()
+    starts = [] if cu_seq_lens_q is None else cu_seq_lens_q.tolist()
+    # plain sdpa with the model's mask: no boundaries, a KV cache in use, rows the boundaries do not
+    # describe (e.g. a soft prompt added inside the model), or per-row biases that cannot be sliced here
+    if (not starts or starts[-1] != batch * length or key.shape[2] != length
+            or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     rows: list[list[Tensor]] = [[] for _ in range(batch)]
     for start, end in itertools.pairwise(starts):
         row, offset = divmod(start, length)
@@ -87,10 +90,12 @@ def uses_document_attention(model: nn.Module) -> bool:
     return getattr(config, "_attn_implementation", None) == ATTENTION_NAME
 
 
-def why_not(model: nn.Module, row_length: int) -> str | None:
+def why_not(model: nn.Module, row_length: int, device: torch.device | str = "cpu") -> str | None:
     """Why per-document attention cannot stand in for this model's sdpa attention, or None."""
     config = _text_config(model)
     name = type(model).__name__
+    if torch.device(device).type != "cpu":  # one kernel launch per example and layer: unmeasured there
+        return f"it is measured on CPU only; on {torch.device(device).type} the mask path is kept"
     if config is None or not hasattr(model, "set_attn_implementation"):
         return f"{name} is not a transformers model"
     if getattr(config, "_attn_implementation", None) not in ("sdpa", ATTENTION_NAME):
@@ -101,18 +106,22 @@ def why_not(model: nn.Module, row_length: int) -> str | None:
         return "its attention adds ALiBi biases or caps logits, which live in the mask or eager code"
     if row_length < MIN_ROW_LENGTH:
         return f"rows of {row_length} tokens are shorter than {MIN_ROW_LENGTH}, where the mask costs no more"
-    window = getattr(config, "sliding_window", None)
-    if isinstance(window, int) and window < row_length:
-        return f"its sliding window ({window}) is shorter than a row ({row_length})"
+    for field in ("sliding_window", "attention_chunk_size"):  # windows and chunks live in the mask
+        window = getattr(config, field, None)
+        if isinstance(window, int) and window < row_length:
+            return f"its {field.replace('_', ' ')} ({window}) is shorter than a row ({row_length})"
+    other = set(getattr(config, "layer_types", None) or []) - {"full_attention", "sliding_attention"}
+    if other:  # hybrids: their linear-attention layers read the boundaries too
+        return f"it has layers of kind {min(other)!r}"
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(model.forward).parameters
                .values()):
         return f"{name}.forward takes no extra keyword arguments to carry the boundaries"
     return None
 
 
-def enable(model: nn.Module, row_length: int) -> bool:
+def enable(model: nn.Module, row_length: int, device: torch.device | str = "cpu") -> bool:
     """Switch an sdpa model to per-document attention; False (and nothing changed) when `why_not` says no."""
-    if why_not(model, row_length) is not None:
+    if why_not(model, row_length, device) is not None:
         return False
     _register()
     model.set_attn_implementation(ATTENTION_NAME)

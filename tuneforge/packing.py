@@ -156,8 +156,11 @@ def check_packing(model: nn.Module, pad_token_id: int, device, row_length: int |
     model is first switched to per-document attention (tuneforge.document_attention), kept only when it
     passes the same comparison. Returns the attention packed rows will use: "documents" or "mask".
     """
-    if row_length is not None and document_attention.enable(model, row_length):
-        gap, tolerance = _packing_gap(model, pad_token_id, device)
+    if row_length is not None and document_attention.enable(model, row_length, device):
+        try:
+            gap, tolerance = _packing_gap(model, pad_token_id, device)
+        except Exception:  # noqa: BLE001 - whatever failed there, the mask path below is checked instead
+            gap, tolerance = float("inf"), 0.0
         if gap <= tolerance:
             return "documents"
         document_attention.disable(model)

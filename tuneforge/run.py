@@ -222,7 +222,9 @@ def start_session(config: RunConfig, resume: bool, overwrite: bool) -> Session:
     encode_run_data(run_data, config, tokenizer, tag_tasks=run_data.multi_task or provides_heads(strategies))
     model.to(accelerator.device)
     if config.train.packing:
-        check_packing_run(model, tokenizer, run_data, config, strategies, accelerator.device)
+        attention = check_packing_run(model, tokenizer, run_data, config, strategies, accelerator.device)
+        if attention == "documents":
+            accelerator.print("tuneforge: packing: each example attends on its own (no L x L row mask)")
     ctx.device = accelerator.device
     ctx.retain_batches = retain_batch_source(run_data, tokenizer, config)
     trackers = open_trackers(config, run_dir, accelerator.is_main_process)
@@ -246,8 +248,9 @@ def warn_if_short_of_memory(config: RunConfig, device) -> None:
 
 
 def check_packing_run(model: nn.Module, tokenizer, run_data: RunData, config: RunConfig,
-                      strategies: list[Strategy], device) -> None:
-    """train.packing needs language-model tasks, and a model and strategies keeping packed examples apart."""
+                      strategies: list[Strategy], device) -> str:
+    """train.packing needs language-model tasks, and a model and strategies keeping packed examples apart.
+    Returns the attention packed rows use ("documents" or "mask", see `check_packing`)."""
     reading = [s.name for s in strategies if s.needs_logits()]
     if reading:  # e.g. a distillation teacher runs the batch itself, with no packed positions
         raise ConfigError(f"train.packing: {reading[0]} reads every position's logits and may run its own "
@@ -261,7 +264,7 @@ def check_packing_run(model: nn.Module, tokenizer, run_data: RunData, config: Ru
     if run_data.multi_task and schedule.mode == "mixture" and schedule.sampling != "proportional":
         raise ConfigError(f"train.packing mixes tasks proportionally (every example once per epoch); "
                           f"schedule.sampling: {config.schedule.sampling} is not supported with it")
-    check_packing(model, tokenizer.pad_token_id, device, config.train.max_seq_len)
+    return check_packing(model, tokenizer.pad_token_id, device, config.train.max_seq_len)
 
 
 def provides_heads(strategies: list[Strategy]) -> bool:
