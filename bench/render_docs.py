@@ -416,6 +416,8 @@ BLOCKS: dict[str, Block] = {
     "architectures.json": Block("docs/results/architectures.json", architectures),
     "compare-12-steps.json": Block("docs/results/compare-12-steps.json", compare_12_steps),
     "compare/comparison.json": Block("docs/compare/comparison.json", compare_seeds),
+    "continual/comparison.json": Block("docs/continual/comparison.json", continual_seeds),
+    "continual-first-seed": Block("docs/continual/comparison.json", continual_first_seed),
     "2026-11-29-uniform.json": Block("bench/results/2026-11-29-uniform.json", performance_uniform),
     "2026-11-29-chat.json": Block("bench/results/2026-11-29-chat.json", performance_chat),
     "2026-11-29-profile.json": Block("bench/results/2026-11-29-profile.json", profile_shares),
