@@ -28,9 +28,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 ATTENTION_NAME = "tuneforge_documents"
-# Below this row length the mask costs no more: measured on a SmolLM2-135M-shaped LoRA step (1 thread),
-# rows of 512 took the same time eager either way and 9% longer per document under `train.compile` (the
-# graph break at attention); rows of 2048 took 0.7x the time per document, eager (bench/results: scaling).
+# Below this row length the mask is kept: in quick trials at rows of 512 (SmolLM2-135M shape, LoRA, 1 thread)
+# per-document attention gained nothing eager and lost under `train.compile` (its graph break at attention);
+# from 1024 on it is measured faster (bench/results/2026-11-29-document-attention.json, docs/scaling.md).
 MIN_ROW_LENGTH = 1024
 
 
