@@ -92,7 +92,8 @@ def config_for(name: str, seed: int = 0, overrides: dict | None = None):
         "strategies": strategies,
         "train": {"max_steps": 80, "batch_size": 8, "lr": lr, "warmup_steps": 5, "max_seq_len": 128,
                   # eval curves for every run: compared at equal task loss along the way, not only at the end
-                  "eval_every": 20, "log_every": 5, "seed": seed},
+                  "eval_every": 20, "log_every": 5, "seed": seed,
+                  "keep_checkpoints": 1},  # a full run's checkpoint is 2.6 GB: keep only the newest
         "evaluation": {"retain_examples": 32, "samples": 0, "batch_size": 16},
         "output": str(seed_dir(seed) / name),
     }
