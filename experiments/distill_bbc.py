@@ -6,9 +6,14 @@ encoder, and is trained on the same data for the same steps either on the labels
 KD term has weight 0) or with distillation from the teacher (`alpha: 0.5`, T = 2). Both on the full
 training set and on a small one (200 articles), where the teacher's soft labels should matter most.
 
-    python experiments/distill_bbc.py all        # teacher first, then the students (skips done runs)
-    python experiments/distill_bbc.py table      # the Markdown table for docs/distillation.md
-    python experiments/distill_bbc.py record     # the same data -> docs/results/distill-bbc.json
+    python experiments/distill_bbc.py all --seeds 1 2 3       # every variant, seed by seed (skips done runs)
+    python experiments/distill_bbc.py all teacher student-small student-kd-hidden-small --seeds 1
+    python experiments/distill_bbc.py table                   # the Markdown tables for docs/distillation.md
+    python experiments/distill_bbc.py record                  # the same data -> docs/results/distill-bbc.json
+
+The seed sets the held-out split (and the data order and the head's initialisation), so every seed has
+its own teacher, trained on that seed's training articles only. Seed 0's split is the one the variants
+were chosen on (2026-11-26); `CONFIRM` names the comparisons fixed before seeds 1-3 were run.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "distill-bbc"
-TEACHER_DIR = OUT / "teacher-model"
+TEACHER = "teacher-model"  # in a `distill.teacher` option: the seed's fine-tuned teacher folder
 STUDENT = {"every": 2}
 SMALL = 200  # training articles in the low-data setting
 
@@ -33,21 +38,21 @@ SMALL = 200  # training articles in the low-data setting
 VARIANTS: dict[str, tuple[list[dict], dict, dict]] = {
     "teacher": ([{"full": {}}], {"epochs": 2}, {}),
     "student": ([{"distill": {"student": STUDENT, "alpha": 1.0}}], {"epochs": 2}, {}),
-    "student-kd": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.5,
+    "student-kd": ([{"distill": {"teacher": TEACHER, "student": STUDENT, "alpha": 0.5,
                                  "temperature": 2.0}}], {"epochs": 2}, {}),
     "student-small": ([{"distill": {"student": STUDENT, "alpha": 1.0}}], {"epochs": 8},
                       {"max_train_examples": SMALL}),
-    "student-kd-small": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.5,
+    "student-kd-small": ([{"distill": {"teacher": TEACHER, "student": STUDENT, "alpha": 0.5,
                                        "temperature": 2.0}}], {"epochs": 8}, {"max_train_examples": SMALL}),
     # mostly the teacher's soft targets, softened further (Hinton et al. 2015 use T up to 20)
-    "student-kd-t4-small": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.1,
+    "student-kd-t4-small": ([{"distill": {"teacher": TEACHER, "student": STUDENT, "alpha": 0.1,
                                           "temperature": 4.0}}], {"epochs": 8},
                             {"max_train_examples": SMALL}),
     # DistilBERT's cosine loss on the last hidden states on top of the soft targets (Sanh et al. 2019)
-    "student-kd-hidden-small": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.5,
+    "student-kd-hidden-small": ([{"distill": {"teacher": TEACHER, "student": STUDENT, "alpha": 0.5,
                                               "temperature": 2.0, "hidden_weight": 1.0}}], {"epochs": 8},
                                 {"max_train_examples": SMALL}),
-    "student-kd-hidden": ([{"distill": {"teacher": str(TEACHER_DIR), "student": STUDENT, "alpha": 0.5,
+    "student-kd-hidden": ([{"distill": {"teacher": TEACHER, "student": STUDENT, "alpha": 0.5,
                                         "temperature": 2.0, "hidden_weight": 1.0}}], {"epochs": 2}, {}),
 }
 # the low-data pair again on 100 articles (the eval split stays the same: it depends on the seed only)
@@ -57,32 +62,46 @@ for _name in ("student-small", "student-kd-hidden-small"):
                                                 {"max_train_examples": 100})
 
 
-def config_for(name: str):
+# the pairs (without, with distillation) judged on the fresh splits, fixed from seed 0's exploration
+CONFIRM: list[tuple[str, str]] = [("student-small", "student-kd-hidden-small"),
+                                  ("student-tiny", "student-kd-hidden-tiny"),
+                                  ("student", "student-kd-hidden")]
+
+
+def seed_dir(seed: int, out: Path = OUT) -> Path:
+    """Where one seed's run directories (and its teacher folder) live."""
+    return out / f"seed{seed}"
+
+
+def config_for(name: str, seed: int = 0):
     from tuneforge.config import validate_config
 
     strategies, train, data = VARIANTS[name]
+    teacher = str(seed_dir(seed) / TEACHER)
+    strategies = [{kind: {**options, "teacher": teacher} if options.get("teacher") == TEACHER else options}
+                  for spec in strategies for kind, options in spec.items()]
     return validate_config({
         "model": "minilm-l6",
         "data": {"train": "builtin:bbc-news", "eval_fraction": 0.2, "max_eval_examples": 445, **data},
         "retain": None,
         "strategies": strategies,
-        "train": {"batch_size": 16, "lr": 1.0e-4, "warmup_steps": 10, "max_seq_len": 128, "seed": 0,
-                  "log_every": 10, **train},
+        "train": {"batch_size": 16, "lr": 1.0e-4, "warmup_steps": 10, "max_seq_len": 128, "seed": seed,
+                  "log_every": 10, "keep_checkpoints": 1, **train},
         "evaluation": {"samples": 0, "batch_size": 64},
-        "output": str(OUT / name),
+        "output": str(seed_dir(seed) / name),
     })
 
 
-def run_variant(name: str) -> None:
+def run_variant(name: str, seed: int) -> None:
     import torch
 
     from tuneforge.run import train_run
 
     torch.set_num_threads(int(os.environ.get("TUNEFORGE_THREADS", "2")))
-    config = config_for(name)
+    config = config_for(name, seed)
     train_run(config, overwrite=True)
     if name == "teacher":
-        save_model_folder(config, TEACHER_DIR)
+        save_model_folder(config, seed_dir(seed) / TEACHER)
 
 
 def save_model_folder(config, directory: Path) -> None:
@@ -98,18 +117,26 @@ def save_model_folder(config, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def run_all(names: list[str]) -> None:
-    for name in names:
-        if (OUT / name / "results.json").is_file() and (name != "teacher" or TEACHER_DIR.is_dir()):
-            print(f"{name}: done already", flush=True)
-            continue
-        print(f"{name}: running", flush=True)
-        subprocess.run([sys.executable, __file__, "run", name], check=False)
+def run_all(names: list[str], seeds: list[int]) -> None:
+    """One subprocess per variant and seed, seed by seed; a student with distillation first needs its
+    seed's teacher (trained first when missing)."""
+    for seed in seeds:
+        needs_teacher = any(VARIANTS[name][0][0]["distill"].get("teacher") == TEACHER
+                            for name in names if "distill" in VARIANTS[name][0][0])
+        teacher = ["teacher"] if needs_teacher or "teacher" in names else []
+        order = teacher + [n for n in names if n != "teacher"]
+        for name in order:
+            done = (seed_dir(seed) / name / "results.json").is_file()
+            if done and (name != "teacher" or (seed_dir(seed) / TEACHER).is_dir()):
+                print(f"seed {seed} {name}: done already", flush=True)
+                continue
+            print(f"seed {seed} {name}: running", flush=True)
+            subprocess.run([sys.executable, __file__, "run", name, "--seeds", str(seed)], check=False)
 
 
-def summary(name: str, out: Path = OUT) -> dict | None:
+def summary(name: str, run_dir: Path) -> dict | None:
     """What the docs read of one finished run (None where it has not run)."""
-    path = out / name / "results.json"
+    path = run_dir / "results.json"
     if not path.is_file():
         return None
     results = json.loads(path.read_text())
@@ -122,20 +149,58 @@ def summary(name: str, out: Path = OUT) -> dict | None:
 
 
 def collect(out: Path = OUT) -> dict:
-    return {"runs": {name: summary(name, out) for name in VARIANTS}}
+    """Every finished run, by variant and seed, as `record` writes it."""
+    seeds = sorted(int(d.name.removeprefix("seed")) for d in out.glob("seed*") if d.name[4:].isdigit())
+    variants = {}
+    for name in VARIANTS:
+        runs = {str(seed): summary(name, seed_dir(seed, out) / name) for seed in seeds}
+        variants[name] = {seed: run for seed, run in runs.items() if run is not None}
+    return {"variants": variants}
+
+
+def _spread(values: list[float], scale: float, digits: int, sign: str = "", unit: str = "") -> str:
+    """mean (min .. max) of `values` times `scale`; the bare value for one run."""
+    mean = sum(values) / len(values)
+    shown = [f"{v * scale:{sign}.{digits}f}{unit}" for v in (mean, min(values), max(values))]
+    return shown[0] if len(values) == 1 else f"{shown[0]} ({shown[1]} .. {shown[2]})"
 
 
 def render(data: dict) -> str:
-    """The table of docs/distillation.md from `collect`'s (or the recorded JSON's) data."""
-    rows = ["| run | layers | train articles | steps | eval accuracy | eval loss | train time |",
-            "|---|---|---|---|---|---|---|"]
-    for name, run in data["runs"].items():
-        if run is None:
-            rows.append(f"| {name} | not run | | | | | |")
+    """Per variant, mean (min .. max) over its seeds, from `collect`'s (or the recorded JSON's) data."""
+    rows = ["| run | layers | train articles | steps | seeds | eval accuracy | eval loss | train time |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, runs in data["variants"].items():
+        if not runs:
+            rows.append(f"| {name} | not run | | | | | | |")
             continue
-        rows.append(f"| {name} | {run['layers']} | {run['train_articles']} | {run['steps']} | "
-                    f"{100 * run['eval_accuracy']:.1f}% ({run['eval_examples']}) | {run['eval_loss']:.3f} | "
-                    f"{run['train_seconds']:.0f} s |")
+        seeds = sorted(runs, key=int)
+        first = runs[seeds[0]]
+        rows.append(f"| {name} | {first['layers']} | {first['train_articles']} | {first['steps']} "
+                    f"| {', '.join(seeds)} "
+                    f"| {_spread([runs[s]['eval_accuracy'] for s in seeds], 100, 1, '', '%')} "
+                    f"| {_spread([runs[s]['eval_loss'] for s in seeds], 1, 3)} "
+                    f"| {_spread([runs[s]['train_seconds'] for s in seeds], 1, 0, '', ' s')} |")
+    return "\n".join(rows)
+
+
+def render_pairs(data: dict, seeds: list[str] | None = None) -> str:
+    """The fixed comparisons (`CONFIRM`), seed by seed: the distilled student's accuracy gain in held-out
+    articles and its eval loss change, and on how many seeds it did better on both."""
+    rows = [("| without -> with distillation | seeds | accuracy gain, articles (per seed) "
+             "| eval loss change (per seed) | better on both |"), "|---|---|---|---|---|"]
+    variants = data["variants"]
+    for plain, distilled in CONFIRM:
+        common = sorted(set(variants[plain]) & set(variants[distilled]), key=int)
+        common = [s for s in common if seeds is None or s in seeds]
+        if not common:
+            rows.append(f"| {plain} -> {distilled} | not run | | | |")
+            continue
+        gains = [round((variants[distilled][s]["eval_accuracy"] - variants[plain][s]["eval_accuracy"])
+                       * variants[plain][s]["eval_examples"]) for s in common]
+        losses = [variants[distilled][s]["eval_loss"] - variants[plain][s]["eval_loss"] for s in common]
+        better = sum(g > 0 and d < 0 for g, d in zip(gains, losses))
+        rows.append(f"| {plain} -> {distilled} | {', '.join(common)} | {', '.join(f'{g:+d}' for g in gains)} "
+                    f"| {', '.join(f'{d:+.3f}' for d in losses)} | {better} of {len(common)} |")
     return "\n".join(rows)
 
 
@@ -147,7 +212,9 @@ def record(names: list[str]) -> None:
     import datetime
 
     data = {"date": datetime.date.today().isoformat(),
-            "command": "python experiments/distill_bbc.py all && python experiments/distill_bbc.py record",
+            "command": ("python experiments/distill_bbc.py all teacher "
+                        + " ".join(name for pair in CONFIRM for name in pair)
+                        + " --seeds 1 2 3 && python experiments/distill_bbc.py record"),
             **collect()}
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     print(f"written to {RESULTS}")
@@ -155,11 +222,11 @@ def record(names: list[str]) -> None:
 
 def main() -> None:
     run_cli(__doc__, VARIANTS, {
-        "run": lambda names: [run_variant(name) for name in names],
+        "run": lambda names, seeds: [run_variant(name, seed) for seed in seeds for name in names],
         "all": run_all,
-        "table": lambda names: print(render(collect())),
-        "record": record,
-    })
+        "table": lambda names, seeds: print(render(collect()) + "\n\n" + render_pairs(collect())),
+        "record": lambda names, seeds: record(names),
+    }, seeds=True)
 
 
 if __name__ == "__main__":
