@@ -107,15 +107,29 @@ def test_forgetting_table_renders_the_same_from_run_directories_and_from_its_rec
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_distillation_table_renders_the_same_from_run_directories_and_from_its_recorded_json(tmp_path):
+def test_distillation_tables_render_the_same_from_run_directories_and_from_their_recorded_json(tmp_path):
     distill = _experiment("distill_bbc")
-    (tmp_path / "student-small").mkdir()
-    (tmp_path / "student-small" / "results.json").write_text(json.dumps({
-        "steps": 104, "seed": 0, "train_seconds": 99.6,
-        "after": {"eval": {"accuracy": 421 / 445, "examples": 445, "loss": 0.2524}}}))
+
+    def finished(seed: int, name: str, correct: int, loss: float) -> None:
+        (tmp_path / f"seed{seed}" / name).mkdir(parents=True)
+        (tmp_path / f"seed{seed}" / name / "results.json").write_text(json.dumps({
+            "steps": 104, "seed": seed, "train_seconds": 99.6,
+            "after": {"eval": {"accuracy": correct / 445, "examples": 445, "loss": loss}}}))
+
+    finished(1, "student-small", 421, 0.2524)
+    finished(2, "student-small", 425, 0.2000)
+    finished(1, "student-kd-hidden-small", 424, 0.2300)  # +3 articles, lower loss: better
+    finished(2, "student-kd-hidden-small", 423, 0.1900)  # -2 articles: not better on both
+    finished(2, "student-tiny", 400, 0.3)  # its pair has no distilled run
     data = distill.collect(tmp_path)
-    text = distill.render(data)
-    assert text == distill.render(json.loads(json.dumps(data)))
-    rows = text.splitlines()
-    assert "| student-small | 3 | 200 | 104 | 94.6% (445) | 0.252 | 100 s |" in rows
-    assert "| teacher | not run | | | | | |" in rows
+    assert json.loads(json.dumps(data)) == data
+    rows = distill.render(data).splitlines()
+    assert rows == distill.render(json.loads(json.dumps(data))).splitlines()
+    assert "| student-small | 3 | 200 | 104 | 1, 2 | 95.1% (94.6% .. 95.5%) | 0.226 (0.200 .. 0.252) " \
+           "| 100 s (100 s .. 100 s) |" in rows
+    assert "| teacher | not run | | | | | | |" in rows
+    pairs = distill.render_pairs(data).splitlines()
+    assert "| student-small -> student-kd-hidden-small | 1, 2 | +3, -2 | -0.022, -0.010 | 1 of 2 |" in pairs
+    assert "| student-tiny -> student-kd-hidden-tiny | not run | | | |" in pairs
+    assert distill.config_for("student-kd-hidden-small", 2).strategies[0].options.teacher.endswith(
+        "seed2/teacher-model")
