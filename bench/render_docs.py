@@ -266,6 +266,43 @@ def performance_uniform(path: Path) -> str:
     return "\n".join(lines)
 
 
+def prefix_repeats(path: Path) -> str:
+    """docs/performance.md, prefix re-measured: every repeat's step time on both sides (wall and CPU time),
+    the per-repeat ratios, and their median and range."""
+    data = json.loads(path.read_text())
+    results = _bench_results(path)
+    ours, peft = results[("synthetic", "prefix", "ours")], results[("synthetic", "prefix", "peft")]
+    lines = [f"{data['repeats']} repeats, {data['threads']} thread(s) per run, alternating order.", "",
+             ("| repeat | step s ours | step s PEFT | ours / PEFT | CPU s ours | CPU s PEFT "
+              "| ours / PEFT, CPU |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for index, (a, b) in enumerate(zip(ours, peft, strict=True)):
+        cells = [f"{a[key]:.3f} | {b[key]:.3f} | {a[key] / b[key]:.2f}" for key in ("step_s", "cpu_step_s")]
+        lines.append(f"| {index + 1} | {cells[0]} | {cells[1]} |")
+    lines.append(f"| median (range) | {_with_range(ours, 'step_s', 3)} | {_with_range(peft, 'step_s', 3)} "
+                 f"| **{_paired(ours, peft, 'step_s')}** | {_with_range(ours, 'cpu_step_s', 3)} "
+                 f"| {_with_range(peft, 'cpu_step_s', 3)} | **{_paired(ours, peft, 'cpu_step_s')}** |")
+    return "\n".join(lines)
+
+
+def profile_operators(path: Path, rows: int = 14) -> str:
+    """Operator by operator, the profiles of one `bench/profile_step.py --json` file side by side: self CPU
+    ms and calls of the operators that take the most time on any side."""
+    profiles = json.loads(path.read_text())["profiles"]
+    tables = [{op["name"]: op for op in profile["operators"]} for profile in profiles]
+    names = sorted({name for table in tables for name in table},
+                   key=lambda name: -max(table.get(name, {}).get("self_cpu_ms", 0.0) for table in tables))
+    header = " | ".join(f"{profile['label']}: ms (calls)" for profile in profiles)
+    lines = [f"| operator | {header} |", "| --- |" + " ---: |" * len(profiles)]
+    for name in names[:rows]:
+        cells = [f"{table[name]['self_cpu_ms']:,.1f} ({table[name]['calls']})" if name in table else "-"
+                 for table in tables]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines.append("| step, CPU ms (all operators) | "
+                 + " | ".join(f"{profile['step_cpu_ms']:,.0f}" for profile in profiles) + " |")
+    return "\n".join(lines)
+
+
 # method -> (label, the Trainer run it is compared with: the same dtype)
 CHAT_ROWS = {
     "lora-packed": ("ours, packed, fp32", "trainer-lora"),
