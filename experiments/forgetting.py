@@ -363,10 +363,16 @@ def record(names: list[str]) -> None:
     docs/forgetting.md can be rendered from a committed file (`bench/render_docs.py`)."""
     import datetime
 
+    collected = collect()
+    ran = [name for name, runs in collected["variants"].items() if runs]
+    seeds = sorted({int(seed) for name in ran for seed in collected["variants"][name]})
+    calibration = OUT / "calibration.json"
     data = {"date": datetime.date.today().isoformat(),
-            "command": ("python experiments/forgetting.py all full full-retention full-ewc --seeds 0 1 2 "
-                        "&& python experiments/forgetting.py record"),
-            **collect()}
+            "command": (f"python experiments/forgetting.py all {' '.join(ran)} "
+                        f"--seeds {' '.join(map(str, seeds))} && python experiments/forgetting.py record"),
+            # the unrounded penalty sizes and weights the runs' rounded weights came from (`calibrate`)
+            "calibration": json.loads(calibration.read_text()) if calibration.is_file() else None,
+            **collected}
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     plot(data, CURVES)
     print(f"written to {RESULTS} and {CURVES}")
