@@ -352,6 +352,10 @@ def profile_shares(path: Path) -> str:
     return "\n".join(lines)
 
 
+# uniform-batch rows measured again with more repeats, whose ratio the targets then take: (method -> JSON)
+REMEASURED = {"prefix": "bench/results/2026-11-30-prefix.json"}
+
+
 def performance_targets(path: Path) -> str:
     """docs/performance.md, the targets: each judged from the like-for-like results (this file: the chat
     bench; beside it the uniform-batch bench of the same date)."""
@@ -364,10 +368,16 @@ def performance_targets(path: Path) -> str:
              for m in peft_methods}
     rss = {m: _paired_median(uniform[("synthetic", m, "ours")], uniform[("synthetic", m, "peft")],
                              "peak_rss_mb") for m in peft_methods}
+    remeasured = []
+    for method, source in REMEASURED.items():  # a row measured again with more repeats replaces its ratio
+        again = _bench_results(REPO / source)
+        runs = again[("synthetic", method, "ours")], again[("synthetic", method, "peft")]
+        steps[method] = _paired_median(*runs, "step_s")
+        remeasured.append(f"{method}: {len(runs[0])} repeats, `{source}`")
 
-    def verdict(values: dict[str, float], limit: float) -> str:
+    def verdict(values: dict[str, float], limit: float, note: str = "") -> str:
         worst = max(values, key=values.get)
-        spread = f"{min(values.values()):.2f}-{max(values.values()):.2f}"
+        spread = f"{min(values.values()):.2f}-{max(values.values()):.2f}{note}"
         if values[worst] <= limit:
             return f"**met**: {spread}"
         return f"**missed**: {spread} ({worst} {values[worst]:.2f})"
@@ -394,7 +404,8 @@ def performance_targets(path: Path) -> str:
     merged = (bench.median([run["lora-merged"] for run in inference], "step_s")
               / bench.median([run["base"] for run in inference], "step_s"))
     rows = [
-        ("every PEFT method's step time <= 1.0 x PEFT's (uniform batches)", verdict(steps, 1.0)),
+        ("every PEFT method's step time <= 1.0 x PEFT's (uniform batches)",
+         verdict(steps, 1.0, f" ({'; '.join(remeasured)})" if remeasured else "")),
         ("peak RSS <= PEFT's", verdict(rss, 1.0)),
         ("full fine-tuning at >= 80% of the measured matmul rate",
          f"**{'met' if gemm >= 80 else 'missed'}**: {gemm:.0f}%"),
@@ -459,6 +470,8 @@ BLOCKS: dict[str, Block] = {
     "document-attention": Block("bench/results/2026-11-29-document-attention.json", document_attention),
     "2026-11-29-chat.json": Block("bench/results/2026-11-29-chat.json", performance_chat),
     "2026-11-29-profile.json": Block("bench/results/2026-11-29-profile.json", profile_shares),
+    "2026-11-30-prefix.json": Block("bench/results/2026-11-30-prefix.json", prefix_repeats),
+    "prefix-profile": Block("bench/results/2026-11-30-prefix-profile.json", profile_operators),
     "targets": Block("bench/results/2026-11-29-chat.json", performance_targets),
     "2026-11-26-inference.json": Block("bench/results/2026-11-26-inference.json", performance_inference),
 }
