@@ -166,12 +166,15 @@ def _spread(values: list[float], scale: float, digits: int, sign: str = "", unit
 
 
 def render(data: dict) -> str:
-    """Per variant, mean (min .. max) over its seeds, from `collect`'s (or the recorded JSON's) data."""
+    """Per variant, mean (min .. max) over its seeds, from `collect`'s (or the recorded JSON's) data; a
+    variant outside the fixed comparisons is left out until it has run."""
     rows = ["| run | layers | train articles | steps | seeds | eval accuracy | eval loss | train time |",
             "|---|---|---|---|---|---|---|---|"]
+    listed = {"teacher", *(name for pair in CONFIRM for name in pair)}  # shown even before they ran
     for name, runs in data["variants"].items():
         if not runs:
-            rows.append(f"| {name} | not run | | | | | | |")
+            if name in listed:
+                rows.append(f"| {name} | not run | | | | | | |")
             continue
         seeds = sorted(runs, key=int)
         first = runs[seeds[0]]
@@ -211,11 +214,17 @@ def record(names: list[str]) -> None:
     """Write the finished runs' summaries to docs/results/distill-bbc.json, with date and command."""
     import datetime
 
+    collected = collect()
+    by_variants: dict[tuple, list[str]] = {}  # the variants each seed ran -> those seeds
+    seeds = sorted({seed for runs in collected["variants"].values() for seed in runs}, key=int)
+    for seed in seeds:
+        ran = tuple(name for name, runs in collected["variants"].items() if seed in runs)
+        by_variants.setdefault(ran, []).append(seed)
+    commands = [f"python experiments/distill_bbc.py all {' '.join(ran)} --seeds {' '.join(group)}"
+                for ran, group in by_variants.items()]
     data = {"date": datetime.date.today().isoformat(),
-            "command": ("python experiments/distill_bbc.py all teacher "
-                        + " ".join(name for pair in CONFIRM for name in pair)
-                        + " --seeds 1 2 3 && python experiments/distill_bbc.py record"),
-            **collect()}
+            "command": " && ".join([*commands, "python experiments/distill_bbc.py record"]),
+            **collected}
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     print(f"written to {RESULTS}")
 
