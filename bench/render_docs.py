@@ -64,6 +64,14 @@ def forgetting(path: Path) -> str:
     return _module("experiments/forgetting.py").render(json.loads(path.read_text()))
 
 
+def distillation(path: Path) -> str:
+    return _module("experiments/distill_bbc.py").render(json.loads(path.read_text()))
+
+
+def distillation_pairs(path: Path) -> str:
+    return _module("experiments/distill_bbc.py").render_pairs(json.loads(path.read_text()))
+
+
 def forgetting_curves(path: Path) -> str:
     return _module("experiments/forgetting.py").render_curves(json.loads(path.read_text()))
 
@@ -458,6 +466,8 @@ BLOCKS: dict[str, Block] = {
     "quickstart.json": Block("docs/results/2026-11-29-quickstart.json", quickstart),
     "forgetting.json": Block("docs/results/forgetting.json", forgetting),
     "forgetting-curves": Block("docs/results/forgetting.json", forgetting_curves),
+    "distill-bbc.json": Block("docs/results/distill-bbc.json", distillation),
+    "distill-bbc-pairs": Block("docs/results/distill-bbc.json", distillation_pairs),
     "benchmark_forgetting.json": Block("docs/results/benchmark_forgetting.json", benchmark_forgetting),
     "quantize-memory.json": Block("docs/results/2026-11-29-quantize-memory.json", quantize_memory),
     "qlora-vs-peft.json": Block("bench/results/2026-11-29-qlora-vs-peft.json", qlora_vs_peft),
