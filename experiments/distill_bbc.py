@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from seeded_runs import collect_by_seed, seed_dir, spread
 from variant_cli import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,16 +69,11 @@ CONFIRM: list[tuple[str, str]] = [("student-small", "student-kd-hidden-small"),
                                   ("student", "student-kd-hidden")]
 
 
-def seed_dir(seed: int, out: Path = OUT) -> Path:
-    """Where one seed's run directories (and its teacher folder) live."""
-    return out / f"seed{seed}"
-
-
 def config_for(name: str, seed: int = 0):
     from tuneforge.config import validate_config
 
     strategies, train, data = VARIANTS[name]
-    teacher = str(seed_dir(seed) / TEACHER)
+    teacher = str(seed_dir(OUT, seed) / TEACHER)
     strategies = [{kind: {**options, "teacher": teacher} if options.get("teacher") == TEACHER else options}
                   for spec in strategies for kind, options in spec.items()]
     return validate_config({
@@ -88,7 +84,7 @@ def config_for(name: str, seed: int = 0):
         "train": {"batch_size": 16, "lr": 1.0e-4, "warmup_steps": 10, "max_seq_len": 128, "seed": seed,
                   "log_every": 10, "keep_checkpoints": 1, **train},
         "evaluation": {"samples": 0, "batch_size": 64},
-        "output": str(seed_dir(seed) / name),
+        "output": str(seed_dir(OUT, seed) / name),
     })
 
 
@@ -101,7 +97,7 @@ def run_variant(name: str, seed: int) -> None:
     config = config_for(name, seed)
     train_run(config, overwrite=True)
     if name == "teacher":
-        save_model_folder(config, seed_dir(seed) / TEACHER)
+        save_model_folder(config, seed_dir(OUT, seed) / TEACHER)
 
 
 def save_model_folder(config, directory: Path) -> None:
@@ -126,8 +122,8 @@ def run_all(names: list[str], seeds: list[int]) -> None:
         teacher = ["teacher"] if needs_teacher or "teacher" in names else []
         order = teacher + [n for n in names if n != "teacher"]
         for name in order:
-            done = (seed_dir(seed) / name / "results.json").is_file()
-            if done and (name != "teacher" or (seed_dir(seed) / TEACHER).is_dir()):
+            done = (seed_dir(OUT, seed) / name / "results.json").is_file()
+            if done and (name != "teacher" or (seed_dir(OUT, seed) / TEACHER).is_dir()):
                 print(f"seed {seed} {name}: done already", flush=True)
                 continue
             print(f"seed {seed} {name}: running", flush=True)
@@ -150,19 +146,7 @@ def summary(name: str, run_dir: Path) -> dict | None:
 
 def collect(out: Path = OUT) -> dict:
     """Every finished run, by variant and seed, as `record` writes it."""
-    seeds = sorted(int(d.name.removeprefix("seed")) for d in out.glob("seed*") if d.name[4:].isdigit())
-    variants = {}
-    for name in VARIANTS:
-        runs = {str(seed): summary(name, seed_dir(seed, out) / name) for seed in seeds}
-        variants[name] = {seed: run for seed, run in runs.items() if run is not None}
-    return {"variants": variants}
-
-
-def _spread(values: list[float], scale: float, digits: int, sign: str = "", unit: str = "") -> str:
-    """mean (min .. max) of `values` times `scale`; the bare value for one run."""
-    mean = sum(values) / len(values)
-    shown = [f"{v * scale:{sign}.{digits}f}{unit}" for v in (mean, min(values), max(values))]
-    return shown[0] if len(values) == 1 else f"{shown[0]} ({shown[1]} .. {shown[2]})"
+    return collect_by_seed(out, VARIANTS, summary)
 
 
 def render(data: dict) -> str:
@@ -180,9 +164,9 @@ def render(data: dict) -> str:
         first = runs[seeds[0]]
         rows.append(f"| {name} | {first['layers']} | {first['train_articles']} | {first['steps']} "
                     f"| {', '.join(seeds)} "
-                    f"| {_spread([runs[s]['eval_accuracy'] for s in seeds], 100, 1, '', '%')} "
-                    f"| {_spread([runs[s]['eval_loss'] for s in seeds], 1, 3)} "
-                    f"| {_spread([runs[s]['train_seconds'] for s in seeds], 1, 0, '', ' s')} |")
+                    f"| {spread([runs[s]['eval_accuracy'] for s in seeds], 100, 1, '', '%')} "
+                    f"| {spread([runs[s]['eval_loss'] for s in seeds], 1, 3)} "
+                    f"| {spread([runs[s]['train_seconds'] for s in seeds], 1, 0, '', ' s')} |")
     return "\n".join(rows)
 
 

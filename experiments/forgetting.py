@@ -27,6 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from seeded_runs import collect_by_seed, seed_dir, spread
 from variant_cli import run_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,11 +55,6 @@ VARIANTS: dict[str, tuple[list[dict], float, str | None]] = {
     "lora-fast": ([LORA], 4 * LORA_LR, None),
     "lora-fast-ewc": ([LORA, {"ewc": {"weight": AUTO, "fisher_samples": 64}}], 4 * LORA_LR, "lora-fast"),
 }
-
-
-def seed_dir(seed: int, out: Path = OUT) -> Path:
-    """Where one seed's run directories live."""
-    return out / f"seed{seed}"
 
 
 def resolved_strategies(name: str) -> list[dict]:
@@ -95,7 +91,7 @@ def config_for(name: str, seed: int = 0, overrides: dict | None = None):
                   "eval_every": 20, "log_every": 5, "seed": seed,
                   "keep_checkpoints": 1},  # a full run's checkpoint is 2.6 GB: keep only the newest
         "evaluation": {"retain_examples": 32, "samples": 0, "batch_size": 16},
-        "output": str(seed_dir(seed) / name),
+        "output": str(seed_dir(OUT, seed) / name),
     }
     for key, value in (overrides or {}).items():
         section, _, field = key.partition(".")
@@ -139,7 +135,7 @@ def calibrate(name: str, samples: int = 64) -> dict:
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     stream = retain_batch_source(run_data, tokenizer, config)(batch_size=1)
     fisher = estimate_fisher(model, params, itertools.islice(stream, samples), "causal_lm")
-    plain = seed_dir(0) / name
+    plain = seed_dir(OUT, 0) / name
     end = load_file(str(latest_checkpoint(plain / "checkpoints") / "weights.safetensors"))
     q_l2 = sum(float((end[n] - p.detach()).pow(2).sum()) for n, p in params.items())
     q_fisher = sum(float((fisher[n] * (end[n] - p.detach()).pow(2)).sum()) for n, p in params.items())
@@ -184,14 +180,14 @@ def run_all(names: list[str], seeds: list[int]) -> None:
     first needs its counterpart's calibration, made from seed 0's plain run (run first if missing)."""
     for seed in seeds:
         for name in names:
-            if (seed_dir(seed) / name / "results.json").is_file():
+            if (seed_dir(OUT, seed) / name / "results.json").is_file():
                 print(f"seed {seed} {name}: done already", flush=True)
                 continue
             counterpart = VARIANTS[name][2]
             calibration = OUT / "calibration.json"
             if counterpart and (not calibration.is_file()
                                 or counterpart not in json.loads(calibration.read_text())):
-                if not (seed_dir(0) / counterpart / "results.json").is_file():
+                if not (seed_dir(OUT, 0) / counterpart / "results.json").is_file():
                     print(f"seed 0 {counterpart}: running (calibration needs it)", flush=True)
                     subprocess.run([sys.executable, __file__, "run", counterpart, "--seeds", "0"],
                                    check=False)
@@ -241,12 +237,7 @@ def summary(name: str, run_dir: Path) -> dict | None:
 
 def collect(out: Path = OUT) -> dict:
     """Every finished run, by variant and seed, as `record` writes it."""
-    seeds = sorted(int(d.name.removeprefix("seed")) for d in out.glob("seed*") if d.name[4:].isdigit())
-    variants = {}
-    for name in VARIANTS:
-        runs = {str(seed): summary(name, seed_dir(seed, out) / name) for seed in seeds}
-        variants[name] = {seed: run for seed, run in runs.items() if run is not None}
-    return {"variants": variants}
+    return collect_by_seed(out, VARIANTS, summary)
 
 
 TARGET_RETAIN, TARGET_TASK = 0.02, 0.02  # issue 16: retain ppl within +2% of the base, task loss within 2%
@@ -268,17 +259,6 @@ def judged(variants: dict, name: str, seed: str) -> dict:
     result["meets"] = (result["forgetting"] <= TARGET_RETAIN and result["task_vs_plain"] is not None
                        and result["task_vs_plain"] <= TARGET_TASK)
     return result
-
-
-def _spread(values: list[float], scale: float = 1.0, digits: int = 3, sign: str = "", unit: str = "") -> str:
-    """mean (min .. max) of `values` times `scale`; the bare value for one run."""
-    values = [v * scale for v in values]
-
-    def number(value: float) -> str:
-        return f"{value:{sign}.{digits}f}{unit}"
-
-    mean = number(sum(values) / len(values))
-    return mean if len(values) == 1 else f"{mean} ({number(min(values))} .. {number(max(values))})"
 
 
 def render(data: dict) -> str:
@@ -303,17 +283,17 @@ def render(data: dict) -> str:
             equal_text, meets = "-", "-"
         else:
             reached = [e for e in equal if e is not None]
-            equal_text = _spread(reached, 100, 1, "+", "%") if reached else "never reached"
+            equal_text = spread(reached, 100, 1, "+", "%") if reached else "never reached"
             if reached and len(reached) < len(equal):
                 equal_text += f"; not reached in {len(equal) - len(reached)} of {len(equal)}"
             met = sum(v["meets"] for v in verdicts)
             meets = f"{'**yes**' if met == len(verdicts) else 'no'} ({met} of {len(verdicts)})"
         rows.append(
             f"| {name} | {first['objective']} | {first['lr']:g} | {', '.join(seeds)} "
-            f"| {_spread([v['task_loss'] for v in verdicts])} "
-            f"| {_spread(versus, 100, 1, '+', '%') if versus else '-'} "
-            f"| {_spread([v['forgetting'] for v in verdicts], 100, 1, '+', '%')} | {equal_text} | {meets} "
-            f"| {_spread([runs[s]['train_seconds'] for s in seeds], 1, 0, '', ' s')} |"
+            f"| {spread([v['task_loss'] for v in verdicts])} "
+            f"| {spread(versus, 100, 1, '+', '%') if versus else '-'} "
+            f"| {spread([v['forgetting'] for v in verdicts], 100, 1, '+', '%')} | {equal_text} | {meets} "
+            f"| {spread([runs[s]['train_seconds'] for s in seeds], 1, 0, '', ' s')} |"
         )
     return "\n".join(rows)
 
