@@ -307,27 +307,34 @@ def render_curves(data: dict) -> str:
 
 def plot(data: dict, path: Path) -> None:
     """Retain perplexity change against task loss, every run's eval curve (docs/forgetting/curves.png):
-    the comparison at equal task loss, read off the curves."""
+    the comparison at equal task loss, read off the curves. One panel per parametrization (full, lora),
+    so each regularised run sits next to its own plain counterpart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
-    colours = {}
-    for name, runs in data["variants"].items():
-        for seed, run in sorted(runs.items()):
-            points = run["curve"]
-            base = points[0][2]
-            colour = colours.setdefault(name, f"C{len(colours)}")
-            axes.plot([p[1] for p in points], [100 * (p[2] / base - 1) for p in points], marker="o", ms=3,
-                      color=colour, alpha=0.8, label=name if seed == min(runs, key=int) else None)
-    axes.axhline(100 * TARGET_RETAIN, color="grey", ls="--", lw=0.8)
-    axes.invert_xaxis()
-    axes.set_xlabel("task loss (held-out answers; training goes right)")
-    axes.set_ylabel("retain perplexity change vs base (%)")
-    axes.set_title("Forgetting along training, every seed (eval every 20 steps)")
-    axes.legend(fontsize=8)
+    families = sorted({name.split("-")[0] for name, runs in data["variants"].items() if runs},
+                      key=["full", "lora"].index)
+    figure, panels = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.5), dpi=110,
+                                  sharey=True, squeeze=False)
+    for axes, family in zip(panels[0], families):
+        colours = {}
+        for name, runs in data["variants"].items():
+            if name.split("-")[0] != family:
+                continue
+            for seed, run in sorted(runs.items()):
+                points = run["curve"]
+                base = points[0][2]
+                colour = colours.setdefault(name, f"C{len(colours)}")
+                axes.plot([p[1] for p in points], [100 * (p[2] / base - 1) for p in points], marker="o",
+                          ms=3, color=colour, alpha=0.8, label=name if seed == min(runs, key=int) else None)
+        axes.axhline(100 * TARGET_RETAIN, color="grey", ls="--", lw=0.8)
+        axes.invert_xaxis()
+        axes.set_xlabel("task loss (held-out answers; training goes right)")
+        axes.set_title(f"{family}: every seed, eval every 20 steps")
+        axes.legend(fontsize=8)
+    panels[0][0].set_ylabel("retain perplexity change vs base (%)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

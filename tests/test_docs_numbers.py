@@ -89,6 +89,7 @@ def test_forgetting_table_renders_the_same_from_run_directories_and_from_its_rec
     _fake_run(tmp_path / "seed0" / "full-ewc", ewc, [(0, 2.8, 50.0), (20, 2.0, 51.0)])
     _fake_run(tmp_path / "seed1" / "full", [{"full": {}}], [(0, 2.8, 50.0), (20, 1.0, 54.0)])
     _fake_run(tmp_path / "seed1" / "full-ewc", ewc, [(0, 2.8, 50.0), (10, 1.5, 50.5), (20, 1.01, 50.5)])
+    _fake_run(tmp_path / "seed0" / "lora", [forgetting.LORA], [(0, 2.8, 50.0), (20, 1.1, 50.2)])
     data = forgetting.collect(tmp_path)
     text = forgetting.render(data)
     assert text == forgetting.render(json.loads(json.dumps(data)))  # what a committed JSON renders
@@ -101,6 +102,7 @@ def test_forgetting_table_renders_the_same_from_run_directories_and_from_its_rec
     assert ("| full-ewc | ewc 0.8 | 0.0002 | 0, 1 | 1.505 (1.010 .. 2.000) | +61.6% (+1.0% .. +122.2%) "
             "| +1.5% (+1.0% .. +2.0%) | +6.5% (+5.0% .. +8.0%) | no (1 of 2) | 12 s (12 s .. 12 s) |") in rows
     assert "| full-retention | not run | | | | | | | | |" in rows
+    assert "| lora | - | 0.0005 | 0 | 1.100 | - | +0.4% | - | - | 12 s |" in rows
     curves = forgetting.render_curves(data).splitlines()
     assert "- `full` seed 0: 0: 2.800/50.00, 10: 1.200/55.00, 20: 0.900/60.00" in curves
     forgetting.plot(data, tmp_path / "curves.png")
