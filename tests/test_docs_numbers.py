@@ -136,3 +136,50 @@ def test_distillation_tables_render_the_same_from_run_directories_and_from_their
     assert "| student-tiny -> student-kd-hidden-tiny | not run | | | |" in pairs
     assert distill.config_for("student-kd-hidden-small", 2).strategies[0].options.teacher.endswith(
         "seed2/teacher-model")
+
+
+HYPOTHESIS_STATISTICS = """\
+..                                                                       [100%]
+============================ Hypothesis Statistics =============================
+tests/test_bad_input.py::test_jsonl_bad_line_is_named:
+
+  - during reuse phase (0.01 seconds):
+    - Typical runtimes: ~ 1ms, of which < 1ms in data generation
+    - 2 passing, 0 failing, and 0 invalid test cases
+
+  - during generate phase (0.36 seconds):
+    - Typical runtimes: ~ 1-135 ms, of which ~ 0-85 ms in data generation
+    - 2998 passing, 0 failing, and 41 invalid test cases
+
+  - Stopped because settings.max_examples=3000
+
+
+tests/test_bad_input.py::test_corrupt_parquet_is_one_line:
+
+  - during generate phase (0.61 seconds):
+    - 204 passing, 1 failing, and 0 invalid test cases
+
+  - Stopped because nothing left to do
+
+1 failed, 41 passed in 55.27s
+"""
+
+
+def test_fuzz_campaign_counts_every_phase_and_renders_them():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import fuzz_campaign
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    tests = fuzz_campaign.parse_statistics(HYPOTHESIS_STATISTICS)
+    assert tests == {
+        "test_jsonl_bad_line_is_named": {"passing": 3000, "failing": 0, "invalid": 41,
+                                         "stopped": "settings.max_examples=3000"},
+        "test_corrupt_parquet_is_one_line": {"passing": 204, "failing": 1, "invalid": 0,
+                                             "stopped": "nothing left to do"}}
+    outcome = fuzz_campaign.parse_outcome(HYPOTHESIS_STATISTICS)
+    assert outcome == {"failed": 1, "passed": 41}
+    text = fuzz_campaign.render({"date": "2026-11-30", "command": "c", "machine": "m", "examples": 3000,
+                                 "seconds": 600, "outcome": outcome, "tests": tests})
+    assert "**3,205 generated inputs, 1 failing**; pytest: 1 failed, 41 passed." in text
+    assert "| `test_corrupt_parquet_is_one_line` | 205 | 1 | 0 | nothing left to do |" in text
