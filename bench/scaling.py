@@ -72,8 +72,11 @@ LORA_TARGETS = {"qv": ["q_proj", "v_proj"], "all": "all-linear"}
 LENGTH_SIDES = {"ours-packed": ("ours-packed", False), "ours-packed-ckpt": ("ours-packed", True),
                 "ours-padded": ("ours-padded", False), "trainer": ("trainer", False),
                 "trainer-ckpt": ("trainer", True),
-                "ours-packed-mask": ("ours-packed", False)}  # the block-diagonal mask, not per document
+                "ours-packed-mask": ("ours-packed", False),  # the block-diagonal mask, not per document
+                # per document also below tuneforge's MIN_ROW_LENGTH: the trial that threshold rests on
+                "ours-packed-documents": ("ours-packed", False)}
 MASKED = {"ours-packed-mask"}
+FORCED = {"ours-packed-documents"}
 LORA_ALL = {"lora": {"rank": 8, "alpha": 16, "targets": "all-linear"}}
 METHODS = {"full": ([], "none"), "lora": ([LORA_ALL], "none"), "qlora": ([LORA_ALL], "nf4")}
 CURVES = ("length", "size", "lora", "methods")
@@ -161,6 +164,10 @@ def documents_point(spec: dict, quantize: str = "none") -> dict:
     size = per_step(length, spec["tokens"], side)
     items = documents(math.ceil(steps * size * (2 if side == "ours-packed" else 1)) + 8, length, vocab)
     model = saved_model(spec, quantize)
+    if spec.get("attention") == "documents":  # per document whatever the row length (this process only)
+        import tuneforge.document_attention
+
+        tuneforge.document_attention.MIN_ROW_LENGTH = 0
     options = {"lr": 1e-4, "checkpointing": spec.get("checkpointing", False), "max_seq_len": length,
                "packing": side == "ours-packed", "attention": spec.get("attention", "auto")}
     if side == "trainer":
@@ -298,7 +305,8 @@ def plan_points(curves: list[str], settings: dict, folders: Path) -> list[list[d
             sides = {name: LENGTH_SIDES[name] for name in settings["length_sides"]
                      if not LENGTH_SIDES[name][1] or length in settings["checkpointing_lengths"]}
             groups.append([{"curve": "length", "method": name, "side": side, "checkpointing": ckpt,
-                            "attention": "mask" if name in MASKED else "auto",
+                            "attention": ("mask" if name in MASKED else "documents" if name in FORCED
+                                          else "auto"),
                             "x": length, "length": length, "tokens": tokens, **at(settings["length_shape"]),
                             "steps": steps(settings, expected_tokens(length, tokens, side), tokens),
                             "strategies": qv} for name, (side, ckpt) in sides.items()])

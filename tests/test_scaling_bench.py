@@ -190,6 +190,20 @@ def test_the_mask_side_runs_packed_rows_with_the_block_diagonal_mask():
         ("ours-packed", "ours-packed", "auto"), ("ours-packed-mask", "ours-packed", "mask")}
 
 
+def test_the_forced_side_attends_per_document_below_the_threshold(tiny_folder, monkeypatch):
+    from tuneforge import document_attention
+
+    settings = {**scaling.FULL, "lengths": [512], "length_sides": ["ours-packed", "ours-packed-documents"]}
+    group, = [g for g in scaling.plan_points(["length"], settings, Path("/m")) if g[0]["curve"] == "length"]
+    assert {spec["method"]: spec["attention"] for spec in group} == {
+        "ours-packed": "auto", "ours-packed-documents": "documents"}
+    monkeypatch.setattr(document_attention, "MIN_ROW_LENGTH", document_attention.MIN_ROW_LENGTH)
+    spec = {"curve": "length", "side": "ours-packed", "shape": "tiny", "folder": tiny_folder, "length": 32,
+            "tokens": 64, "steps": 2, "strategies": [{"lora": {"rank": 8, "targets": ["q_proj", "v_proj"]}}]}
+    assert scaling.documents_point(spec)["attention"] == "mask"  # rows of 32: below the threshold
+    assert scaling.documents_point({**spec, "attention": "documents"})["attention"] == "documents"
+
+
 def test_unknown_setting_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["scaling.py", "--dry-run", "--set", "length_token=2048"])
     with pytest.raises(SystemExit) as stopped:
@@ -243,5 +257,11 @@ def test_the_attention_table_sets_per_document_against_mask_and_trainer():
             for line in report_module.attention_section(report).splitlines() if line.startswith("| 4096")}
     cells = rows["4096"]
     assert cells[1] == "documents" and cells[4] == "2.00"  # per document / mask
+    # a forced per-document side (below tuneforge's threshold) takes the per-document column where it ran
+    forced = [{**p, "method": "ours-packed-documents", "cpu_tokens_per_s": 3 * p["cpu_tokens_per_s"]}
+              for p in report["points"] if p["method"] == "ours-packed" and p["x"] == 4096]
+    report["points"] += forced
+    line, = [row for row in report_module.attention_section(report).splitlines() if row.startswith("| 4096")]
+    assert line.split(" | ")[4] == "6.00"
     trainer = 1 / (1e-4 * 4096**0.5)
     assert cells[6] == f"{(1 / (1e-3 + 1e-6 * 4096)) / trainer:.2f}"
