@@ -478,6 +478,8 @@ BLOCKS: dict[str, Block] = {
     "continual-first-seed": Block("docs/continual/comparison.json", continual_first_seed),
     "2026-11-29-uniform.json": Block("bench/results/2026-11-29-uniform.json", performance_uniform),
     "document-attention": Block("bench/results/2026-11-29-document-attention.json", document_attention),
+    "document-attention-512": Block("bench/results/2026-11-30-document-attention-512.json",
+                                    document_attention),
     "2026-11-29-chat.json": Block("bench/results/2026-11-29-chat.json", performance_chat),
     "2026-11-29-profile.json": Block("bench/results/2026-11-29-profile.json", profile_shares),
     "2026-11-30-prefix.json": Block("bench/results/2026-11-30-prefix.json", prefix_repeats),

@@ -28,9 +28,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 ATTENTION_NAME = "tuneforge_documents"
-# Below this row length the mask is kept: in quick trials at rows of 512 (SmolLM2-135M shape, LoRA, 1 thread)
-# per-document attention gained nothing eager and lost under `train.compile` (its graph break at attention);
-# from 1024 on it is measured faster (bench/results/2026-11-29-document-attention.json, docs/scaling.md).
+# Below this row length the mask is kept: at rows of 512 (SmolLM2-135M shape, LoRA, 1 thread) per-document
+# attention was 1.07x the mask with overlapping ranges over 3 runs (bench/results/2026-11-30-document-
+# attention-512.json), and under `train.compile` it breaks the graph at attention; from 1024 on it is
+# measured faster (bench/results/2026-11-29-document-attention.json, docs/scaling.md).
 MIN_ROW_LENGTH = 1024
 
 
