@@ -56,6 +56,10 @@ def gguf_export(path: Path) -> str:
     return _module("bench/gguf_export.py").render(path, path.relative_to(REPO).as_posix())
 
 
+def fuzz_campaign(path: Path) -> str:
+    return _module("bench/fuzz_campaign.py").render(json.loads(path.read_text()))
+
+
 def benchmark_forgetting(path: Path) -> str:
     return _module("bench/benchmark_forgetting.py").render(json.loads(path.read_text()))
 
@@ -469,6 +473,7 @@ BLOCKS: dict[str, Block] = {
     "distill-bbc.json": Block("docs/results/distill-bbc.json", distillation),
     "distill-bbc-pairs": Block("docs/results/distill-bbc.json", distillation_pairs),
     "benchmark_forgetting.json": Block("docs/results/benchmark_forgetting.json", benchmark_forgetting),
+    "fuzz-campaign.json": Block("docs/results/fuzz-campaign.json", fuzz_campaign),
     "quantize-memory.json": Block("docs/results/2026-11-29-quantize-memory.json", quantize_memory),
     "qlora-vs-peft.json": Block("bench/results/2026-11-29-qlora-vs-peft.json", qlora_vs_peft),
     "architectures.json": Block("docs/results/architectures.json", architectures),
