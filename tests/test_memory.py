@@ -195,7 +195,7 @@ def test_estimate_is_within_tolerance_of_the_measured_peak(case, tmp_path):
                             for i in range(24)))
     config = {"model": str(model), "data": {"train": str(text), "max_eval_examples": 2}, "retain": None,
               "strategies": strategies,
-              # batch 4: peaks of 1.0-1.1 GiB, estimated at 0.88-0.94 of them (2026-11-30), half the time of 8
+              # batch 4: peaks of 1.0-1.1 GiB, estimated at 0.88-0.94 of them (2026-11-30); 24% faster than 8
               "train": {"batch_size": 4, "max_seq_len": 512, "max_steps": 2, **settings},
               "evaluation": {"samples": 0}, "output": str(tmp_path / "run")}
     path = tmp_path / "config.yaml"
