@@ -314,8 +314,8 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = sorted({name.split("-")[0] for name, runs in data["variants"].items() if runs},
-                      key=["full", "lora"].index)
+    # a variant's family is its name's first part (full-ewc -> full), in the order VARIANTS lists them
+    families = list(dict.fromkeys(name.split("-")[0] for name, runs in data["variants"].items() if runs))
     figure, panels = plt.subplots(1, len(families), figsize=(6.5 * len(families), 4.5), dpi=110,
                                   sharey=True, squeeze=False)
     for axes, family in zip(panels[0], families):
